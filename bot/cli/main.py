@@ -1,0 +1,43 @@
+"""`mergebot`: argparse front end; each command lives in its own module with add_parser/run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .. import __version__
+from ._errors import run_guarded
+
+COMMANDS = ("merge", "validate", "publish", "plan", "action", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mergebot",
+        description="Merge open LLMs from mergekit-style YAML, write the model card, publish to the Hub.")
+    parser.add_argument("--version", action="version", version=f"mergebot {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__package__}.{name}":
+                continue  # command not landed yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    return run_guarded(lambda: args.run(args), args.debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

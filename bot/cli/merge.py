@@ -1,0 +1,83 @@
+"""`mergebot merge CONFIG OUT_DIR`: run a merge (mergekit-yaml's flags accepted, so commands port as-is)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..config import load_config
+from ..merge import MergeOptions, prepare, run_merge
+from ..plan import Plan, dtype_name
+from ._output import human_bytes, parse_size, warn
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge models as a YAML config says",
+                       description="Merge the models named in CONFIG into OUT_DIR (safetensors, config.json, "
+                                   "tokenizer, mergekit_config.yml, mergebot.lock.json). OUT_DIR appears only "
+                                   "when the merge is complete.")
+    p.add_argument("config", metavar="CONFIG", help="mergekit-style merge YAML")
+    p.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="output directory")
+    p.add_argument("--device", default="cpu", help="auto | cpu | cuda[:N] (default cpu; auto picks CUDA when torch sees one)")
+    p.add_argument("--cuda", action="store_true", help="same as --device cuda (mergekit-yaml flag)")
+    p.add_argument("--random-seed", type=int, default=None,
+                   help="seed for DARE masks: the same seed gives identical bytes whatever the order, threads or device")
+    p.add_argument("--out-shard-size", type=parse_size, default=parse_size("5B"),
+                   help="max bytes per output shard, with K/M/B suffixes (decimal; default 5B = 5e9 bytes)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR (only once the new merge is complete)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate, resolve models (headers only), print the plan; write nothing")
+    p.add_argument("--copy-tokenizer", dest="copy_tokenizer", action="store_true", default=True,
+                   help="copy the donor's tokenizer files (default)")
+    p.add_argument("--no-copy-tokenizer", dest="copy_tokenizer", action="store_false", help="do not copy the tokenizer")
+    p.add_argument("--allow-crimes", action="store_true", help="accepted for mergekit compatibility (architectures "
+                   "are inferred from tensor names; shapes must still match)")
+    p.add_argument("--lazy-unpickle", action="store_true",
+                   help="accepted for mergekit compatibility: .bin files are always read with torch.load(weights_only=True, mmap=True)")
+    p.add_argument("-j", "--num-threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--token", default=None, help="Hugging Face token for private/gated parents (default: HF_TOKEN or login)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def options_from(args: argparse.Namespace) -> MergeOptions:
+    return MergeOptions(out_shard_size=args.out_shard_size, device="cuda" if args.cuda else args.device,
+                        random_seed=args.random_seed, force=args.force, copy_tokenizer=args.copy_tokenizer,
+                        progress=not args.quiet, token=args.token, threads=args.num_threads)
+
+
+def print_plan(plan: Plan) -> None:
+    print(f"method: {plan.method.name}    donor (config.json, tokenizer): {plan.donor}")
+    for key, r in plan.resolved.items():
+        print(f"  input: {key}  ({'hub @ ' + r.sha if r.is_hub else r.directory})")
+    print(f"{'tensor':60s} {'shape':>16s} {'dtype':>9s}  parameters")
+    for j in plan.jobs:
+        params = dict(j.shared)
+        for inp, p in zip(j.inputs, j.per_input):
+            for k, v in p.items():
+                params[f"{k}[{inp.model}]"] = round(v, 5) if isinstance(v, float) else v
+        desc = "copy" if j.copy else ", ".join(f"{k}={round(v, 5) if isinstance(v, float) else v}" for k, v in params.items())
+        print(f"{j.name:60s} {str(list(j.shape)):>16s} {dtype_name(j.out_dtype):>9s}  {desc}")
+    from ..executor import CHUNK
+    biggest = max((j.numel for j in plan.jobs), default=0)
+    work = min(biggest, CHUNK) * 4 * (max((len(j.inputs) for j in plan.jobs), default=1) + 3)
+    print(f"output: {len(plan.jobs)} tensors, {human_bytes(plan.total_bytes)}; reads {human_bytes(plan.input_bytes)}; "
+          f"estimated peak working memory {human_bytes(work + 200e6)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    warn(cfg.warnings)
+    opts = options_from(args)
+    if args.dry_run:
+        plan = prepare(cfg, opts)
+        warn(plan.warnings)
+        print_plan(plan)
+        return 0
+    result = run_merge(cfg, args.out_dir, opts)
+    warn(result.plan.warnings)
+    s = result.stats
+    print(f"merged {s.tensors} tensors, {human_bytes(s.bytes_written)} in {s.seconds:.1f} s, "
+          f"peak RSS {human_bytes(result.peak_rss_bytes)} -> {args.out_dir}", file=sys.stderr)
+    return 0

@@ -1,0 +1,32 @@
+"""`mergebot validate CONFIG...`: the config language alone, no models, no network (PR checks, editors)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import load_config
+from ..errors import MergebotError
+from ._output import warn
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="check merge configs (no models, no network)",
+                       description="Check the config language of each file. Exit 0 only when every file is valid.")
+    p.add_argument("configs", nargs="+", metavar="CONFIG", help="merge YAML files")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    bad = 0
+    for path in args.configs:
+        try:
+            cfg = load_config(path)
+        except MergebotError as e:
+            print(f"error: {e}", file=sys.stderr)
+            bad += 1
+            continue
+        warn(cfg.warnings)
+        note = f" (merge will refuse for now: {', '.join(cfg.pending)} not supported yet)" if cfg.pending else ""
+        print(f"ok: {path}: {cfg.method_name}, {len(cfg.referenced_models())} model(s){note}")
+    return 1 if bad else 0

@@ -1,0 +1,100 @@
+"""Runs a plan tensor by tensor: views from mmap'd inputs, bounded chunks, float32 math, streamed output.
+
+Large tensors are cut into chunks of CHUNK elements (a multiple of the RNG block) along their flattened
+order. Elementwise methods run chunk by chunk; two-phase methods (slerp's norms, DARE's L1 rescale) sum
+their `reduce` over every chunk first, then `apply` chunk by chunk; methods that need a whole tensor get it.
+Memory therefore stays near a few chunks whatever the model or shard size.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .methods.base import MergeCall, MergeMethod
+from .plan import Plan, TensorJob
+from .rng import BLOCK, TensorNoise
+from .writer import ShardedWriter
+
+CHUNK = 16 * BLOCK  # 16M elements: 64 MB per float32 working tensor
+
+
+@dataclass
+class RunStats:
+    tensors: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+
+
+def _inputs(plan: Plan, job: TensorJob, dtype: torch.dtype | None) -> list[torch.Tensor]:
+    xs = []
+    for inp in job.inputs:
+        x = plan.models[inp.model].get(inp.tensor)
+        if dtype is not None and x.dtype != dtype and x.dtype.is_floating_point:
+            x = x.to(dtype)  # `dtype:` casts every loaded tensor first (§5.2)
+        xs.append(x)
+    return xs
+
+
+def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | None, seed: int,
+             device: torch.device, progress: Callable[[int], None] | None = None) -> RunStats:
+    stats = RunStats()
+    start = time.perf_counter()
+    method = plan.method
+    jobs = plan.jobs
+    for k, job in enumerate(jobs):
+        if k + 1 < len(jobs):
+            for inp in jobs[k + 1].inputs:
+                plan.models[inp.model].prefetch(inp.tensor)
+        xs = _inputs(plan, job, load_dtype)
+        if job.copy:
+            _copy(job, xs[0], writer)
+        else:
+            _merge(method, job, xs, writer, seed, device)
+        for inp in job.inputs:
+            plan.models[inp.model].release(inp.tensor)
+        stats.tensors += 1
+        stats.bytes_written += job.nbytes
+        if progress:
+            progress(job.nbytes)
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _copy(job: TensorJob, x: torch.Tensor, writer: ShardedWriter) -> None:
+    flat = x.reshape(-1)
+    for s in range(0, max(flat.numel(), 1), CHUNK):
+        writer.write(job.name, flat[s:s + CHUNK].to(job.out_dtype))
+
+
+def _call(job: TensorJob, xs: list[torch.Tensor], start: int, count: int, seed: int, method: MergeMethod,
+          device: torch.device) -> MergeCall:
+    whole = start == 0 and count == job.numel
+    shape = torch.Size(job.shape) if whole else torch.Size([count])
+    chunk = [(x if whole else x.reshape(-1)[start:start + count]).to(device, non_blocking=True) for x in xs]
+    noise = None
+    if method.uses_rng:
+        noise = TensorNoise(seed, job.name, [i.position for i in job.inputs], start, count, shape)
+    return MergeCall(chunk, job.base, job.shared, job.per_input, noise=noise, dtype=job.compute_dtype)
+
+
+def _merge(method: MergeMethod, job: TensorJob, xs: list[torch.Tensor], writer: ShardedWriter, seed: int,
+           device: torch.device) -> None:
+    n = job.numel
+    if n <= CHUNK or not method.chunkable_for(job.shared, job.per_input):
+        call = _call(job, xs, 0, n, seed, method, device)
+        out = method.merge(call)
+        writer.write(job.name, out.to(job.out_dtype))
+        return
+    bounds = [(s, min(CHUNK, n - s)) for s in range(0, n, CHUNK)]
+    totals = None
+    if method.reduce is not None:
+        for s, c in bounds:
+            part = method.reduce(_call(job, xs, s, c, seed, method, device))
+            totals = part if totals is None else totals + part
+    for s, c in bounds:
+        out = method.apply(_call(job, xs, s, c, seed, method, device), totals)
+        writer.write(job.name, out.to(job.out_dtype))

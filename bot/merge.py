@@ -1,0 +1,149 @@
+"""The engine's front door: config -> resolve models -> plan -> stream-merge -> finished output dir."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import resource
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import MergeConfig
+from .errors import MergebotError, NotSupportedYet
+from .executor import RunStats, run_plan
+from .loader import ModelWeights
+from .output import check_target, copy_donor_files, staged_output, write_json
+from .plan import Plan, build_plan, dtype_name
+from .sources import ResolvedModel, resolve
+from .writer import ShardEntry, ShardedWriter
+
+DEFAULT_SHARD = 5_000_000_000
+
+
+@dataclass
+class MergeOptions:
+    out_shard_size: int = DEFAULT_SHARD
+    device: str = "cpu"  # auto | cpu | cuda[:N]
+    random_seed: int | None = None
+    force: bool = False
+    copy_tokenizer: bool = True
+    progress: bool = True
+    token: str | None = None
+    threads: int | None = None
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path | None
+    plan: Plan
+    stats: RunStats
+    peak_rss_bytes: int
+    lock: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MergebotError("--device cuda: torch sees no CUDA device here (use --device cpu or auto)")
+    return dev
+
+
+def refuse_pending(cfg: MergeConfig) -> None:
+    if cfg.pending:
+        raise NotSupportedYet(f"{cfg.file}: {', '.join(cfg.pending)}: valid config language, but not supported "
+                              "by this version of mergebot's engine yet (mergebot validate accepts it)")
+
+
+def load_models(cfg: MergeConfig, options: MergeOptions) -> tuple[dict[str, ResolvedModel], dict[str, ModelWeights]]:
+    search = [Path(cfg.file).resolve().parent]
+    resolved: dict[str, ResolvedModel] = {}
+    weights: dict[str, ModelWeights] = {}
+    for ref in cfg.referenced_models():
+        r = resolve(ref, search, token=options.token)
+        resolved[str(ref)] = r
+        weights[str(ref)] = ModelWeights(r.directory, str(ref))
+    return resolved, weights
+
+
+def prepare(cfg: MergeConfig, options: MergeOptions) -> Plan:
+    """Validate against the real models (headers only) and build the plan."""
+    refuse_pending(cfg)
+    resolved, weights = load_models(cfg, options)
+    return build_plan(cfg, resolved, weights)
+
+
+def make_lock(cfg: MergeConfig, plan: Plan, seed: int | None, device: torch.device) -> dict:
+    parents = []
+    base = str(cfg.base_model) if cfg.base_model else None
+    for key, r in plan.resolved.items():
+        parents.append({"ref": key, "revision": r.ref.revision, "sha": r.sha, "local": not r.is_hub,
+                        "role": "base" if key == base else "input"})
+    return {
+        "mergebot_version": __version__,
+        "config_sha256": cfg.sha256,
+        "kind": "merge",
+        "merge_method": cfg.method_name,
+        "base_model": base,
+        "parents": parents,
+        "dtype": dtype_name(cfg.dtype) if cfg.dtype else None,
+        "out_dtype": dtype_name(cfg.out_dtype) if cfg.out_dtype else None,
+        "random_seed": seed,
+        "device": device.type,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr)
+
+
+def run_merge(cfg: MergeConfig, out_dir: Path, options: MergeOptions) -> MergeResult:
+    """Merge into out_dir atomically. Nothing is written before the plan is known to be sound."""
+    check_target(out_dir, options.force)
+    device = pick_device(options.device)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    plan = prepare(cfg, options)
+    uses_rng = plan.method.uses_rng
+    seed = options.random_seed if options.random_seed is not None else (secrets.randbits(63) if uses_rng else None)
+    entries = [ShardEntry(j.name, j.out_dtype, j.shape, j.nbytes) for j in plan.jobs]
+    bar = _progress_bar(plan.total_bytes, options.progress)
+    with staged_output(out_dir, options.force) as work:
+        writer = ShardedWriter(work, entries, options.out_shard_size,
+                               metadata={"mergebot_version": __version__})
+        try:
+            stats = run_plan(plan, writer, load_dtype=cfg.dtype, seed=seed or 0, device=device,
+                             progress=bar.update if bar else None)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            if bar:
+                bar.close()
+        write_json(work / "config.json", plan.out_config)
+        if options.copy_tokenizer:
+            copy_donor_files(plan.resolved[plan.donor].directory, work)
+        elif (plan.resolved[plan.donor].directory / "generation_config.json").exists():
+            copy_donor_files(plan.resolved[plan.donor].directory, work)
+        (work / "mergekit_config.yml").write_text(cfg.text, encoding="utf-8")
+        lock = make_lock(cfg, plan, seed, device)
+        write_json(work / "mergebot.lock.json", lock)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return MergeResult(out_dir, plan, stats, peak, lock, cfg.warnings + plan.warnings)
+
+
+def seed_from_env() -> int | None:
+    v = os.environ.get("MERGEBOT_RANDOM_SEED")
+    return int(v) if v else None

@@ -1,0 +1,81 @@
+"""The output directory: assembled beside OUT_DIR, moved into place only when complete.
+
+An interrupted run leaves only a `.OUT_DIR.mergebot-*` work directory (never something that looks like
+a finished model); an existing OUT_DIR is replaced only with --force, and then only after the new one is
+complete (merge-semantics.md §5.4, §5.6 for the files copied from the donor).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import OutputError
+from .sources import TOKENIZER_FILES
+
+DONOR_FILES = TOKENIZER_FILES + ("generation_config.json", "preprocessor_config.json")
+
+
+def check_target(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not force:
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            return
+        raise OutputError(f"{out_dir} already exists; pass --force to replace it (it is kept until the new merge is complete)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir} exists and is not a directory")
+
+
+@contextmanager
+def staged_output(out_dir: Path, force: bool) -> Iterator[Path]:
+    """Yield a work directory beside out_dir; on success it atomically becomes out_dir."""
+    out_dir = out_dir.resolve()
+    check_target(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.mergebot-", dir=out_dir.parent))
+    try:
+        yield work
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _fsync_dir(work)
+    if out_dir.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, trash / "old")
+        os.rename(work, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(work, out_dir)
+    _fsync_dir(out_dir.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def copy_donor_files(donor_dir: Path, work: Path) -> list[str]:
+    """Tokenizer and generation files copied verbatim from the donor (§5.6)."""
+    copied = []
+    for name in DONOR_FILES:
+        src = donor_dir / name
+        if src.is_file():
+            shutil.copyfile(src, work / name)
+            copied.append(name)
+    return copied
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

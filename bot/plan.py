@@ -1,0 +1,237 @@
+"""From a validated config and the models' headers to a list of output tensors to compute.
+
+This is merge-semantics.md §1.2 (normalisation into per-layer work) and §1.3 (parameter resolution):
+pre-weights from the first slice, each slice's layers renumbered, post-weights from the last slice,
+parameters resolved per tensor with filters, gradients and precedence. No tensor data is read here, so
+the whole output (names, shapes, dtypes, sizes) is known before anything is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import architecture as arch
+from .config import MergeConfig, ModelRef, Slice, Source, slice_inputs
+from .errors import ConfigError, ModelError
+from .loader import ModelWeights
+from .methods.base import REQUIRED, MergeMethod
+from .params import resolve
+from .sources import ResolvedModel
+
+
+@dataclass
+class Input:
+    model: str  # key into Plan.models
+    tensor: str  # source tensor name
+    position: int  # position of the source in its slice, config order (seeds the RNG)
+    is_base: bool
+
+
+@dataclass
+class TensorJob:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    inputs: list[Input]
+    base: int | None
+    shared: dict[str, Any]
+    per_input: list[dict[str, Any]]
+    t: float
+    copy: bool = False  # a single input copied (or a non-floating buffer)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.out_dtype).element_size()
+
+
+@dataclass
+class Plan:
+    method: MergeMethod
+    jobs: list[TensorJob]
+    models: dict[str, ModelWeights]
+    resolved: dict[str, ResolvedModel]
+    donor: str
+    out_config: dict
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(j.nbytes for j in self.jobs)
+
+    @property
+    def input_bytes(self) -> int:
+        seen = set()
+        total = 0
+        for j in self.jobs:
+            for i in j.inputs:
+                if (i.model, i.tensor) not in seen:
+                    seen.add((i.model, i.tensor))
+                    total += self.models[i.model].info(i.tensor).nbytes
+        return total
+
+
+def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def dtype_name(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: dict[str, ModelWeights]) -> Plan:
+    method = cfg.method
+    assert method is not None
+    donor_ref = cfg.base_model or cfg.referenced_models()[0]
+    donor = str(donor_ref)
+    donor_w = weights[donor]
+    layout = arch.infer_layout(list(donor_w.tensors), resolved[donor].config)
+    warnings: list[str] = []
+
+    slices: list[tuple[Slice, list[Source], ModelRef | None, list[tuple[int, int]]]] = []
+    for s in cfg.slices:
+        sources, base = slice_inputs(cfg, s)
+        ranges = []
+        for src in sources:
+            mlay = arch.infer_layout(list(weights[str(src.model)].tensors), resolved[str(src.model)].config)
+            if src.layer_range is None:
+                ranges.append((0, mlay.num_layers))
+            else:
+                a, b = src.layer_range
+                if b > mlay.num_layers:
+                    raise ConfigError(cfg.file, _kp(src.path + ("layer_range",)), cfg.doc.line(src.path + ("layer_range",)),
+                                      f"layer_range [{a}, {b}] is out of range: {src.model} has {mlay.num_layers} layers")
+                ranges.append((a, b))
+        lengths = {b - a for a, b in ranges}
+        if len(lengths) > 1:
+            detail = ", ".join(f"{src.model}: {b - a}" for src, (a, b) in zip(sources, ranges))
+            raise ModelError(f"{cfg.file}: the models of a merge must have the same number of layers ({detail}); "
+                             "use slices: with layer_range to pick matching ranges")
+        slices.append((s, sources, base, ranges))
+
+    jobs: list[TensorJob] = []
+    first, last = slices[0], slices[-1]
+    for name in layout.pre:
+        jobs.extend(_job(cfg, method, weights, first, name, lambda r, n=name: n, 0.0, name))
+    out_index = 0
+    for s, sources, base, ranges in slices:
+        length = ranges[0][1] - ranges[0][0]
+        for k in range(length):
+            t = 1.0 if length == 1 else k / (length - 1)
+            suffixes = donor_w_layer_suffixes(layout, weights, sources[0], ranges[0][0] + k)
+            for suffix in suffixes:
+                out_name = layout.layer_name(out_index, suffix)
+                jobs.extend(_job(cfg, method, weights, (s, sources, base, ranges), out_name,
+                                 lambda r, suffix=suffix, k=k: layout.layer_name(r[0] + k, suffix), t, None))
+            out_index += 1
+    for name in layout.post:
+        jobs.extend(_job(cfg, method, weights, last, name, lambda r, n=name: n, 0.0, name))
+
+    out_config = dict(resolved[donor].config)
+    out_dtype = cfg.out_dtype or cfg.dtype or (jobs[0].out_dtype if jobs else torch.float32)
+    out_config["torch_dtype"] = dtype_name(out_dtype)
+    if "dtype" in out_config:
+        out_config["dtype"] = dtype_name(out_dtype)
+    if not cfg.uses_models:
+        if not arch.set_layer_count(out_config, out_index):
+            warnings.append("config.json has no layer-count key; left unchanged")
+    return Plan(method, jobs, weights, resolved, donor, out_config, warnings)
+
+
+def donor_w_layer_suffixes(layout: arch.Layout, weights: dict[str, ModelWeights], src: Source, index: int) -> tuple[str, ...]:
+    w = weights[str(src.model)]
+    names = arch.infer_layout(list(w.tensors), {}).layers_by_index.get(index)
+    return names if names else layout.layer_suffixes
+
+
+def _lookup(w: ModelWeights, name: str) -> str | None:
+    if w.has(name):
+        return name
+    for alt in arch.TIED_FALLBACK.get(name, ()):
+        if w.has(alt):
+            return alt
+    return None
+
+
+def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, ModelWeights], sl, out_name: str,
+         source_name, t: float, fixed: str | None) -> list[TensorJob]:
+    s, sources, base, ranges = sl
+    order = list(range(len(sources)))
+    if method.base != "ignored":
+        order.sort(key=lambda i: not sources[i].is_base)  # base first, others in config order (§2.0)
+    inputs: list[Input] = []
+    srcs: list[Source] = []
+    for i in order:
+        src = sources[i]
+        w = weights[str(src.model)]
+        wanted = source_name(ranges[i])
+        found = _lookup(w, wanted)
+        if found is None:
+            if wanted == "lm_head.weight" or fixed is not None and not w.tensors:
+                continue
+            if fixed is not None and wanted not in weights[str(sources[0].model)].tensors:
+                continue
+            raise ModelError(f"{src.model}: tensor {wanted!r} not present (needed for output tensor {out_name!r})")
+        inputs.append(Input(str(src.model), found, i, src.is_base))
+        srcs.append(src)
+    if not inputs:
+        return []
+    infos = [weights[i.model].info(i.tensor) for i in inputs]
+    shapes = {inf.shape for inf in infos}
+    if len(shapes) > 1:
+        detail = ", ".join(f"{i.model}: {list(inf.shape)}" for i, inf in zip(inputs, infos))
+        raise ModelError(f"tensor size mismatch for {out_name}: {detail}"
+                         + (" (vocabularies differ: tokenizer_source support is not landed yet)"
+                            if "embed" in out_name or "lm_head" in out_name else ""))
+    in_dtypes = [cfg.dtype or inf.dtype for inf in infos]
+    promoted = _promote(in_dtypes)
+    shape = infos[0].shape
+    if not promoted.is_floating_point:
+        return [TensorJob(out_name, shape, promoted, promoted, inputs[:1], None, {}, [{}], t, copy=True)]
+    compute = torch.float64 if promoted == torch.float64 else torch.float32
+    out_dtype = cfg.out_dtype or promoted
+    base_idx = next((j for j, i in enumerate(inputs) if i.is_base), None)
+    if method.base == "required" and base_idx is None:
+        if method.singleton_passthrough and len(inputs) == 1:
+            return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True)]
+        raise ModelError(f"the base model is missing tensor {out_name!r}, which {method.name} needs")
+    if method.name != "passthrough" and len(inputs) == 1 and method.singleton_passthrough:
+        return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True)]
+
+    shared: dict[str, Any] = {}
+    per_input: list[dict[str, Any]] = [{} for _ in inputs]
+    for p in method.params:
+        if p.scope == "shared":
+            v = resolve([s.parameters, cfg.parameters], p, out_name, t)
+            if v is REQUIRED:
+                raise ModelError(f"missing required parameter {p.name!r} for tensor {out_name!r} "
+                                 "(no filter matched it; add a fallback entry without 'filter')")
+            shared[p.name] = v
+            continue
+        for j, (inp, src) in enumerate(zip(inputs, srcs)):
+            if p.scope == "non_base" and inp.is_base:
+                continue
+            v = resolve([src.parameters, s.parameters, cfg.parameters], p, inp.tensor, t)
+            if v is REQUIRED:
+                raise ModelError(f"missing required parameter {p.name!r} for {src.model}, tensor {inp.tensor!r} "
+                                 "(no filter matched it; add a fallback entry without 'filter')")
+            per_input[j][p.name] = v
+    return [TensorJob(out_name, shape, out_dtype, compute, inputs, base_idx, shared, per_input, t)]
+
+
+def _kp(path) -> str:
+    from .yamlsafe import keypath
+    return keypath(path)

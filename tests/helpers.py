@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from bot.config import parse_config
+from bot.merge import MergeOptions, run_merge
+from tests.tiny import load_tensors
+
+
+def merge_yaml(tmp: Path, text: str, name: str = "out", **opts) -> dict[str, torch.Tensor]:
+    cfg_file = tmp / f"{name}.yml"
+    cfg_file.write_text(text)
+    cfg = parse_config(text, str(cfg_file))
+    run_merge(cfg, tmp / name, MergeOptions(progress=False, **opts))
+    return load_tensors(tmp / name)
+
+
+def f64(d: Path) -> dict[str, torch.Tensor]:
+    return {k: v.double() for k, v in load_tensors(d).items()}
+
+
+def slerp64(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Independent float64 slerp of whole flattened tensors (§2.2)."""
+    na, nb = a.norm().item(), b.norm().item()
+    na = 1.0 if na <= 1e-8 else na
+    nb = 1.0 if nb <= 1e-8 else nb
+    d = max(-1.0, min(1.0, float((a.flatten() / na) @ (b.flatten() / nb))))
+    if abs(d) > 0.9995:
+        return (1 - t) * a + t * b
+    th = math.acos(d)
+    return (math.sin((1 - t) * th) * a + math.sin(t * th) * b) / math.sin(th)
+
+
+def ties64(base, xs, ws, normalize=True, lam=1.0, densities=None):
+    """Independent float64 TIES (§2.7) with magnitude top-k pruning."""
+    deltas = []
+    for x, dens in zip(xs, densities or [1.0] * len(xs)):
+        d = (x - base).flatten()
+        if dens < 1:
+            k = max(1, int(dens * d.numel()))
+            thr = d.abs().sort(descending=True).values[k - 1]
+            d = torch.where(d.abs() >= thr, d, torch.zeros_like(d))
+        deltas.append(d.reshape(base.shape))
+    D = [w * d for w, d in zip(ws, deltas)]
+    total = sum(D)
+    sgn = torch.where(total >= 0, 1.0, -1.0).double()
+    mixed = torch.zeros_like(base)
+    div = torch.zeros_like(base)
+    for d, w in zip(D, ws):
+        m = (torch.sign(d) == sgn).double()
+        mixed += d * m
+        div += w * m
+    div[div == 0] = 1
+    if normalize:
+        mixed = mixed / div
+    return base + lam * mixed

@@ -1,0 +1,245 @@
+"""Every core method through the whole pipeline, against independent float64 references (§2.1, §2.2, §2.7)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bot import executor, rng
+from bot.params import interpolate
+from tests.helpers import f64, merge_yaml, slerp64, ties64
+
+ATOL = 2e-6
+
+
+def _close(out, ref, atol=ATOL):
+    assert set(out) == set(ref)
+    worst = max(float((out[k].double() - ref[k]).abs().max()) for k in ref)
+    assert worst < atol, worst
+
+
+def test_linear_normalized_and_not(family, tmp_path):
+    base, a, b, c = family
+    A, B, C = f64(a), f64(b), f64(c)
+    text = f"""
+models:
+  - model: {a}
+    parameters: {{weight: 1.0}}
+  - model: {b}
+    parameters: {{weight: 0.3}}
+  - model: {c}
+    parameters: {{weight: 0.5}}
+merge_method: linear
+"""
+    out = merge_yaml(tmp_path, text)
+    _close(out, {k: (A[k] + 0.3 * B[k] + 0.5 * C[k]) / 1.8 for k in A})
+    out = merge_yaml(tmp_path, text + "parameters: {normalize: false}\n", name="raw")
+    _close(out, {k: A[k] + 0.3 * B[k] + 0.5 * C[k] for k in A})
+
+
+def test_linear_filter_gradient_weights(family, tmp_path):
+    _, a, b, _ = family
+    A, B = f64(a), f64(b)
+    out = merge_yaml(tmp_path, f"""
+models:
+  - model: {a}
+    parameters:
+      weight:
+        - filter: mlp
+          value: [0.0, 1.0]
+        - value: 0.5
+  - model: {b}
+    parameters: {{weight: 0.5}}
+merge_method: linear
+parameters: {{normalize: false}}
+""")
+    ref = {}
+    for k in A:
+        if ".mlp." in k:
+            layer = int(k.split(".")[2])
+            w = interpolate([0.0, 1.0], layer / 3, float)
+        else:
+            w = 0.5
+        ref[k] = w * A[k] + 0.5 * B[k]
+    _close(out, ref)
+
+
+def test_slerp_gradients_filters_and_t_zero_for_embeddings(family, tmp_path):
+    base, a, _, _ = family
+    X, Y = f64(base), f64(a)
+    out = merge_yaml(tmp_path, f"""
+slices:
+  - sources:
+      - model: {base}
+        layer_range: [0, 4]
+      - model: {a}
+        layer_range: [0, 4]
+merge_method: slerp
+base_model: {base}
+parameters:
+  t:
+    - filter: self_attn
+      value: [0, 0.5, 0.3, 0.7, 1]
+    - filter: mlp
+      value: [1, 0.5, 0.7, 0.3, 0]
+    - value: 0.5
+""")
+    ref = {}
+    for k in X:
+        parts = k.split(".")
+        t_pos = int(parts[2]) / 3 if parts[1] == "layers" else 0.0
+        if "self_attn" in k:
+            t = interpolate([0, 0.5, 0.3, 0.7, 1], t_pos, float)
+        elif "mlp" in k:
+            t = interpolate([1, 0.5, 0.7, 0.3, 0], t_pos, float)
+        else:
+            t = 0.5
+        ref[k] = slerp64(t, X[k], Y[k])
+    _close(out, ref)
+    # t=0 gives the base exactly, t=1 the other model
+    assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"].double(), X["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(out["model.layers.3.self_attn.q_proj.weight"].double(), Y["model.layers.3.self_attn.q_proj.weight"])
+
+
+def test_slerp_colinear_falls_back_to_lerp():
+    from bot.methods.slerp import coefficients
+    assert coefficients(0.3, 4.0, 16.0, 8.0) == pytest.approx((0.7, 0.3))
+
+
+def test_task_arithmetic_with_lambda(family, tmp_path):
+    base, a, b, _ = family
+    X, A, B = f64(base), f64(a), f64(b)
+    out = merge_yaml(tmp_path, f"""
+models:
+  - model: {base}
+  - model: {a}
+    parameters: {{weight: 0.7}}
+  - model: {b}
+    parameters: {{weight: -0.2}}
+merge_method: task_arithmetic
+base_model: {base}
+parameters: {{lambda: 1.5}}
+""")
+    _close(out, {k: X[k] + 1.5 * (0.7 * (A[k] - X[k]) - 0.2 * (B[k] - X[k])) for k in X})
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_with_pruning(family, tmp_path, normalize):
+    base, a, b, c = family
+    X, A, B, C = f64(base), f64(a), f64(b), f64(c)
+    out = merge_yaml(tmp_path, f"""
+models:
+  - model: {a}
+    parameters: {{weight: 1.0, density: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.6, density: 0.7}}
+  - model: {c}
+    parameters: {{weight: 0.3, density: 1.0}}
+merge_method: ties
+base_model: {base}
+parameters: {{normalize: {str(normalize).lower()}, int8_mask: true}}
+""")
+    ref = {k: ties64(X[k], [A[k], B[k], C[k]], [1.0, 0.6, 0.3], normalize, densities=[0.5, 0.7, 1.0]) for k in X}
+    _close(out, ref, atol=5e-6)
+
+
+def test_dare_ties_density_one_is_ties_without_pruning(family, tmp_path):
+    base, a, b, _ = family
+    X, A, B = f64(base), f64(a), f64(b)
+    out = merge_yaml(tmp_path, f"""
+models:
+  - model: {base}
+  - model: {a}
+    parameters: {{weight: 0.5, density: 1.0}}
+  - model: {b}
+    parameters: {{weight: 0.4, density: 1.0}}
+merge_method: dare_ties
+base_model: {base}
+""", random_seed=3)
+    _close(out, {k: ties64(X[k], [A[k], B[k]], [0.5, 0.4], normalize=False) for k in X})
+
+
+def test_dare_linear_keeps_density_and_rescales_l1(family, tmp_path):
+    base, a, _, _ = family
+    X, A = f64(base), f64(a)
+    out = merge_yaml(tmp_path, f"""
+models:
+  - model: {a}
+    parameters: {{weight: 1.0, density: 0.3}}
+merge_method: dare_linear
+base_model: {base}
+parameters: {{normalize: false}}
+""", random_seed=11)
+    kept = total = 0
+    for k in X:
+        d = A[k] - X[k]
+        o = out[k].double() - X[k]
+        nz = o.abs() > 0
+        kept += int(nz.sum())
+        total += d.numel()
+        # every kept entry is the original delta times one factor per tensor: ||δ||₁ / ||δ⊙mask||₁
+        factor = float(d.abs().sum() / d[nz].abs().sum())
+        assert torch.allclose(o[nz], d[nz] * factor, atol=1e-6, rtol=1e-5), k
+        assert float(o.abs().sum()) == pytest.approx(float(d.abs().sum()), rel=1e-5)
+    assert kept / total == pytest.approx(0.3, abs=0.02)
+
+
+def _dare(family, tmp_path, name, **opts):
+    base, a, b, _ = family
+    return merge_yaml(tmp_path, f"""
+models:
+  - model: {base}
+  - model: {a}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.4, density: 0.4}}
+merge_method: dare_ties
+base_model: {base}
+dtype: float32
+""", name=name, **opts)
+
+
+def test_dare_same_seed_same_bytes_across_threads(family, tmp_path):
+    one = _dare(family, tmp_path, "one", random_seed=42, threads=1)
+    two = _dare(family, tmp_path, "two", random_seed=42, threads=2)
+    other = _dare(family, tmp_path, "other", random_seed=43)
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    assert any(not torch.equal(one[k], other[k]) for k in one)
+    torch.set_num_threads(2)
+
+
+def test_chunked_execution_equals_whole_tensor(family, tmp_path, monkeypatch):
+    """Chunking (two-pass reduce/apply, block-addressed RNG) must not change a single bit."""
+    monkeypatch.setattr(rng, "BLOCK", 64)
+    monkeypatch.setattr(executor, "BLOCK", 64)
+    monkeypatch.setattr(executor, "CHUNK", 1 << 30)
+    whole = _dare(family, tmp_path, "whole", random_seed=5)
+    monkeypatch.setattr(executor, "CHUNK", 64 * 3)
+    chunked = _dare(family, tmp_path, "chunked", random_seed=5)
+    for k in whole:
+        assert torch.allclose(whole[k], chunked[k], atol=1e-6, rtol=0), k
+    # slerp's global norms summed over chunks
+    base, a, _, _ = family
+    text = f"models:\n  - model: {base}\n  - model: {a}\nmerge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.3}}\n"
+    s_chunked = merge_yaml(tmp_path, text, name="s_chunked")
+    monkeypatch.setattr(executor, "CHUNK", 1 << 30)
+    s_whole = merge_yaml(tmp_path, text, name="s_whole")
+    for k in s_whole:
+        assert torch.allclose(s_whole[k], s_chunked[k], atol=1e-6, rtol=0), k
+
+
+def test_bf16_inputs_compute_in_float32_cast_once(family_bf16, tmp_path):
+    base, a, b = family_bf16
+    X, A, B = f64(base), f64(a), f64(b)
+    out = merge_yaml(tmp_path, f"""
+models:
+  - model: {a}
+    parameters: {{weight: 0.25}}
+  - model: {b}
+    parameters: {{weight: 0.75}}
+merge_method: linear
+""")
+    for k in X:
+        assert out[k].dtype == torch.bfloat16
+        ref = (0.25 * A[k] + 0.75 * B[k]).to(torch.bfloat16)
+        assert torch.equal(out[k], ref), k
