@@ -19,7 +19,7 @@ import yaml
 
 from .errors import MergebotError
 from .licenses import LicenseReport, render_notice
-from .parents import ParentInfo, read_lock, union_languages
+from .parents import ParentInfo, read_lock, split_ref, union_languages
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
 DENSE_TEMPLATE = "card.md.j2"
@@ -81,6 +81,7 @@ class CardParent:
     license_link: str | None
     url: str | None = None  # Hub page, None for local parents
     tree_url: str | None = None  # Hub page at the pinned sha
+    repo_id: str = ""  # `ref` without `@revision` / `+lora`: the Hub id (or the local path)
 
 
 @dataclass
@@ -150,7 +151,7 @@ class CardContext:
         seen: dict[str, None] = {}
         for p in self.parents:
             if p.is_hub:
-                seen.setdefault(p.ref, None)
+                seen.setdefault(p.repo_id or p.ref, None)
         return list(seen)
 
     @property
@@ -257,6 +258,7 @@ def card_context_from_output(
     card_parents: list[CardParent] = []
     for entry in lock["parents"]:
         ref = entry["ref"]
+        parent_id = split_ref(ref)[0]
         info = info_by_ref.get(ref)
         is_hub = not entry.get("local", False) if "local" in entry else (info.is_hub if info else True)
         sha = entry.get("sha") or (info.sha if info else None)
@@ -269,8 +271,9 @@ def card_context_from_output(
             sha=sha,
             license=classified.label if classified else (info.license if info and info.license else "missing"),
             license_link=classified.link if classified else (info.license_link if info else None),
-            url=f"{hub_url}/{ref}" if is_hub else None,
-            tree_url=f"{hub_url}/{ref}/tree/{sha}" if is_hub and sha else None,
+            url=f"{hub_url}/{parent_id}" if is_hub else None,
+            tree_url=f"{hub_url}/{parent_id}/tree/{sha}" if is_hub and sha else None,
+            repo_id=parent_id,
         ))
 
     kind = "moe" if lock.get("kind") == "moe" else "merge"

@@ -1,7 +1,6 @@
 """Runs a plan tensor by tensor: views from mmap'd inputs, bounded chunks, float32 math, streamed output.
 
-Large tensors are cut into chunks of CHUNK elements (a multiple of the RNG block) along their flattened
-order. Elementwise methods run chunk by chunk; two-phase methods (slerp's norms, DARE's L1 rescale) sum
+Large tensors are cut into chunks of CHUNK elements along their flattened order. Elementwise methods run chunk by chunk; two-phase methods (slerp's norms, DARE's L1 rescale) sum
 their `reduce` over every chunk first, then `apply` chunk by chunk; methods that need a whole tensor get it.
 Memory therefore stays near a few chunks whatever the model or shard size.
 """
@@ -16,10 +15,11 @@ import torch
 
 from .methods.base import MergeCall, MergeMethod
 from .plan import Plan, TensorJob
-from .rng import BLOCK, TensorNoise
+from . import fuse
+from .rng import stream_key
 from .writer import ShardedWriter
 
-CHUNK = 16 * BLOCK  # 16M elements: 64 MB per float32 working tensor
+CHUNK = 1 << 24  # 16M elements: 64 MB per float32 working tensor
 
 
 @dataclass
@@ -27,6 +27,7 @@ class RunStats:
     tensors: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
+    compiled: bool = False
 
 
 def _inputs(plan: Plan, job: TensorJob, dtype: torch.dtype | None) -> list[torch.Tensor]:
@@ -40,8 +41,9 @@ def _inputs(plan: Plan, job: TensorJob, dtype: torch.dtype | None) -> list[torch
 
 
 def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | None, seed: int,
-             device: torch.device, progress: Callable[[int], None] | None = None) -> RunStats:
+             device: torch.device, progress: Callable[[int], None] | None = None, compile: str = "auto") -> RunStats:
     stats = RunStats()
+    stats.compiled = fuse.configure(compile, sum(j.numel * len(j.inputs) for j in plan.jobs))
     start = time.perf_counter()
     method = plan.method
     jobs = plan.jobs
@@ -72,13 +74,11 @@ def _copy(job: TensorJob, x: torch.Tensor, writer: ShardedWriter) -> None:
 
 def _call(job: TensorJob, xs: list[torch.Tensor], start: int, count: int, seed: int, method: MergeMethod,
           device: torch.device) -> MergeCall:
-    whole = start == 0 and count == job.numel
-    shape = torch.Size(job.shape) if whole else torch.Size([count])
-    chunk = [(x if whole else x.reshape(-1)[start:start + count]).to(device, non_blocking=True) for x in xs]
-    noise = None
-    if method.uses_rng:
-        noise = TensorNoise(seed, job.name, [i.position for i in job.inputs], start, count, shape)
-    return MergeCall(chunk, job.base, job.shared, job.per_input, noise=noise, dtype=job.compute_dtype)
+    # Always flat (rank 1): the methods here are shape-agnostic, and one rank means one compiled graph.
+    chunk = [x.reshape(-1)[start:start + count].to(device, non_blocking=True) for x in xs]
+    keys = [stream_key(seed, job.name, i.position) for i in job.inputs] if method.uses_rng else []
+    return MergeCall(chunk, job.base, job.shared, job.per_input, dtype=job.compute_dtype, out_dtype=job.out_dtype,
+                     start=start, keys=keys)
 
 
 def _merge(method: MergeMethod, job: TensorJob, xs: list[torch.Tensor], writer: ShardedWriter, seed: int,
@@ -87,7 +87,7 @@ def _merge(method: MergeMethod, job: TensorJob, xs: list[torch.Tensor], writer: 
     if n <= CHUNK or not method.chunkable_for(job.shared, job.per_input):
         call = _call(job, xs, 0, n, seed, method, device)
         out = method.merge(call)
-        writer.write(job.name, out.to(job.out_dtype))
+        writer.write(job.name, out.to(job.out_dtype).reshape(job.shape))
         return
     bounds = [(s, min(CHUNK, n - s)) for s in range(0, n, CHUNK)]
     totals = None

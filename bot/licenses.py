@@ -129,6 +129,7 @@ class ClassifiedParent:
     sha: str | None = None
     is_hub: bool = True
     gated: bool | str = False
+    declared_name: str | None = None  # `license_name` as the parent wrote it
 
     @property
     def key(self) -> str:
@@ -400,6 +401,7 @@ def classify(parent: ParentLike) -> ClassifiedParent:
         sha=getattr(parent, "sha", None),
         is_hub=getattr(parent, "is_hub", True),
         gated=getattr(parent, "gated", False) or False,
+        declared_name=parent.license_name,
     )
 
 
@@ -508,10 +510,11 @@ def analyze(
         license_id, license_name, license_link = "other", COMPOSITE_NAME, COMPOSITE_LINK
     elif out_spec is not None:
         license_id = out_spec.hub_id
-        license_name = out_spec.license_name
-        source = next((c for c in known if c.spec is out_spec), None)
-        license_link = (source.link if source and source.link else out_spec.link) if out_spec.hub_id == "other" \
-            else None
+        license_name, license_link = None, None
+        if out_spec.hub_id == "other":  # keep the parent's own slug and link, as the Hub's filters group by them
+            source = next(c for c in known if c.spec is out_spec)
+            license_name = source.declared_name or out_spec.license_name
+            license_link = source.link or out_spec.link
     else:
         license_id, license_name, license_link = "unknown", None, None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import resource
 import secrets
@@ -35,6 +36,7 @@ class MergeOptions:
     progress: bool = True
     token: str | None = None
     threads: int | None = None
+    compile: str = "auto"  # auto | on | off: fuse method kernels with torch.compile (bot.fuse)
 
 
 @dataclass
@@ -73,10 +75,38 @@ def load_models(cfg: MergeConfig, options: MergeOptions) -> tuple[dict[str, Reso
     return resolved, weights
 
 
+def _tokenizer_identity(directory: Path) -> str | None:
+    f = directory / "tokenizer.json"
+    if not f.exists():
+        return None
+    data = json.loads(f.read_text(encoding="utf-8"))
+    return json.dumps([data.get("model"), data.get("added_tokens")], sort_keys=True)
+
+
+def settle_tokenizer(cfg: MergeConfig, resolved: dict[str, ResolvedModel]) -> None:
+    """`tokenizer_source` when every parent has the same vocabulary: union = base = any model (§4.1),
+    so the donor's tokenizer is the answer and no embedding row moves. Differing vocabularies need the
+    vocabulary-alignment step, which has not landed yet, and stay refused."""
+    if cfg.tokenizer_source is None:
+        return
+    ids = {_tokenizer_identity(r.directory) for r in resolved.values()}
+    sizes = {r.config.get("vocab_size") for r in resolved.values()}
+    if len(ids) == 1 and None not in ids and len(sizes) == 1:
+        cfg.pending = [p for p in cfg.pending if not p.startswith("tokenizer_source")]
+        cfg.warnings.append(f"{cfg.file}: tokenizer_source: {cfg.tokenizer_source}: every parent has the same "
+                            "vocabulary, so the output keeps it unchanged")
+    else:
+        cfg.pending = [p + " (parents' vocabularies differ)" if p.startswith("tokenizer_source") else p
+                       for p in cfg.pending]
+
+
 def prepare(cfg: MergeConfig, options: MergeOptions) -> Plan:
     """Validate against the real models (headers only) and build the plan."""
-    refuse_pending(cfg)
+    if any(not p.startswith("tokenizer_source") for p in cfg.pending):
+        refuse_pending(cfg)
     resolved, weights = load_models(cfg, options)
+    settle_tokenizer(cfg, resolved)
+    refuse_pending(cfg)
     return build_plan(cfg, resolved, weights)
 
 
@@ -124,7 +154,7 @@ def run_merge(cfg: MergeConfig, out_dir: Path, options: MergeOptions) -> MergeRe
                                metadata={"mergebot_version": __version__})
         try:
             stats = run_plan(plan, writer, load_dtype=cfg.dtype, seed=seed or 0, device=device,
-                             progress=bar.update if bar else None)
+                             progress=bar.update if bar else None, compile=options.compile)
             writer.close()
         except BaseException:
             writer.abort()
@@ -133,15 +163,24 @@ def run_merge(cfg: MergeConfig, out_dir: Path, options: MergeOptions) -> MergeRe
             if bar:
                 bar.close()
         write_json(work / "config.json", plan.out_config)
-        if options.copy_tokenizer:
-            copy_donor_files(plan.resolved[plan.donor].directory, work)
-        elif (plan.resolved[plan.donor].directory / "generation_config.json").exists():
-            copy_donor_files(plan.resolved[plan.donor].directory, work)
+        copy_donor_files(plan.resolved[plan.donor].directory, work,
+                         only=None if options.copy_tokenizer else ("generation_config.json",))
         (work / "mergekit_config.yml").write_text(cfg.text, encoding="utf-8")
         lock = make_lock(cfg, plan, seed, device)
         write_json(work / "mergebot.lock.json", lock)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss()
     return MergeResult(out_dir, plan, stats, peak, lock, cfg.warnings + plan.warnings)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM); ru_maxrss would include a forking parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def seed_from_env() -> int | None:

@@ -66,10 +66,10 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def copy_donor_files(donor_dir: Path, work: Path) -> list[str]:
+def copy_donor_files(donor_dir: Path, work: Path, only: tuple[str, ...] | None = None) -> list[str]:
     """Tokenizer and generation files copied verbatim from the donor (§5.6)."""
     copied = []
-    for name in DONOR_FILES:
+    for name in only or DONOR_FILES:
         src = donor_dir / name
         if src.is_file():
             shutil.copyfile(src, work / name)

@@ -24,6 +24,10 @@ class ParentMetadataError(MergebotError):
     """A parent's metadata cannot be read (missing repo, network down, bad README)."""
 
 
+class LockFileError(MergebotError):
+    """`mergebot.lock.json` is missing or malformed (the output directory is not a mergebot output)."""
+
+
 class GatedParentError(ParentMetadataError):
     """A gated parent the token has no access to."""
 
@@ -44,11 +48,23 @@ class ParentInfo:
     base_models: list[str] = field(default_factory=list)  # the parent's own declared `base_model`
     role: str | None = None  # "base" | "input" | "expert", from the lock
 
+    @property
+    def repo_id(self) -> str:
+        """The path or Hub id without `@revision` / `+lora` (what `base_model` and links need)."""
+        return split_ref(self.ref)[0]
+
+
+def split_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """Config ref syntax `path[@revision][+lora]` (merge-semantics.md §1.1) -> (path, revision, lora)."""
+    model, _, lora = ref.partition("+")
+    path, _, revision = model.partition("@")
+    return path, revision or None, lora or None
+
 
 def looks_local(ref: str) -> bool:
     """mergekit's rule (merge-semantics.md §6): absolute, home-relative, dotted or multi-slash paths are local;
     so is anything that exists on disk (we never ask the Hub, to stay offline-friendly)."""
-    if ref.startswith(("/", "~", "./", "../")) or ref.count("/") != 1:
+    if ref.startswith(("/", "~", "./", "../")) or ref.count("/") > 1:  # "gpt2" is a (legacy) Hub id
         return True
     return Path(ref).exists()
 
@@ -130,8 +146,12 @@ def parent_from_hub(
     endpoint: str | None = None,
     token: str | bool | None = None,
     role: str | None = None,
+    ref: str | None = None,
 ) -> ParentInfo:
-    """Metadata of a Hub parent at its pinned sha (or `revision` when not pinned yet)."""
+    """Metadata of a Hub parent at its pinned sha (or `revision` when not pinned yet).
+
+    `ref` is the parent as the config wrote it (default: `repo_id`); it names the parent in cards and reports.
+    """
     from huggingface_hub import HfApi
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -168,7 +188,7 @@ def parent_from_hub(
             ) from e
         raise
     card = info.card_data.to_dict() if info.card_data is not None else {}
-    parent = _from_metadata(repo_id, card, is_hub=True, revision=revision, sha=sha or info.sha, role=role)
+    parent = _from_metadata(ref or repo_id, card, is_hub=True, revision=revision, sha=sha or info.sha, role=role)
     parent.gated = info.gated or False
     for tag in info.tags or []:  # the Hub's tags include `license:<id>` even when card data lacks it
         if tag not in parent.tags:
@@ -195,16 +215,16 @@ def read_lock(out_dir: Path) -> dict[str, Any]:
     try:
         lock = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ParentMetadataError(f"{path}: missing; is {out_dir} a mergebot output directory?") from None
+        raise LockFileError(f"{path}: missing; is {out_dir} a mergebot output directory?") from None
     except json.JSONDecodeError as e:
-        raise ParentMetadataError(f"{path}: not valid JSON: {e}") from e
+        raise LockFileError(f"{path}: not valid JSON: {e}") from e
     if not isinstance(lock, dict):
-        raise ParentMetadataError(f"{path}: must be a JSON object")
+        raise LockFileError(f"{path}: must be a JSON object")
     for key in ("config_sha256", "merge_method", "parents"):
         if key not in lock:
-            raise ParentMetadataError(f"{path}: key {key!r} is missing")
+            raise LockFileError(f"{path}: key {key!r} is missing")
     if not isinstance(lock["parents"], list) or not all(isinstance(p, dict) and "ref" in p for p in lock["parents"]):
-        raise ParentMetadataError(f"{path}: key 'parents' must be a list of objects with a 'ref'")
+        raise LockFileError(f"{path}: key 'parents' must be a list of objects with a 'ref'")
     return lock
 
 
@@ -220,15 +240,16 @@ def parents_from_lock(
     out: list[ParentInfo] = []
     for entry in lock["parents"]:
         ref = entry["ref"]
+        path_or_id, ref_revision, _lora = split_ref(ref)
         local = entry.get("local")
         if local is None:
-            local = looks_local(ref)
+            local = looks_local(path_or_id)
         if local:
-            path = Path(ref).expanduser()
+            path = Path(path_or_id).expanduser()
             out.append(parent_from_local(path if path.is_absolute() else base / path, ref=ref, role=entry.get("role")))
         else:
-            out.append(parent_from_hub(ref, revision=entry.get("revision"), sha=entry.get("sha"), endpoint=endpoint,
-                                       token=token, role=entry.get("role")))
+            out.append(parent_from_hub(path_or_id, revision=entry.get("revision") or ref_revision, sha=entry.get("sha"),
+                                       endpoint=endpoint, token=token, role=entry.get("role"), ref=ref))
     return out
 
 

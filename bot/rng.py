@@ -1,49 +1,66 @@
-"""Reproducible randomness for DARE-style methods, independent of execution order, threads and device.
+"""Reproducible randomness for DARE-style methods: a counter-based hash, not a stateful generator.
 
-Every element of every tensor gets its uniform draw from a stream addressed by
-(seed, output tensor name, model position in the config, block of BLOCK elements). Chunk boundaries are
-multiples of BLOCK, so any chunking regenerates the same numbers. The generator is numpy's PCG64 seeded
-through SeedSequence (fast, and specified bit for bit across platforms); draws are made on the CPU and
-moved to the compute device.
+The draw for element j of output tensor T and model position p is a pure function
+    h = mix(mix(j_lo ^ key) ^ (j_hi + golden)),  key = crc32(seed, T, p)
+of integers only (murmur3's 32-bit finaliser applied twice, keyed), so it is identical whatever the
+execution order, chunking, thread count or device (integer math is exact on CPU and CUDA), and it fuses
+into the merge kernel under torch.compile instead of costing a separate pass (performance-notes.md: RNG is
+the floor of DARE on CPU). An entry is kept with probability p when h < floor(p·2³²).
+
+All arithmetic stays inside int64 without overflow: 32-bit products are split into 16-bit halves.
 """
 
 from __future__ import annotations
 
+import struct
 import zlib
 
-import numpy as np
 import torch
 
-BLOCK = 1 << 20
+M32 = 0xFFFFFFFF
+M16 = 0xFFFF
+GOLDEN = 0x9E3779B9
 
 
-class TensorNoise:
-    """Uniform [0, 1) float32 draws for elements [start, start+count) of one tensor, per model."""
+def stream_key(seed: int, tensor: str, position: int) -> int:
+    """32-bit key of one (seed, tensor name, model position) stream."""
+    data = struct.pack("<QI", seed & 0xFFFFFFFFFFFFFFFF, position & M32) + tensor.encode()
+    return zlib.crc32(data) ^ ((seed >> 32) & M32)
 
-    def __init__(self, seed: int, tensor: str, positions: list[int], start: int, count: int, shape: torch.Size):
-        assert start % BLOCK == 0, "chunks must start on a block boundary"
-        self.seed = seed
-        self.tensor_key = zlib.crc32(tensor.encode())
-        self.positions = positions  # call index -> model position in the config
-        self.start = start
-        self.count = count
-        self.shape = shape
-        self._cache: dict[int, torch.Tensor] = {}
 
-    def __call__(self, index: int) -> torch.Tensor:
-        if index not in self._cache:
-            self._cache[index] = self._draw(self.positions[index]).reshape(self.shape)
-        return self._cache[index]
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    lo = h * (c & M16)
+    hi = ((h * (c >> 16)) & M16) << 16
+    return (lo + hi) & M32
 
-    def _draw(self, position: int) -> torch.Tensor:
-        out = np.empty(self.count, dtype=np.float32)
-        first = self.start // BLOCK
-        done = 0
-        block = first
-        while done < self.count:
-            n = min(BLOCK, self.count - done)
-            ss = np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.seed >> 32, self.tensor_key, position, block])
-            np.random.Generator(np.random.PCG64(ss)).random(n, dtype=np.float32, out=out[done:done + n])
-            done += n
-            block += 1
-        return torch.from_numpy(out)
+
+def _mix(h: torch.Tensor) -> torch.Tensor:
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def hash_u32(index: torch.Tensor, key: torch.Tensor | int) -> torch.Tensor:
+    """Uniform 32-bit integers (in int64) for element indices `index` of the stream `key`."""
+    h = _mix((index & M32) ^ key)
+    return _mix(h ^ ((index >> 32) + GOLDEN))
+
+
+def indices(start: torch.Tensor | int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.arange(count, dtype=torch.int64, device=device) + start
+
+
+def threshold(p: float) -> int:
+    """Integer threshold: keep iff hash < threshold, i.e. with probability p (resolution 2⁻³²)."""
+    if p <= 0:
+        return 0
+    if p >= 1:
+        return 1 << 32
+    return int(p * 4294967296.0)
+
+
+def keep_mask(start: int, count: int, key: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bernoulli(p) keep mask for elements [start, start+count) of one stream (eager helper for tests)."""
+    return hash_u32(indices(start, count, device), key) < threshold(p)

@@ -9,6 +9,8 @@ import torch
 
 from tests.tiny import make_family
 
+pytest_plugins = ["tests.conftest_hub"]
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 if not SHARED.exists():  # CI runs on a clone with shared/ beside it

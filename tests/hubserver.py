@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
@@ -145,6 +145,7 @@ class FakeHub:
         self.lfs_store: dict[str, bytes] = {}
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
         self.unhandled: list[tuple[str, str]] = []
+        self.crashes: list[str] = []  # handler exceptions (FakeHub bugs), answered with 500
         self.lock = threading.RLock()
         self._counter = itertools.count(1)
         self._lfs_failures: list[int] = []  # statuses for the next LFS uploads
@@ -340,6 +341,9 @@ class _Handler(BaseHTTPRequestHandler):
             raise HubError(404, f"FakeHub does not implement {self.command} {split.path}")
         except HubError as e:
             self._error(e)
+        except Exception as e:  # a FakeHub bug: answer 500 (the client may retry) and keep it for the test
+            self.fake.crashes.append(f"{self.command} {self.path}: {type(e).__name__}: {e}")
+            self._error(HubError(500, f"FakeHub crashed: {type(e).__name__}: {e}"))
 
     do_GET = do_POST = do_PUT = do_DELETE = do_HEAD = do_PATCH = _dispatch
 
@@ -755,4 +759,4 @@ _ROUTES = [
     _Route("GET", ("{ns}", "{name}", "resolve", "{rev}", "{path*}"), "resolve"),
 ]
 
-__all__ = ["FakeHub", "Token", "HubError", "StoredFile", "Commit", "Repo", "git_blob_oid", "front_matter", "quote"]
+__all__ = ["FakeHub", "Token", "HubError", "StoredFile", "Commit", "Repo", "git_blob_oid", "front_matter"]

@@ -209,9 +209,7 @@ def test_dare_same_seed_same_bytes_across_threads(family, tmp_path):
 
 
 def test_chunked_execution_equals_whole_tensor(family, tmp_path, monkeypatch):
-    """Chunking (two-pass reduce/apply, block-addressed RNG) must not change a single bit."""
-    monkeypatch.setattr(rng, "BLOCK", 64)
-    monkeypatch.setattr(executor, "BLOCK", 64)
+    """Chunking (two-pass reduce/apply, index-addressed RNG) must not change the result."""
     monkeypatch.setattr(executor, "CHUNK", 1 << 30)
     whole = _dare(family, tmp_path, "whole", random_seed=5)
     monkeypatch.setattr(executor, "CHUNK", 64 * 3)
@@ -243,3 +241,37 @@ merge_method: linear
         assert out[k].dtype == torch.bfloat16
         ref = (0.25 * A[k] + 0.75 * B[k]).to(torch.bfloat16)
         assert torch.equal(out[k], ref), k
+
+
+def test_rng_streams_are_uniform_and_independent():
+    n = 1 << 20
+    k1, k2 = rng.stream_key(7, "model.layers.0.mlp.up_proj.weight", 1), rng.stream_key(7, "model.layers.0.mlp.up_proj.weight", 2)
+    assert k1 != k2
+    m1, m2 = rng.keep_mask(0, n, k1, 0.3), rng.keep_mask(0, n, k2, 0.3)
+    assert float(m1.float().mean()) == pytest.approx(0.3, abs=0.003)
+    assert float((m1 & m2).float().mean()) == pytest.approx(0.09, abs=0.002)  # independent streams
+    assert float((m1[1:] & m1[:-1]).float().mean()) == pytest.approx(0.09, abs=0.002)  # no neighbour correlation
+    # addressable: any window equals the same slice of the whole stream, also past 2**32
+    assert torch.equal(rng.keep_mask(1000, 5000, k1, 0.3), m1[1000:6000])
+    big = (1 << 32) - 10
+    assert torch.equal(rng.keep_mask(big, 20, k1, 0.5)[10:], rng.keep_mask(big + 10, 10, k1, 0.5))
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp", "ties", "dare_ties"])
+def test_compiled_kernels_equal_eager(family, tmp_path, method):
+    """torch.compile'd kernels (used for large merges) give the eager results (bit-identical masks)."""
+    pytest.importorskip("torch._inductor")
+    from bot import fuse
+    if not fuse.compiler_available():
+        pytest.skip("no C compiler")
+    base, a, b, _ = family
+    params = {"linear": "{weight: 0.6}", "slerp": "{}", "ties": "{weight: 0.6, density: 0.5}",
+              "dare_ties": "{weight: 0.6, density: 0.5}"}[method]
+    text = (f"models:\n  - model: {base}\n  - model: {a}\n    parameters: {params}\n"
+            f"merge_method: {method}\nbase_model: {base}\nparameters: {{t: 0.4, weight: 0.5}}\n")
+    if method == "linear":
+        text = text.replace(f"  - model: {base}\n", f"  - model: {base}\n    parameters: {{weight: 0.4}}\n", 1)
+    eager = merge_yaml(tmp_path, text, name="eager", random_seed=9, compile="off")
+    fused = merge_yaml(tmp_path, text, name="fused", random_seed=9, compile="on")
+    for k in eager:
+        assert torch.allclose(eager[k], fused[k], atol=1e-6, rtol=1e-6), k

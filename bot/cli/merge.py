@@ -35,6 +35,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "are inferred from tensor names; shapes must still match)")
     p.add_argument("--lazy-unpickle", action="store_true",
                    help="accepted for mergekit compatibility: .bin files are always read with torch.load(weights_only=True, mmap=True)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="fuse each method's math into one loop with torch.compile: auto (default) does it for "
+                        "merges of over 200M input elements when a C compiler or GPU is present")
     p.add_argument("-j", "--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--token", default=None, help="Hugging Face token for private/gated parents (default: HF_TOKEN or login)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -44,7 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def options_from(args: argparse.Namespace) -> MergeOptions:
     return MergeOptions(out_shard_size=args.out_shard_size, device="cuda" if args.cuda else args.device,
                         random_seed=args.random_seed, force=args.force, copy_tokenizer=args.copy_tokenizer,
-                        progress=not args.quiet, token=args.token, threads=args.num_threads)
+                        progress=not args.quiet, token=args.token, threads=args.num_threads,
+                        compile=args.compile)
 
 
 def print_plan(plan: Plan) -> None:
@@ -79,5 +83,6 @@ def run(args: argparse.Namespace) -> int:
     warn(result.plan.warnings)
     s = result.stats
     print(f"merged {s.tensors} tensors, {human_bytes(s.bytes_written)} in {s.seconds:.1f} s, "
-          f"peak RSS {human_bytes(result.peak_rss_bytes)} -> {args.out_dir}", file=sys.stderr)
+          f"peak RSS {human_bytes(result.peak_rss_bytes)}{' (fused kernels)' if s.compiled else ''} -> {args.out_dir}",
+          file=sys.stderr)
     return 0

@@ -1,6 +1,7 @@
-"""Sparsifiers of the task-arithmetic family (merge-semantics.md §2.7), on one task vector δ.
+"""Sparsifiers of the task-arithmetic family (merge-semantics.md §2.7) that need a whole tensor.
 
-All return a float mask-applied δ (never in place on the caller's tensor unless said so).
+The random (DARE) sparsifier needs no helper here: its mask is a hash of the element index, computed
+inside the fused kernel (bot.rng).
 """
 
 from __future__ import annotations
@@ -8,21 +9,24 @@ from __future__ import annotations
 import torch
 
 
-def magnitude(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = max(1, int(density·n)) entries of largest |δ| (whole tensor)."""
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor | None:
+    """Keep exactly k = max(1, int(density·n)) entries of largest |δ| (None: keep everything).
+
+    Ties at the k-th magnitude (common with bf16 checkpoints, whose deltas repeat) are broken by
+    element order, so the count is exactly k as in mergekit, and the choice is deterministic.
+    """
     if density >= 1:
-        return delta
-    n = delta.numel()
-    if density <= 0 or n == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * n))
+        return None
     flat = delta.reshape(-1)
-    keep = torch.topk(flat.abs().float(), k, largest=True, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[keep] = flat[keep]
-    return out.reshape(delta.shape)
-
-
-def bernoulli_keep(uniform: torch.Tensor, density: float) -> torch.Tensor:
-    """DARE mask: keep an entry with probability `density` (uniform < density)."""
-    return uniform < density
+    n = flat.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    k = max(1, int(density * n))
+    mag = flat.abs().float()
+    kth = torch.topk(mag, k, largest=True, sorted=False).values.min()
+    keep = mag > kth
+    short = k - int(keep.sum())
+    if short > 0:
+        ties = torch.nonzero(mag == kth).flatten()[:short]
+        keep[ties] = True
+    return keep.reshape(delta.shape)

@@ -43,8 +43,10 @@ class MergeCall:
     base: int | None  # index of the base in xs, or None
     shared: dict[str, Any]
     per_input: list[dict[str, Any]]  # one dict per entry of xs (base: only scope=input params)
-    noise: Callable[[int], torch.Tensor] | None = None  # uniform [0,1) float32 per input index, chunk-shaped
     dtype: torch.dtype = torch.float32  # compute dtype: float32, or float64 for float64 inputs
+    out_dtype: torch.dtype = torch.float32  # a kernel may cast its result itself (fused), or leave it
+    start: int = 0  # element offset of this chunk in the flattened tensor (addresses the RNG)
+    keys: list[int] = field(default_factory=list)  # RNG stream key per entry of xs (bot.rng)
 
     @property
     def others(self) -> list[int]:

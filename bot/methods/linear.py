@@ -4,24 +4,24 @@ from __future__ import annotations
 
 import torch
 
+from ..fuse import fusable
 from .base import MergeCall, MergeMethod, Param
 
 
-def weighted_sum(xs: list[torch.Tensor], weights: list[float], dtype: torch.dtype) -> torch.Tensor:
-    """Σ wᵢ·xᵢ in `dtype`, one fused multiply-add per input, without converting whole inputs first."""
-    out = torch.empty(xs[0].shape, dtype=dtype, device=xs[0].device)
-    torch.mul(xs[0], weights[0], out=out)
+@fusable
+def weighted_sum(xs: list[torch.Tensor], weights: list[float], divisor: float, dtype: torch.dtype,
+                 out_dtype: torch.dtype) -> torch.Tensor:
+    """(Σ wᵢ·xᵢ) / divisor in `dtype`, cast to out_dtype; one fused loop when compiled."""
+    out = xs[0].to(dtype) * weights[0]
     for x, w in zip(xs[1:], weights[1:]):
-        out.add_(x, alpha=w)
-    return out
+        out = out + x.to(dtype) * w
+    return (out / divisor).to(out_dtype)
 
 
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     weights = [float(p["weight"]) for p in call.per_input]
-    out = weighted_sum(call.xs, weights, call.dtype)
-    if call.shared["normalize"]:
-        out.div_(sum(weights))  # no guard for Σw = 0, as in §2.1
-    return out
+    divisor = sum(weights) if call.shared["normalize"] else 1.0  # no guard for Σw = 0, as in §2.1
+    return weighted_sum(call.xs, weights, divisor, call.dtype, call.out_dtype)
 
 
 METHOD = MergeMethod(

@@ -10,20 +10,32 @@ import math
 
 import torch
 
+from ..fuse import fusable
 from .base import MergeCall, MergeMethod, Param
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
+@fusable
+def _sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a = a.reshape(-1).to(torch.float64)
+    b = b.reshape(-1).to(torch.float64)
+    return torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()])
+
+
+@fusable
+def _combine(a: torch.Tensor, b: torch.Tensor, c0: float, c1: float, dtype: torch.dtype,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    return (a.to(dtype) * c0 + b.to(dtype) * c1).to(out_dtype)
+
+
 def _pair(call: MergeCall) -> tuple[torch.Tensor, torch.Tensor]:
-    other = call.others[0]
-    return call.xs[call.base], call.xs[other]
+    return call.xs[call.base], call.xs[call.others[0]]
 
 
 def _reduce(call: MergeCall) -> torch.Tensor:
-    a, b = (x.reshape(-1).to(torch.float64) for x in _pair(call))
-    return torch.stack([a.dot(a), b.dot(b), a.dot(b)]).cpu()
+    return _sums(*_pair(call)).cpu()
 
 
 def coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float, float]:
@@ -44,9 +56,7 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     aa, bb, ab = (float(v) for v in totals)
     c0, c1 = coefficients(float(call.shared["t"]), aa, bb, ab)
     a, b = _pair(call)
-    out = torch.empty(a.shape, dtype=call.dtype, device=a.device)
-    torch.mul(a, c0, out=out)
-    return out.add_(b, alpha=c1)
+    return _combine(a, b, c0, c1, call.dtype, call.out_dtype)
 
 
 METHOD = MergeMethod(

@@ -1,13 +1,13 @@
 """The generalised task-arithmetic family (merge-semantics.md §2.7): one kernel, several presets.
 
-δᵢ = xᵢ − base; optional sparsify (magnitude top-k or DARE Bernoulli, with L1 rescale); weighted
-deltas Dᵢ = wᵢ·δᵢ; optional sign consensus ("sum"); optional normalisation by the weights that voted;
-out = base + λ·mixed. Computed in float32 (float64 for float64 inputs) and cast once by the executor.
+δᵢ = xᵢ − base; optional sparsify (magnitude top-k, or DARE Bernoulli with L1 rescale); weighted deltas
+Dᵢ = wᵢ·δᵢ; optional sign consensus ("sum"); optional normalisation by the weights that voted;
+out = base + λ·mixed. Computed in float32 (float64 for float64 inputs), cast once.
 
-DARE's rescale matches the L1 norm of the whole tensor (not the paper's 1/p), so it is a two-phase
-method: `reduce` sums ‖δᵢ‖₁ and ‖δᵢ⊙maskᵢ‖₁ over chunks, `apply` uses the totals. The masks come from
-`call.noise`, which the executor seeds per (seed, tensor, model position, block): the same bits whatever
-the chunking, thread count or device.
+DARE's rescale matches the L1 norm of the whole tensor (not the paper's 1/p), so it is two-phase:
+`reduce` sums ‖δᵢ‖₁ and ‖δᵢ⊙maskᵢ‖₁ over chunks, `apply` uses the totals. The masks are a hash of
+(seed, tensor, model position, element index) evaluated inside the kernel (bot.rng): the same bits
+whatever the chunking, thread count or device, and no separate RNG pass.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import torch
 
+from .. import rng
+from ..fuse import fusable
 from . import _sparsify
 from .base import MergeCall, MergeMethod, Param
 
@@ -31,79 +33,144 @@ class Preset:
     rescale: bool
 
 
-def _delta(call: MergeCall, i: int) -> torch.Tensor:
-    base = call.xs[call.base]
-    return torch.sub(call.xs[i].to(call.dtype), base.to(call.dtype))
+def _keep(idx: torch.Tensor, key: int, thr: int) -> torch.Tensor:
+    return rng.hash_u32(idx, key) < thr
 
 
-def _sparse_delta(preset: Preset, call: MergeCall, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(δᵢ before sparsifying, δᵢ after) for one non-base input."""
-    delta = _delta(call, i)
-    density = float(call.per_input[i]["density"])
-    if preset.sparsifier is None or density >= 1:
-        return delta, delta
-    if preset.sparsifier == "magnitude":
-        return delta, _sparsify.magnitude(delta, density)
-    assert call.noise is not None
-    keep = _sparsify.bernoulli_keep(call.noise(i).to(delta.device), density)
-    return delta, delta * keep
+@fusable
+def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], start: int, keys: list[int], thresholds: list[int],
+             dtype: torch.dtype) -> torch.Tensor:
+    """[‖δᵢ‖₁, ‖δᵢ⊙keepᵢ‖₁ for each i] in float64 over this chunk."""
+    b = base.reshape(-1).to(dtype)
+    idx = torch.arange(b.numel(), dtype=torch.int64, device=b.device) + start
+    sums = []
+    for x, key, thr in zip(xs, keys, thresholds):
+        d = (x.reshape(-1).to(dtype) - b).abs().to(torch.float64)
+        sums.append(d.sum())
+        sums.append(torch.where(_keep(idx, key, thr), d, 0.0).sum())
+    return torch.stack(sums)
+
+
+def _combine(b: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], consensus: bool,
+             normalize: bool, lam: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """Weighted deltas, sign election, normalisation, λ: the shared tail of every preset."""
+    weighted = [d * w for d, w in zip(deltas, weights)]
+    if consensus:
+        total = weighted[0]
+        for d in weighted[1:]:
+            total = total + d
+        sign = torch.where(total >= 0, 1.0, -1.0).to(b.dtype)
+        mixed = torch.zeros_like(b)
+        div = torch.zeros_like(b)
+        for d, w in zip(weighted, weights):
+            agree = torch.sign(d) == sign  # a zero delta never votes (§2.7 step 4)
+            mixed = mixed + torch.where(agree, d, 0.0)
+            div = div + torch.where(agree, w, 0.0)
+        div = torch.where(div == 0, 1.0, div)
+        if normalize:
+            mixed = mixed / div
+    else:
+        mixed = weighted[0]
+        for d in weighted[1:]:
+            mixed = mixed + d
+        if normalize:
+            s = sum(weights)
+            mixed = mixed / (s if abs(s) >= 1e-8 else 1.0)
+    if lam != 1.0:
+        mixed = mixed * lam
+    return (b + mixed).to(out_dtype)
+
+
+@fusable
+def _kernel_random(base: torch.Tensor, xs: list[torch.Tensor], start: int, keys: list[int], thresholds: list[int],
+                   scales: list[float], weights: list[float], consensus: bool, normalize: bool, lam: float,
+                   dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """DARE: δᵢ kept where hash < threshold, times its rescale factor (scales), then the common tail."""
+    b = base.reshape(-1).to(dtype)
+    idx = torch.arange(b.numel(), dtype=torch.int64, device=b.device) + start
+    deltas = [torch.where(_keep(idx, key, thr), (x.reshape(-1).to(dtype) - b) * s, 0.0)
+              for x, key, thr, s in zip(xs, keys, thresholds, scales)]
+    return _combine(b, deltas, weights, consensus, normalize, lam, out_dtype)
+
+
+@fusable
+def _kernel_masked(base: torch.Tensor, xs: list[torch.Tensor], masks: list[torch.Tensor | None],
+                   weights: list[float], consensus: bool, normalize: bool, lam: float,
+                   dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """Task arithmetic / TIES: δᵢ (optionally masked by magnitude), then the common tail."""
+    b = base.reshape(-1).to(dtype)
+    deltas = []
+    for x, m in zip(xs, masks):
+        d = x.reshape(-1).to(dtype) - b
+        deltas.append(d if m is None else torch.where(m.reshape(-1), d, 0.0))
+    return _combine(b, deltas, weights, consensus, normalize, lam, out_dtype)
 
 
 def _make(preset: Preset):
+    def thresholds(call: MergeCall) -> list[int]:
+        return [rng.threshold(float(call.per_input[i]["density"])) for i in call.others]
+
     def reduce(call: MergeCall) -> torch.Tensor:
-        if not call.shared["rescale"]:
+        if preset.sparsifier != "random" or not call.shared["rescale"] or not call.others:
             return torch.zeros(0, dtype=torch.float64)
-        sums = []
-        for i in call.others:
-            full, kept = _sparse_delta(preset, call, i)
-            sums += [full.abs().sum(dtype=torch.float64), kept.abs().sum(dtype=torch.float64)]
-        return torch.stack(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)
+        xs = [call.xs[i] for i in call.others]
+        keys = [call.keys[i] for i in call.others]
+        return _l1_sums(call.xs[call.base], xs, call.start, keys, thresholds(call), call.dtype).cpu()
 
     def apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
-        base = call.xs[call.base].to(call.dtype)
-        weighted: list[torch.Tensor] = []
-        weights: list[float] = []
-        for j, i in enumerate(call.others):
-            _, delta = _sparse_delta(preset, call, i)
-            if totals is not None and totals.numel():
-                l1, l1_kept = float(totals[2 * j]), float(totals[2 * j + 1])
-                if l1 >= RESCALE_EPS and l1_kept >= RESCALE_EPS:
-                    delta = delta * (l1 / l1_kept)
-            w = float(call.per_input[i]["weight"])
-            weighted.append(delta * w if delta.data_ptr() == call.xs[i].data_ptr() else delta.mul_(w))
-            weights.append(w)
-        if not weighted:
-            return base.clone()
-        if preset.consensus == "sum":
-            total = torch.stack(weighted).sum(dim=0) if len(weighted) > 1 else weighted[0].clone()
-            sign = torch.where(total >= 0, 1.0, -1.0).to(call.dtype)
-            mixed = torch.zeros_like(base)
-            div = torch.zeros_like(base)
-            for d, w in zip(weighted, weights):
-                agree = torch.sign(d) == sign
-                mixed.add_(d * agree)
-                div.add_(agree.to(call.dtype), alpha=w)
-            div[div == 0] = 1
-        else:
-            mixed = weighted[0]
-            for d in weighted[1:]:
-                mixed.add_(d)
-            div = sum(weights)
-            if abs(div) < 1e-8:
-                div = 1.0
-        if call.shared["normalize"]:
-            mixed.div_(div)
+        base = call.xs[call.base]
+        others = call.others
+        if not others:
+            return base.to(call.out_dtype).reshape(-1)
+        xs = [call.xs[i] for i in others]
+        weights = [float(call.per_input[i]["weight"]) for i in others]
+        shape_out = base.reshape(-1).shape
+        consensus = preset.consensus == "sum"
+        normalize = bool(call.shared["normalize"])
         lam = float(call.shared["lambda"])
-        if lam != 1.0:
-            mixed.mul_(lam)
-        return mixed.add_(base)
+        if preset.sparsifier == "random":
+            scales = []
+            for j, w in enumerate(weights):
+                factor = 1.0
+                if totals is not None and totals.numel():
+                    l1, kept = float(totals[2 * j]), float(totals[2 * j + 1])
+                    if l1 >= RESCALE_EPS and kept >= RESCALE_EPS:
+                        factor = l1 / kept
+                scales.append(factor)
+            keys = [call.keys[i] for i in others]
+            out = _kernel_random(base, xs, call.start, keys, thresholds(call), scales, weights, consensus,
+                                 normalize, lam, call.dtype, call.out_dtype)
+        else:
+            masks: list[torch.Tensor | None] = [None] * len(xs)
+            if preset.sparsifier == "magnitude":
+                b = base.to(call.dtype)
+                masks = [_sparsify.magnitude_mask(x.to(call.dtype) - b, float(call.per_input[i]["density"]))
+                         for x, i in zip(xs, others)]
+                if call.shared["rescale"]:
+                    xs, masks = _rescaled(b, xs, masks, call.dtype)
+            out = _kernel_masked(base, xs, masks, weights, consensus, normalize, lam, call.dtype, call.out_dtype)
+        return out.reshape(shape_out)
 
     return reduce, apply
 
 
+def _rescaled(b: torch.Tensor, xs: list[torch.Tensor], masks: list[torch.Tensor | None], dtype: torch.dtype):
+    """L1 rescale for magnitude pruning (`ties` with rescale: true): fold the factor into the inputs."""
+    out_xs, out_masks = [], []
+    for x, m in zip(xs, masks):
+        d = x.to(dtype) - b
+        if m is not None:
+            l1 = float(d.abs().sum(dtype=torch.float64))
+            kept = float(torch.where(m, d, 0.0).abs().sum(dtype=torch.float64))
+            if l1 >= RESCALE_EPS and kept >= RESCALE_EPS:
+                d = d * (l1 / kept)
+        out_xs.append(b + d)
+        out_masks.append(m)
+    return out_xs, out_masks
+
+
 def _preset_method(name: str, pretty: str, url: str, preset: Preset) -> MergeMethod:
     reduce, apply = _make(preset)
-    needs_totals = preset.sparsifier is not None
 
     def chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:
         if preset.sparsifier != "magnitude":
@@ -125,7 +192,7 @@ def _preset_method(name: str, pretty: str, url: str, preset: Preset) -> MergeMet
         ),
         base="required",
         apply=apply,
-        reduce=reduce if needs_totals else None,
+        reduce=reduce if preset.sparsifier == "random" else None,
         uses_rng=preset.sparsifier == "random",
         extra={"chunkable_for": chunkable_for, "preset": preset},
     )
