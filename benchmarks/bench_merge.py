@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,7 +82,7 @@ def run_merge(config: Path, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "bot.cli.main", "merge", str(config), str(out),
-                             "--random-seed", "1", "--quiet"], cwd=ROOT)
+                             "--random-seed", "1", "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
     peak_anon = peak_hwm = 0
     status = Path(f"/proc/{proc.pid}/status")
     while proc.poll() is None:
@@ -95,9 +96,12 @@ def run_merge(config: Path, out: Path) -> dict:
             pass
         time.sleep(0.02)
     wall = time.perf_counter() - start
+    err = proc.stderr.read()
     if proc.returncode != 0:
-        raise SystemExit(f"merge failed: {config}")
-    return {"wall_s": wall, "peak_anon_bytes": peak_anon, "peak_rss_bytes": peak_hwm}
+        raise SystemExit(f"merge failed: {config}\n{err}")
+    m = re.search(r"merged \d+ tensors, .* in ([0-9.]+) s", err)
+    return {"wall_s": wall, "engine_s": float(m.group(1)) if m else None, "peak_anon_bytes": peak_anon,
+            "peak_rss_bytes": peak_hwm}
 
 
 CONFIGS = {
@@ -131,7 +135,7 @@ def main() -> None:
         row = {"method": name, "bytes_read": in_bytes, "bytes_written": out_bytes, "io_bound_s": bound, **res,
                "ratio": res["wall_s"] / bound}
         rows.append(row)
-        print(f"{name:10s} wall {res['wall_s']:6.2f} s  io-bound {bound:6.2f} s  ratio {row['ratio']:4.2f}x  "
+        print(f"{name:10s} wall {res['wall_s']:6.2f} s  (engine {res['engine_s']:5.2f} s)  io-bound {bound:6.2f} s  ratio {row['ratio']:4.2f}x  "
               f"peak RSS {res['peak_rss_bytes'] / 1e9:5.2f} GB  peak anon {res['peak_anon_bytes'] / 1e9:5.2f} GB  "
               f"read {in_bytes / 1e9:.2f} GB  written {out_bytes / 1e9:.2f} GB", flush=True)
         shutil.rmtree(scratch / f"out-{name}", ignore_errors=True)

@@ -1,8 +1,10 @@
-"""Runs a plan tensor by tensor: views from mmap'd inputs, bounded chunks, float32 math, streamed output.
+"""Runs a plan tensor by tensor: views from mmap'd inputs, bounded chunks, float32 math, results stored
+straight into the mmap'd output file.
 
-Large tensors are cut into chunks of CHUNK elements along their flattened order. Elementwise methods run chunk by chunk; two-phase methods (slerp's norms, DARE's L1 rescale) sum
-their `reduce` over every chunk first, then `apply` chunk by chunk; methods that need a whole tensor get it.
-Memory therefore stays near a few chunks whatever the model or shard size.
+Large tensors are cut into chunks of CHUNK elements along their flattened order. Elementwise methods run
+chunk by chunk; two-phase methods (slerp's norms, DARE's L1 rescale) sum their `reduce` over every chunk
+first, then `apply` chunk by chunk; methods that need a whole tensor get it. Memory therefore stays near a
+few chunks whatever the model or shard size.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from typing import Callable
 
 import torch
 
+from . import fuse
 from .methods.base import MergeCall, MergeMethod
 from .plan import Plan, TensorJob
-from . import fuse
 from .rng import stream_key
 from .writer import ShardedWriter
 
-CHUNK = 1 << 24  # 16M elements: 64 MB per float32 working tensor
+CHUNK = 1 << 24  # 16M elements: 64 MB per float32 working tensor; divides 2**32 (see bot.rng)
 
 
 @dataclass
@@ -52,10 +54,12 @@ def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | Non
             for inp in jobs[k + 1].inputs:
                 plan.models[inp.model].prefetch(inp.tensor)
         xs = _inputs(plan, job, load_dtype)
+        dest = writer.view(job.name)
         if job.copy:
-            _copy(job, xs[0], writer)
+            dest.copy_(xs[0].reshape(-1))
         else:
-            _merge(method, job, xs, writer, seed, device)
+            _merge(method, job, xs, dest, seed, device)
+        writer.done(job.name)
         for inp in job.inputs:
             plan.models[inp.model].release(inp.tensor)
         stats.tensors += 1
@@ -66,35 +70,33 @@ def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | Non
     return stats
 
 
-def _copy(job: TensorJob, x: torch.Tensor, writer: ShardedWriter) -> None:
-    flat = x.reshape(-1)
-    for s in range(0, max(flat.numel(), 1), CHUNK):
-        writer.write(job.name, flat[s:s + CHUNK].to(job.out_dtype))
-
-
-def _call(job: TensorJob, xs: list[torch.Tensor], start: int, count: int, seed: int, method: MergeMethod,
-          device: torch.device) -> MergeCall:
+def _call(job: TensorJob, xs: list[torch.Tensor], dest: torch.Tensor, start: int, count: int, seed: int,
+          method: MergeMethod, device: torch.device) -> MergeCall:
     # Always flat (rank 1): the methods here are shape-agnostic, and one rank means one compiled graph.
     chunk = [x.reshape(-1)[start:start + count].to(device, non_blocking=True) for x in xs]
     keys = [stream_key(seed, job.name, i.position) for i in job.inputs] if method.uses_rng else []
+    out = dest[start:start + count] if device.type == "cpu" else None
     return MergeCall(chunk, job.base, job.shared, job.per_input, dtype=job.compute_dtype, out_dtype=job.out_dtype,
-                     start=start, keys=keys)
+                     start=start, keys=keys, out=out)
 
 
-def _merge(method: MergeMethod, job: TensorJob, xs: list[torch.Tensor], writer: ShardedWriter, seed: int,
+def _store(result: torch.Tensor, dest: torch.Tensor, start: int, count: int) -> None:
+    target = dest[start:start + count]
+    if result.data_ptr() != target.data_ptr() or result.device != target.device:
+        target.copy_(result.reshape(-1))
+
+
+def _merge(method: MergeMethod, job: TensorJob, xs: list[torch.Tensor], dest: torch.Tensor, seed: int,
            device: torch.device) -> None:
     n = job.numel
     if n <= CHUNK or not method.chunkable_for(job.shared, job.per_input):
-        call = _call(job, xs, 0, n, seed, method, device)
-        out = method.merge(call)
-        writer.write(job.name, out.to(job.out_dtype).reshape(job.shape))
+        _store(method.merge(_call(job, xs, dest, 0, n, seed, method, device)), dest, 0, n)
         return
     bounds = [(s, min(CHUNK, n - s)) for s in range(0, n, CHUNK)]
     totals = None
     if method.reduce is not None:
         for s, c in bounds:
-            part = method.reduce(_call(job, xs, s, c, seed, method, device))
+            part = method.reduce(_call(job, xs, dest, s, c, seed, method, device))
             totals = part if totals is None else totals + part
     for s, c in bounds:
-        out = method.apply(_call(job, xs, s, c, seed, method, device), totals)
-        writer.write(job.name, out.to(job.out_dtype))
+        _store(method.apply(_call(job, xs, dest, s, c, seed, method, device), totals), dest, s, c)

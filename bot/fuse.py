@@ -42,16 +42,25 @@ def enabled() -> bool:
 
 
 def fusable(fn: F) -> F:
-    """Mark a pure tensor kernel; it runs compiled (dynamic shapes, no recompiles per size) when enabled."""
-    compiled: list[Callable] = []
+    """Mark a pure tensor kernel; it runs compiled (dynamic shapes, no recompiles per size) when enabled.
+
+    Called with `out=`, the result is stored into `out` (e.g. the output file's mapped pages); compiled,
+    that store is part of the same fused loop, so no intermediate result tensor is ever allocated.
+    """
+    compiled: dict[bool, Callable] = {}
+
+    def into(out: torch.Tensor, *args, **kwargs):
+        out.copy_(fn(*args, **kwargs))
+        return out
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args, out: torch.Tensor | None = None, **kwargs):
         if not _state["on"]:
-            return fn(*args, **kwargs)
-        if not compiled:
-            compiled.append(torch.compile(fn, dynamic=True))
-        return compiled[0](*args, **kwargs)
+            return fn(*args, **kwargs) if out is None else into(out, *args, **kwargs)
+        key = out is not None
+        if key not in compiled:
+            compiled[key] = torch.compile(into if key else fn, dynamic=True)
+        return compiled[key](*args, **kwargs) if out is None else compiled[key](out, *args, **kwargs)
 
     wrapper.eager = fn  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]

@@ -1,24 +1,26 @@
-"""Streaming safetensors output: headers computed from the plan, tensor bytes appended as they come.
+"""Streaming safetensors output: headers computed from the plan, tensors computed straight into the file.
 
-Because every output tensor's name, dtype and shape are known before any data exists, each shard's header
-(with final offsets) is written first and the data follows in order; RAM never holds a shard (unlike
-mergekit, which buffers whole shards, merge-semantics.md §5.4). Writes happen on a background thread so
-disk I/O overlaps the math; a bounded queue keeps memory flat.
+Every output tensor's name, dtype and shape are known before any data exists, so each shard is created at
+its final size with its header in place, and memory-mapped. The merge kernels write their results directly
+into the mapped file pages (no output buffer, no extra copy, nothing like mergekit's whole-shard buffer,
+merge-semantics.md §5.4); pages of a finished tensor are unmapped at once (they stay in the page cache to
+be written back), so resident memory does not grow with the output.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
-import queue
 import struct
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .loader import DTYPE_NAMES
+
+PAGE = mmap.PAGESIZE
 
 
 @dataclass
@@ -27,6 +29,13 @@ class ShardEntry:
     dtype: torch.dtype
     shape: tuple[int, ...]
     nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
 
 
 @dataclass
@@ -67,83 +76,86 @@ def _header(shard: Shard) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+@dataclass
+class _Slot:
+    shard: int
+    entry: ShardEntry
+    offset: int  # absolute byte offset in the shard file
+
+
 class ShardedWriter:
-    """Writes tensors in plan order into pre-laid-out shards; `close()` fsyncs and writes the index."""
+    """Pre-laid-out shards; `view(name)` is the tensor's place in the file; `close()` syncs and indexes."""
 
     def __init__(self, directory: Path, entries: list[ShardEntry], max_shard_bytes: int, metadata: dict | None = None):
         self.directory = directory
         self.shards = assign_shards(entries, max_shard_bytes)
         self.names = shard_filenames(len(self.shards))
         self.metadata = metadata or {}
-        self._order = [(si, e) for si, s in enumerate(self.shards) for e in s.entries]
-        self._pos = 0  # index into _order of the tensor being written
-        self._written = 0  # bytes written of the current tensor
-        self._files: list[object] = []
-        self._q: queue.Queue = queue.Queue(maxsize=4)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="mergebot-writer", daemon=True)
-        for name, shard in zip(self.names, self.shards):
-            f = open(directory / name, "wb")
-            f.write(_header(shard))
-            self._files.append(f)
-        self._thread.start()
+        self.slots: dict[str, _Slot] = {}
+        self._fds: list[int] = []
+        self._maps: list[mmap.mmap | None] = []
+        for si, (name, shard) in enumerate(zip(self.names, self.shards)):
+            header = _header(shard)
+            size = len(header) + shard.nbytes
+            fd = os.open(directory / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.ftruncate(fd, size)
+            os.pwrite(fd, header, 0)
+            self._fds.append(fd)
+            self._maps.append(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) if shard.nbytes else None)
+            off = len(header)
+            for e in shard.entries:
+                if e.name in self.slots:
+                    raise RuntimeError(f"output tensor {e.name!r} planned twice")
+                self.slots[e.name] = _Slot(si, e, off)
+                off += e.nbytes
 
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            if self._error is not None:
-                continue
-            si, data = item
+    def view(self, name: str) -> torch.Tensor:
+        """The flat destination of tensor `name` in its shard: write into it."""
+        slot = self.slots[name]
+        e = slot.entry
+        if e.numel == 0:
+            return torch.empty(0, dtype=e.dtype)
+        return torch.frombuffer(self._maps[slot.shard], dtype=e.dtype, count=e.numel, offset=slot.offset)
+
+    def done(self, name: str) -> None:
+        """Unmap a finished tensor's pages: the data stays in the page cache (dirty, written back later)."""
+        slot = self.slots[name]
+        mm = self._maps[slot.shard]
+        if mm is None or slot.entry.nbytes == 0:
+            return
+        start = slot.offset - slot.offset % PAGE
+        end = slot.offset + slot.entry.nbytes
+        end -= end % PAGE  # whole pages only: a neighbour may still be written
+        if end > start:
             try:
-                self._files[si].write(data)
-            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
-                self._error = e
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append (part of) the bytes of tensor `name`; parts must come in order and add up exactly."""
-        if self._error is not None:
-            raise self._error
-        si, entry = self._order[self._pos]
-        if entry.name != name:
-            raise RuntimeError(f"writer expected {entry.name!r}, got {name!r}")
-        if tensor.dtype != entry.dtype:
-            raise RuntimeError(f"{name}: dtype {tensor.dtype} != planned {entry.dtype}")
-        t = tensor.detach().reshape(-1)
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous()
-        data = t.view(torch.uint8).numpy() if t.numel() else b""
-        self._written += len(data) if isinstance(data, bytes) else data.nbytes
-        if self._written > entry.nbytes:
-            raise RuntimeError(f"{name}: more bytes than planned")
-        self._q.put((si, data))
-        if self._written == entry.nbytes:
-            self._pos += 1
-            self._written = 0
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):
+                pass
 
     def close(self) -> None:
-        self._q.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        if self._pos != len(self._order):
-            raise RuntimeError(f"output incomplete: {len(self._order) - self._pos} tensors not written")
-        for f in self._files:
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+        for mm in self._maps:
+            if mm is not None:
+                mm.flush()
+                mm.close()
+        for fd in self._fds:
+            os.fsync(fd)
+            os.close(fd)
+        self._maps, self._fds = [], []
         if len(self.shards) > 1:
             index = {"metadata": {"total_size": sum(s.nbytes for s in self.shards), **self.metadata},
-                     "weight_map": {e.name: self.names[si] for si, e in self._order}}
+                     "weight_map": {name: self.names[slot.shard] for name, slot in self.slots.items()}}
             (self.directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        self._q.put(None)
-        self._thread.join(timeout=30)
-        for f in self._files:
+        for mm in self._maps:
+            if mm is not None:
+                try:
+                    mm.close()
+                except (BufferError, ValueError):
+                    pass
+        for fd in self._fds:
             try:
-                f.close()
+                os.close(fd)
             except OSError:
                 pass
+        self._maps, self._fds = [], []

@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from ..config import load_config
-from ..merge import MergeOptions, prepare, run_merge
+from .. import pipeline
+from ..merge import MergeOptions, prepare
 from ..plan import Plan, dtype_name
 from ._output import human_bytes, parse_size, warn
 
@@ -41,6 +42,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-j", "--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--token", default=None, help="Hugging Face token for private/gated parents (default: HF_TOKEN or login)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    hub = p.add_argument_group("card and publishing")
+    hub.add_argument("--push-to", metavar="ORG/NAME", default=None,
+                     help="after the merge, publish OUT_DIR to this Hub repo in one commit (no commit if unchanged)")
+    hub.add_argument("--private", action="store_true", help="create the Hub repo private")
+    hub.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to main")
+    hub.add_argument("--license", default=None, metavar="ID", help="declare this license instead of the computed one")
+    hub.add_argument("--allow-license-risk", action="store_true",
+                     help="publish even when the license check says block (after a human review)")
+    hub.add_argument("--card-template", type=Path, default=None, metavar="PATH", help="your own Jinja2 card template")
     p.set_defaults(run=run)
 
 
@@ -79,10 +89,19 @@ def run(args: argparse.Namespace) -> int:
         warn(plan.warnings)
         print_plan(plan)
         return 0
-    result = run_merge(cfg, args.out_dir, opts)
+    done = pipeline.run(cfg, args.out_dir, opts, push_to=args.push_to, private=args.private,
+                        create_pr=args.create_pr, license_id=args.license,
+                        allow_license_risk=args.allow_license_risk, template=args.card_template)
+    result = done.merge
     warn(result.plan.warnings)
+    report = done.report
+    print(f"license: {report.license}, check: {report.verdict}", file=sys.stderr)
+    warn(report.reasons if report.verdict != "ok" else [])
+    if done.published is not None:
+        pub = done.published
+        print(("unchanged: " if not pub.changed else "published: ") + f"{pub.repo_url} @ {pub.commit}", file=sys.stderr)
     s = result.stats
-    print(f"merged {s.tensors} tensors, {human_bytes(s.bytes_written)} in {s.seconds:.1f} s, "
+    print(f"merged {s.tensors} tensors, {human_bytes(s.bytes_written)} in {s.seconds:.2f} s, "
           f"peak RSS {human_bytes(result.peak_rss_bytes)}{' (fused kernels)' if s.compiled else ''} -> {args.out_dir}",
           file=sys.stderr)
     return 0

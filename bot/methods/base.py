@@ -47,6 +47,7 @@ class MergeCall:
     out_dtype: torch.dtype = torch.float32  # a kernel may cast its result itself (fused), or leave it
     start: int = 0  # element offset of this chunk in the flattened tensor (addresses the RNG)
     keys: list[int] = field(default_factory=list)  # RNG stream key per entry of xs (bot.rng)
+    out: torch.Tensor | None = None  # flat destination (out_dtype) a kernel may store into directly
 
     @property
     def others(self) -> list[int]:

@@ -21,7 +21,7 @@ def weighted_sum(xs: list[torch.Tensor], weights: list[float], divisor: float, d
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     weights = [float(p["weight"]) for p in call.per_input]
     divisor = sum(weights) if call.shared["normalize"] else 1.0  # no guard for Σw = 0, as in §2.1
-    return weighted_sum(call.xs, weights, divisor, call.dtype, call.out_dtype)
+    return weighted_sum(call.xs, weights, divisor, call.dtype, call.out_dtype, out=call.out)
 
 
 METHOD = MergeMethod(

@@ -56,7 +56,7 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     aa, bb, ab = (float(v) for v in totals)
     c0, c1 = coefficients(float(call.shared["t"]), aa, bb, ab)
     a, b = _pair(call)
-    return _combine(a, b, c0, c1, call.dtype, call.out_dtype)
+    return _combine(a, b, c0, c1, call.dtype, call.out_dtype, out=call.out)
 
 
 METHOD = MergeMethod(

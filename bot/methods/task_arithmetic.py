@@ -139,7 +139,7 @@ def _make(preset: Preset):
                 scales.append(factor)
             keys = [call.keys[i] for i in others]
             out = _kernel_random(base, xs, call.start, keys, thresholds(call), scales, weights, consensus,
-                                 normalize, lam, call.dtype, call.out_dtype)
+                                 normalize, lam, call.dtype, call.out_dtype, out=call.out)
         else:
             masks: list[torch.Tensor | None] = [None] * len(xs)
             if preset.sparsifier == "magnitude":
@@ -148,7 +148,8 @@ def _make(preset: Preset):
                          for x, i in zip(xs, others)]
                 if call.shared["rescale"]:
                     xs, masks = _rescaled(b, xs, masks, call.dtype)
-            out = _kernel_masked(base, xs, masks, weights, consensus, normalize, lam, call.dtype, call.out_dtype)
+            out = _kernel_masked(base, xs, masks, weights, consensus, normalize, lam, call.dtype, call.out_dtype,
+                                 out=call.out)
         return out.reshape(shape_out)
 
     return reduce, apply

@@ -1,0 +1,74 @@
+"""A merge's plan and license verdict without merging: what a pull request check shows.
+
+Parents' metadata is read (Hub: model info at the requested revision; local: README front matter) and the
+license analysis runs exactly as before a publish. The tensor-level plan needs the weights' headers, so it is
+built only when every parent is a local directory: Hub weights are downloaded by a real merge, never by a PR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..cli._output import human_bytes
+from ..config import MergeConfig
+from ..errors import MergebotError
+from ..licenses import LicensePolicy, LicenseReport, analyze
+from ..merge import MergeOptions, prepare
+from ..parents import ParentInfo, parent_from_hub, parent_from_local
+from ..sources import is_local
+
+
+@dataclass
+class DryRunPlan:
+    lines: list[str] = field(default_factory=list)  # Markdown list items for the summary
+    report: LicenseReport | None = None
+    problems: list[str] = field(default_factory=list)  # what would make the real merge fail
+
+
+def read_parents(cfg: MergeConfig, *, endpoint: str, token: str | None) -> list[ParentInfo]:
+    base = str(cfg.base_model) if cfg.base_model else None
+    search = [Path(cfg.file).resolve().parent]
+    out = []
+    for ref in cfg.referenced_models():
+        role = "base" if str(ref) == base else "input"
+        local = is_local(ref, search)
+        if local is not None:
+            out.append(parent_from_local(local, ref=str(ref), role=role))
+        else:
+            out.append(parent_from_hub(ref.path, revision=ref.revision, endpoint=endpoint, token=token or None,
+                                       role=role, ref=str(ref)))
+    return out
+
+
+def dry_run(cfg: MergeConfig, repo: str, *, endpoint: str, token: str | None, device: str = "cpu") -> DryRunPlan:
+    plan = DryRunPlan()
+    plan.lines.append(f"method `{cfg.method_name}` → `{repo}`")
+    try:
+        parents = read_parents(cfg, endpoint=endpoint, token=token)
+    except MergebotError as e:
+        plan.problems.append(str(e))
+        return plan
+    for p in parents:
+        where = f"Hub @ `{p.sha[:12]}`" if p.is_hub and p.sha else "local directory"
+        plan.lines.append(f"parent `{p.ref}` ({p.role}): {where}, license `{p.license or 'missing'}`")
+    plan.report = analyze(parents, repo_name=repo.split("/")[-1], policy=LicensePolicy())
+    r = plan.report
+    plan.lines.append(f"license: `{r.license}`" + (f" ({r.license_name})" if r.license_name else "")
+                      + f", verdict **{r.verdict}**")
+    plan.lines += [f"license: {reason}" for reason in r.reasons]
+    if all(not p.is_hub for p in parents):
+        try:
+            tensor_plan = prepare(cfg, MergeOptions(device="cpu", progress=False, token=token))
+        except MergebotError as e:
+            plan.problems.append(str(e))
+            return plan
+        plan.lines.append(f"output: {len(tensor_plan.jobs)} tensors, {human_bytes(tensor_plan.total_bytes)}; "
+                          f"reads {human_bytes(tensor_plan.input_bytes)}; device `{device}`")
+        plan.lines += [f"note: {w}" for w in tensor_plan.warnings]
+    else:
+        unsupported = [p for p in cfg.pending if not p.startswith("tokenizer_source")]
+        if unsupported:
+            plan.problems.append(f"{cfg.file}: {', '.join(unsupported)}: not supported by this mergebot yet")
+        plan.lines.append("tensor plan: built at merge time (Hub weights are not downloaded by a dry run)")
+    return plan

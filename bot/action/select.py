@@ -1,0 +1,193 @@
+"""Which configs an event asks for, and the Hub repo each one publishes to.
+
+Target naming: a config's own `hub_repo:` wins, else `<namespace input>/<file stem>`. Every config matching the
+`configs` input is parsed (cheap: YAML only) so that two configs aiming at the same repo are caught even when
+only one of them changed; problems of configs that were not selected are not reported.
+
+Mode -> (which configs, publish?):
+  auto      push: changed | pull_request: changed, never publish | schedule, workflow_dispatch, other: stale
+  all       every matching config          changed   the event's changed configs (all when it has no range)
+  stale     configs whose parents or config changed since the published lock (`force`: all of them)
+  dry-run   what `auto` would pick, planned but not merged
+A pull_request event never publishes, whatever the mode (no secrets there, and a PR is not yet the truth).
+"""
+
+from __future__ import annotations
+
+import glob
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import MergeConfig, load_config
+from ..errors import ConfigError, MergebotError
+from .events import Event, changed_files
+from .inputs import ActionInputs
+
+_REPO_NAME = re.compile(r"(?!.*(?:--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
+
+
+@dataclass
+class ConfigEntry:
+    """One config file: parsed config or the reason it cannot run, and its target repo."""
+
+    path: str  # relative to the workspace, POSIX: what annotations and the summary show
+    file: Path  # absolute
+    cfg: MergeConfig | None = None
+    repo: str | None = None
+    error: str | None = None
+    line: int | None = None  # YAML line of a config error, for the ::error annotation
+    reason: str = ""  # why it was selected
+
+
+@dataclass
+class Selection:
+    """The configs to consider for this run and what to do with them."""
+
+    event: str
+    mode: str  # the input, after `auto` was resolved: all | changed | stale | dry-run
+    which: str  # all | changed | stale
+    publish: bool
+    skip_up_to_date: bool  # stale mode: configs whose lock matches are reported, not merged
+    entries: list[ConfigEntry]
+    notes: list[str] = field(default_factory=list)
+
+
+def valid_repo_id(repo: str) -> bool:
+    parts = repo.split("/")
+    return len(parts) == 2 and all(_REPO_NAME.fullmatch(p) for p in parts)
+
+
+def target_repo(cfg: MergeConfig, path: str, namespace: str | None) -> str:
+    """`hub_repo:` from the config, else namespace/<file stem>; ConfigError-like ValueError when neither works."""
+    if cfg.hub_repo:
+        if not valid_repo_id(cfg.hub_repo):
+            raise ValueError(f"hub_repo {cfg.hub_repo!r} is not a valid Hub repo id (owner/name; letters, digits, "
+                             "'-', '_', '.'; at most 96 characters)")
+        return cfg.hub_repo
+    if not namespace:
+        raise ValueError("no target repo: the config has no `hub_repo:` and the action's `namespace` input is empty")
+    stem = Path(path).stem
+    repo = f"{namespace}/{stem}"
+    if not valid_repo_id(repo):
+        raise ValueError(f"the file name {stem!r} is not a valid Hub repo name; rename the file or set `hub_repo:`")
+    return repo
+
+
+def _safe_pattern(pattern: str) -> str:
+    p = pattern.strip()
+    if p.startswith(("/", "~")) or ".." in Path(p).parts:
+        raise MergebotError(f"input configs: {pattern!r} must be a path or glob inside the workspace")
+    return p.removeprefix("./")
+
+
+def discover(workspace: Path, patterns: list[str]) -> tuple[list[str], list[ConfigEntry], list[str]]:
+    """(matching config paths, entries for explicit paths that do not exist, notes for empty globs)."""
+    found: dict[str, None] = {}
+    missing: list[ConfigEntry] = []
+    notes: list[str] = []
+    for raw in patterns:
+        pattern = _safe_pattern(raw)
+        hits = sorted(Path(p) for p in glob.glob(pattern, root_dir=workspace, recursive=True))
+        hits = [h for h in hits if (workspace / h).is_file()]
+        if not hits:
+            if glob.has_magic(pattern):
+                notes.append(f"input configs: {pattern!r} matches no file")
+            else:
+                missing.append(ConfigEntry(pattern, workspace / pattern,
+                                           error="no such file (named in the `configs` input)"))
+        for h in hits:
+            found.setdefault(h.as_posix(), None)
+    return sorted(found), missing, notes
+
+
+def load_entry(workspace: Path, path: str, namespace: str | None) -> ConfigEntry:
+    """Parse one config and name its target; errors are kept on the entry, never raised."""
+    entry = ConfigEntry(path, workspace / path)
+    try:
+        entry.cfg = load_config(entry.file)
+    except ConfigError as e:
+        entry.error = str(ConfigError(path, e.key, e.line, e.reason))
+        entry.line = e.line
+        return entry
+    except MergebotError as e:
+        entry.error = str(e)
+        return entry
+    try:
+        entry.repo = target_repo(entry.cfg, path, namespace)
+    except ValueError as e:
+        entry.error = f"{path}: {e}"
+        entry.line = entry.cfg.doc.line(("hub_repo",)) if entry.cfg.hub_repo else None
+    return entry
+
+
+def mark_duplicate_targets(entries: list[ConfigEntry]) -> None:
+    """Two configs publishing to one repo would overwrite each other: both get an error naming the other."""
+    by_repo: dict[str, list[ConfigEntry]] = {}
+    for e in entries:
+        if e.repo and e.error is None:
+            by_repo.setdefault(e.repo.lower(), []).append(e)
+    for group in by_repo.values():
+        if len(group) < 2:
+            continue
+        for e in group:
+            others = ", ".join(o.path for o in group if o is not e)
+            e.error = (f"{e.path}: target repo {e.repo} is also the target of {others}; two configs cannot publish "
+                       "to one repo (set a different `hub_repo:` or rename a file)")
+            if e.cfg is not None and e.cfg.hub_repo:
+                e.line = e.cfg.doc.line(("hub_repo",))
+
+
+def resolve_mode(event: Event, inputs: ActionInputs) -> tuple[str, str, bool, list[str]]:
+    """(mode, which, publish, notes) for this event and these inputs."""
+    notes: list[str] = []
+    auto_which = {"push": "changed", "pull_request": "changed", "pull_request_target": "changed"}.get(event.name,
+                                                                                                       "stale")
+    mode = inputs.mode
+    if mode == "auto":
+        which, publish = auto_which, True
+        mode = "changed" if auto_which == "changed" else "stale"
+    elif mode == "dry-run":
+        which, publish = auto_which, False
+    else:
+        which, publish = mode, True
+    if event.is_pull_request:
+        if publish:
+            notes.append(f"{event.name}: dry run only (no secrets, nothing is published from a pull request)")
+        publish, mode = False, "dry-run"
+    if which == "stale" and inputs.force:
+        which = "all"
+        notes.append("force: every selected config is re-merged, up to date or not")
+    return mode, which, publish, notes
+
+
+def select(event: Event, inputs: ActionInputs) -> Selection:
+    """The configs this run considers, parsed and named, with duplicate targets marked."""
+    mode, which, publish, notes = resolve_mode(event, inputs)
+    paths, missing, discover_notes = discover(event.workspace, inputs.configs)
+    notes += discover_notes
+    entries = {p: load_entry(event.workspace, p, inputs.namespace) for p in paths}
+    mark_duplicate_targets(list(entries.values()))
+
+    chosen: list[ConfigEntry]
+    if which == "changed":
+        changed = changed_files(event)
+        notes += event.notes
+        if changed is None:
+            chosen = list(entries.values())
+            reason = "all (no usable diff)"
+        else:
+            chosen = [entries[p] for p in paths if p in set(changed)]
+            reason = f"changed in this {event.name or 'range'}"
+            gone = [p for p in changed if p not in entries and not (event.workspace / p).exists()
+                    and Path(p).suffix in (".yml", ".yaml")]
+            notes += [f"{p}: deleted; its Hub repo is left as it is" for p in gone]
+    else:
+        chosen = list(entries.values())
+        reason = "scheduled staleness check" if which == "stale" else "all configs"
+    for e in chosen:
+        e.reason = reason
+    for m in missing:
+        m.reason = "named in the configs input"
+    return Selection(event=event.name or "local", mode=mode, which=which, publish=publish,
+                     skip_up_to_date=(which == "stale"), entries=missing + chosen, notes=notes)

@@ -1,0 +1,65 @@
+"""`mergebot plan`: the configs the current event would merge, e.g. as JSON for a `strategy.matrix` job.
+
+Same selection as `mergebot action` (changed files for push/pull_request, staleness for schedule and
+workflow_dispatch), without merging. Invalid configs are listed too, so the matrix job that runs them fails
+with an annotation instead of the problem going unnoticed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..action.report import mask, write_outputs
+from ..action.run import decide
+from ..action.staleness import StalenessChecker
+from ..parents import resolve_endpoint
+from .action import add_common_arguments, inputs_and_event
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="list the configs the current event would merge",
+                       description="Print the configs `mergebot action` would merge for this event. With --json, "
+                                   "a JSON list of {config, repo, reason} for `strategy.matrix.include`.")
+    add_common_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one line of JSON")
+    p.add_argument("--github-output", action="store_true",
+                   help="also write `configs` (the JSON list) and `count` to $GITHUB_OUTPUT")
+    p.set_defaults(run=run)
+
+
+def plan_items(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    from ..action.select import select
+
+    inputs, event = inputs_and_event(args)
+    mask(inputs.token, sys.stderr)  # stdout may be captured by the workflow; the runner reads stderr too
+    selection = select(event, inputs)
+    checker = StalenessChecker(resolve_endpoint(None), inputs.token)
+    items = []
+    for entry in selection.entries:
+        d = decide(entry, selection, checker)
+        if d.error is not None:
+            items.append({"config": entry.path, "repo": entry.repo, "reason": f"invalid: {d.error}"})
+        elif d.run:
+            why = entry.reason if not d.staleness else f"{entry.reason}; parents changed: {d.note}"
+            items.append({"config": entry.path, "repo": entry.repo, "reason": why})
+    return items, selection.notes
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    items, notes = plan_items(args)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    if args.github_output:
+        write_outputs(os.environ.get("GITHUB_OUTPUT"), {"configs": json.dumps(items), "count": str(len(items))})
+    if args.json:
+        print(json.dumps(items))
+    else:
+        for it in items:
+            print(f"{it['config']}\t{it['repo'] or '?'}\t{it['reason']}")
+        if not items:
+            print("nothing to merge", file=sys.stderr)
+    return 0

