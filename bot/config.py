@@ -187,14 +187,14 @@ def load_config(path: str | Path) -> MergeConfig:
     return parse_config(text, str(path))
 
 
-def parse_config(text: str, file: str) -> MergeConfig:
-    doc = load_yaml(text, file)
+def parse_config(text: str, file: str, doc: YamlDoc | None = None) -> MergeConfig:
+    doc = doc or load_yaml(text, file)
     data = doc.data
     if not isinstance(data, dict):
         raise doc.error((), "a merge config is a YAML mapping (merge_method:, models: or slices:, ...)")
     if "experts" in data:
         raise ConfigError(file, "experts", doc.line(("experts",)),
-                          "this is a mergekit-moe config; use `mergebot validate`/`merge`, which route it to the MoE builder")
+                          "this is a mergekit-moe config, not a merge config (bot.configfile.load reads both)")
     warnings: list[str] = []
     pending: list[str] = []
     for key in data:
@@ -349,7 +349,7 @@ def _tokenizer_keys(doc: YamlDoc, data: dict[str, Any], pending: list[str]) -> t
             raise doc.error(("tokenizer_source",), f"expected 'union', 'base' or a model reference, got {tok_src!r}")
         if tok_src not in ("union", "base"):
             parse_ref(doc, ("tokenizer_source",), tok_src.removeprefix("model:"))
-        pending.append(f"tokenizer_source: {tok_src}")
+        pending.append(f"tokenizer_source: {tok_src} (merge runs now only when every parent has the same vocabulary)")
     if tok is not None:
         if not isinstance(tok, dict):
             raise doc.error(("tokenizer",), "expected a mapping {source, tokens, pad_to_multiple_of}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 import resource
@@ -127,8 +126,7 @@ def make_lock(cfg: MergeConfig, plan: Plan, seed: int | None, device: torch.devi
         "out_dtype": dtype_name(cfg.out_dtype) if cfg.out_dtype else None,
         "random_seed": seed,
         "device": device.type,
-        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    }  # no timestamp: an unchanged re-merge must give identical files, hence no new Hub commit
 
 
 def _progress_bar(total: int, enabled: bool):

@@ -104,6 +104,9 @@ def load_yaml(text: str, file: str) -> YamlDoc:
             mark = e.problem_mark or e.context_mark
             line = mark.line + 1 if mark else None
             reason = " ".join(str(x) for x in (e.context, e.problem) if x)
+            if "expected a single document" in reason:
+                raise ConfigError(file, None, line, "several YAML documents (---) in one file: multi-merge files "
+                                  "(mergekit-multi) are not supported; put each merge in its own file") from None
             raise ConfigError(file, None, line, f"YAML syntax error: {reason}") from None
         except yaml.YAMLError as e:
             raise ConfigError(file, None, None, f"YAML error: {e}") from None

@@ -19,7 +19,7 @@ from bot.action.inputs import ActionInputError, read_inputs
 from bot.action.report import Result, annotation, format_output, summary_markdown
 from bot.action.select import valid_repo_id
 from bot.cli.main import main
-from tests.conftest_hub import HubFixture, fake_hub, hub  # noqa: F401  (fixtures, if conftest does not load them)
+from tests.conftest_hub import HubFixture
 from tests.tiny import make_family
 
 pytestmark = pytest.mark.filterwarnings("ignore:Use .content=<...>. to upload raw:DeprecationWarning")
@@ -38,7 +38,7 @@ def linear(a: str, b: str, extra: str = "") -> str:
 # ---------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def family(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     dirs = make_family(tmp_path_factory.mktemp("fam"), 3, seed=7, layers=2)
     for d in dirs:
         (d / "README.md").write_text(README)
@@ -79,10 +79,10 @@ def checkout(tmp_path: Path) -> Checkout:
     return c
 
 
-def upload_parents(hub: HubFixture, family: list[Path]) -> dict[str, str]:
-    """The family as Hub repos mergebot-org/tiny-*; returns repo id -> head sha."""
+def upload_parents(hub: HubFixture, models: list[Path]) -> dict[str, str]:
+    """The models as Hub repos mergebot-org/tiny-*; returns repo id -> head sha."""
     out = {}
-    for name, d in zip(PARENTS, family):
+    for name, d in zip(PARENTS, models, strict=True):
         repo = f"{hub.org}/{name}"
         hub.server.create_repo(repo)
         out[repo] = hub.server.commit(repo, {f.name: f.read_bytes() for f in d.iterdir() if f.is_file()},
@@ -165,8 +165,8 @@ def commits(hub: HubFixture, repo: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- scenarios
 
-def test_push_merges_exactly_the_changed_config(hub, family, checkout, monkeypatch, capsys):
-    base, ft1, ft2 = (str(d) for d in family)
+def test_push_merges_exactly_the_changed_config(hub, tiny_models, checkout, monkeypatch, capsys):
+    base, ft1, ft2 = (str(d) for d in tiny_models)
     c1 = checkout.commit({"merges/a.yml": linear(base, ft1), "merges/b.yml": linear(base, ft2),
                           "merges/c.yml": linear(ft1, ft2), "README.md": "user repo\n"})
     c2 = checkout.commit({"merges/b.yml": linear(base, ft2, "# tweak\n"), "README.md": "docs\n"})
@@ -186,6 +186,8 @@ def test_push_merges_exactly_the_changed_config(hub, family, checkout, monkeypat
     assert hub.token not in run.summary and hub.token not in run.outputs["results"]
     assert f"::add-mask::{hub.token}" in run.stdout
     assert run.stdout.count(hub.token) == 1  # only the mask command itself
+    assert "results<<ghadelimiter_" in Path(os.environ["GITHUB_OUTPUT"]).read_text()
+    assert not list(checkout.path.parent.glob("run*/mergebot-*"))  # the merge's temp dir is gone
 
     # a new branch (before = 000…0) has no usable range: every matching config
     run = act(monkeypatch, capsys, checkout.path, "push", push(ZERO, c2), namespace=hub.user, hf_token=hub.token)
@@ -195,8 +197,8 @@ def test_push_merges_exactly_the_changed_config(hub, family, checkout, monkeypat
     assert "new branch" in run.summary
 
 
-def test_schedule_remerges_only_configs_whose_parent_moved(hub, family, checkout, monkeypatch, capsys):
-    upload_parents(hub, family)
+def test_schedule_remerges_only_configs_whose_parent_moved(hub, tiny_models, checkout, monkeypatch, capsys):
+    upload_parents(hub, tiny_models)
     base, ft1, ft2 = (f"{hub.org}/{n}" for n in PARENTS)
     c1 = checkout.commit({"merges/a.yml": linear(base, ft1), "merges/b.yml": linear(base, ft2),
                           "merges/c.yml": linear(ft1, ft2, f"hub_repo: {hub.org}/c-merged\n")})
@@ -222,7 +224,7 @@ def test_schedule_remerges_only_configs_whose_parent_moved(hub, family, checkout
     assert plan_json(capsys) == []
 
     # a new commit to one parent: only the configs that use it are re-merged
-    new = hub.server.commit(ft2, {"model.safetensors": (Path(family[1]) / "model.safetensors").read_bytes()},
+    new = hub.server.commit(ft2, {"model.safetensors": (Path(tiny_models[1]) / "model.safetensors").read_bytes()},
                             message="new weights")
     planned = plan_json(capsys)
     assert [p["config"] for p in planned] == ["merges/b.yml", "merges/c.yml"]
@@ -249,12 +251,13 @@ def plan_json(capsys: pytest.CaptureFixture) -> list[dict]:
     return items
 
 
-def test_pull_request_is_a_dry_run_with_annotations(hub, family, checkout, monkeypatch, capsys):
-    base, ft1, ft2 = (str(d) for d in family)
+def test_pull_request_is_a_dry_run_with_annotations(hub, tiny_models, checkout, monkeypatch, capsys):
+    base, ft1, ft2 = (str(d) for d in tiny_models)
     c1 = checkout.commit({"merges/a.yml": linear(base, ft1), "merges/b.yml": linear(base, ft2)})
     checkout.git("checkout", "-q", "-b", "feature")
     bad = "models:\n  - model: x\nmerge_method: lineer\n"
-    c2 = checkout.commit({"merges/a.yml": linear(base, ft1, "# better\n"), "merges/bad.yml": bad})
+    c2 = checkout.commit({"merges/a.yml": linear(base, ft1, "# better\n"), "merges/bad.yml": bad,
+                          "merges/b.yml": None})
     monkeypatch.delenv("HF_TOKEN")  # pull requests get no secrets
     payload = {"pull_request": {"number": 7, "base": {"sha": c1, "ref": "main"}, "head": {"sha": c2}}}
 
@@ -269,13 +272,17 @@ def test_pull_request_is_a_dry_run_with_annotations(hub, family, checkout, monke
     assert "Plan for <code>merges/a.yml</code>" in run.summary
     assert "verdict **ok**" in run.summary and "output: " in run.summary and "ok (apache-2.0)" in run.summary
     assert "dry run" in run.summary
-    assert "merges/b.yml" not in run.results  # unchanged in the PR
+    assert "merges/b.yml" not in run.results
+    assert "merges/b.yml: deleted; its Hub repo is left as it is" in run.summary
 
 
-def test_bad_config_fails_alone_and_duplicates_are_refused(hub, family, checkout, monkeypatch, capsys):
-    base, ft1, ft2 = (str(d) for d in family)
+def test_bad_config_fails_alone_and_duplicates_are_refused(hub, tiny_models, checkout, monkeypatch, capsys):
+    base, ft1, ft2 = (str(d) for d in tiny_models)
+    unlicensed = shutil.copytree(tiny_models[2], checkout.path.parent / "unlicensed")
+    (unlicensed / "README.md").unlink()
     c1 = checkout.commit({
         "merges/good.yml": linear(base, ft1),
+        "merges/nolicense.yml": linear(base, str(unlicensed)),
         "merges/bad.yaml": "models:\n  - model: x\nmerge_method: linear\ndtype: fp17\n",
         "merges/one.yml": linear(base, ft2, f"hub_repo: {hub.org}/same\n"),
         "merges/two.yml": linear(ft1, ft2, f"hub_repo: {hub.org}/same\n"),
@@ -286,8 +293,10 @@ def test_bad_config_fails_alone_and_duplicates_are_refused(hub, family, checkout
 
     assert run.rc == 1
     status = {k: v["status"] for k, v in run.results.items()}
-    assert status == {"merges/bad.yaml": "failed", "merges/good.yml": "published", "merges/one.yml": "failed",
-                      "merges/two.yml": "failed"}
+    assert status == {"merges/bad.yaml": "failed", "merges/good.yml": "published", "merges/nolicense.yml": "blocked",
+                      "merges/one.yml": "failed", "merges/two.yml": "failed"}
+    assert f"{hub.user}/nolicense" not in hub.server.repos  # strict license policy: nothing published
+    assert "blocks publishing to mergebot-test/nolicense (not merged)" in run.summary
     assert f"{hub.user}/good" in hub.server.repos and f"{hub.org}/same" not in hub.server.repos
     assert "::error file=merges/bad.yaml,line=4," in run.stdout and "fp17" in run.stdout
     assert "also the target of merges/two.yml" in run.summary
@@ -296,9 +305,9 @@ def test_bad_config_fails_alone_and_duplicates_are_refused(hub, family, checkout
     assert c1  # the dispatch ran on the checked-out commit
 
 
-def test_entrypoint_subprocess_dispatch_with_force(hub, family, checkout, monkeypatch, tmp_path):
+def test_entrypoint_subprocess_dispatch_with_force(hub, tiny_models, checkout, monkeypatch, tmp_path):
     """The real entrypoint (`python -m bot.cli.main action`) in a child process, as the container runs it."""
-    base, ft1, _ = (str(d) for d in family)
+    base, ft1, _ = (str(d) for d in tiny_models)
     checkout.commit({"merges/a.yml": linear(base, ft1), "merges/skip.yml": linear(base, ft1, "# other\n")})
     output, summary = github_env(monkeypatch, checkout.path, tmp_path / "gh", "workflow_dispatch",
                                  {"inputs": {"configs": "merges/a.yml"}}, namespace=hub.user, configs="merges/a.yml",
@@ -358,8 +367,7 @@ def test_outputs_annotations_and_summary_format():
 
 def test_action_metadata_and_example_workflows():
     action = yaml.safe_load((ROOT / "action.yml").read_text())
-    assert action["runs"] == {"using": "docker", "image": "Dockerfile", **{k: v for k, v in action["runs"].items()
-                                                                        if k not in ("using", "image")}}
+    assert (action["runs"]["using"], action["runs"]["image"]) == ("docker", "Dockerfile")
     assert set(action["inputs"]) == {"configs", "namespace", "hf_token", "mode", "device", "private",
                                      "license_policy", "force"}
     assert all(v.get("description") for v in {**action["inputs"], **action["outputs"]}.values())

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import MergebotError
 
@@ -96,8 +97,7 @@ def changed_files(event: Event) -> list[str] | None:
     """
     rng = event.diff_range()
     if rng is None:
-        if event.name in ("push", *PR_EVENTS):
-            event.notes.append(f"the {event.name} payload names no commit range: taking every matching config")
+        event.notes.append(f"the {event.name or 'local'} event names no commit range: taking every matching config")
         return None
     old, new, merge_base = rng
     if old == ZERO_SHA:

@@ -13,19 +13,21 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, TextIO
+from typing import TextIO
 
 from ..errors import MergebotError
+from ..licenses import LicensePolicy, analyze
 from ..merge import MergeOptions, seed_from_env
 from ..parents import resolve_endpoint
+from ..pipeline import run as pipeline_run
 from ..publish import LicenseGateError
-from .dryrun import dry_run
+from .dryrun import dry_run, read_parents
 from .events import Event
 from .inputs import ActionInputs
-from .report import (Result, action_outputs, annotation, append_summary, mask, scrub, summary_markdown,
-                     write_outputs)
+from .report import Result, action_outputs, annotation, append_summary, mask, scrub, summary_markdown, write_outputs
 from .select import ConfigEntry, Selection, select
 from .staleness import Staleness, StalenessChecker, StalenessError
 
@@ -52,13 +54,16 @@ class Decision:
 
 
 def decide(entry: ConfigEntry, selection: Selection, checker: StalenessChecker) -> Decision:
-    """Staleness matters for the choice only in stale mode; elsewhere it is information for the summary."""
+    """Staleness matters for the choice only in stale mode; elsewhere it is information for the summary.
+
+    When the Hub cannot tell, a publishing stale-mode run fails that config rather than spend GPU time on a
+    merge that may be up to date; other modes go ahead and show "unknown"."""
     if entry.error is not None or entry.cfg is None or entry.repo is None:
         return Decision(entry, run=False, error=entry.error or f"{entry.path}: invalid config")
     try:
         st = checker.check(entry.cfg, entry.repo)
     except StalenessError as e:
-        if selection.skip_up_to_date:
+        if selection.skip_up_to_date and selection.publish:  # a dry run plans anyway
             return Decision(entry, run=False, error=f"{entry.path}: cannot tell whether it is up to date: {e}")
         return Decision(entry, run=True, note=f"unknown ({e})")
     if selection.skip_up_to_date and not st.stale:
@@ -121,9 +126,14 @@ class Runner:
         return self.merge(entry, result)
 
     def merge(self, entry: ConfigEntry, result: Result) -> Result:
-        from ..pipeline import run as pipeline_run
-
         assert entry.cfg is not None and entry.repo is not None
+        if self.inputs.license_policy == "strict":  # fail before hours of GPU time, not after
+            early = analyze(read_parents(entry.cfg, endpoint=self.endpoint, token=self.inputs.token),
+                            repo_name=entry.repo.split("/")[-1], policy=LicensePolicy())
+            if early.verdict == "block":
+                result.license = f"block ({early.license})"
+                return self.fail(result, f"license check blocks publishing to {entry.repo} (not merged): "
+                                 + "; ".join(early.reasons), status="blocked")
         options = MergeOptions(device=self.inputs.device, progress=False, token=self.inputs.token, force=True,
                                random_seed=seed_from_env())
         with self.workdir() as tmp:

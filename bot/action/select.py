@@ -74,6 +74,37 @@ def target_repo(cfg: MergeConfig, path: str, namespace: str | None) -> str:
     return repo
 
 
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """The regex of a recursive glob (`**/` = any directories, `*` and `?` stay within one segment), to match
+    paths that no longer exist (deleted configs) against the `configs` input."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in pattern[i + 1:]:
+            end = pattern.index("]", i + 1)
+            body = pattern[i + 1:end]
+            body = "^" + body[1:] if body.startswith("!") else body
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out))
+
+
 def _safe_pattern(pattern: str) -> str:
     p = pattern.strip()
     if p.startswith(("/", "~")) or ".." in Path(p).parts:
@@ -177,10 +208,11 @@ def select(event: Event, inputs: ActionInputs) -> Selection:
             chosen = list(entries.values())
             reason = "all (no usable diff)"
         else:
-            chosen = [entries[p] for p in paths if p in set(changed)]
+            changed_set = set(changed)
+            chosen = [entries[p] for p in paths if p in changed_set]
             reason = f"changed in this {event.name or 'range'}"
             gone = [p for p in changed if p not in entries and not (event.workspace / p).exists()
-                    and Path(p).suffix in (".yml", ".yaml")]
+                    and any(glob_regex(_safe_pattern(g)).fullmatch(p) for g in inputs.configs)]
             notes += [f"{p}: deleted; its Hub repo is left as it is" for p in gone]
     else:
         chosen = list(entries.values())

@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import load_config
+from ..configfile import load
+from ..errors import NotSupportedYet
+from ..moe_config import MoeConfig
 from .. import pipeline
 from ..merge import MergeOptions, prepare
 from ..plan import Plan, dtype_name
@@ -81,8 +83,11 @@ def print_plan(plan: Plan) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = load(args.config)
     warn(cfg.warnings)
+    if isinstance(cfg, MoeConfig):
+        raise NotSupportedYet(f"{cfg.file}: a valid mergekit-moe config, but the MoE builder is not in this version "
+                              "of mergebot yet (mergebot validate accepts it)")
     opts = options_from(args)
     if args.dry_run:
         plan = prepare(cfg, opts)

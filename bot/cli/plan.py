@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ..action.report import mask, write_outputs
 from ..action.run import decide
+from ..action.select import select
 from ..action.staleness import StalenessChecker
 from ..parents import resolve_endpoint
 from .action import add_common_arguments, inputs_and_event
@@ -30,8 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def plan_items(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
-    from ..action.select import select
-
+    """The configs to merge as {config, repo, reason}, and the selection's notes."""
     inputs, event = inputs_and_event(args)
     mask(inputs.token, sys.stderr)  # stdout may be captured by the workflow; the runner reads stderr too
     selection = select(event, inputs)
@@ -48,8 +49,6 @@ def plan_items(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     items, notes = plan_items(args)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import load_config
+from ..configfile import load, method_label, model_count
 from ..errors import MergebotError
 from ._output import warn
 
@@ -21,12 +21,12 @@ def run(args: argparse.Namespace) -> int:
     bad = 0
     for path in args.configs:
         try:
-            cfg = load_config(path)
+            cfg = load(path)
         except MergebotError as e:
             print(f"error: {e}", file=sys.stderr)
             bad += 1
             continue
         warn(cfg.warnings)
         note = f" (merge will refuse for now: {', '.join(cfg.pending)} not supported yet)" if cfg.pending else ""
-        print(f"ok: {path}: {cfg.method_name}, {len(cfg.referenced_models())} model(s){note}")
+        print(f"ok: {path}: {method_label(cfg)}, {model_count(cfg)} model(s){note}")
     return 1 if bad else 0
