@@ -76,8 +76,9 @@ def _call(job: TensorJob, xs: list[torch.Tensor], dest: torch.Tensor, start: int
     chunk = [x.reshape(-1)[start:start + count].to(device, non_blocking=True) for x in xs]
     keys = [stream_key(seed, job.name, i.position) for i in job.inputs] if method.uses_rng else []
     out = dest[start:start + count] if device.type == "cpu" else None
+    shape = tuple(job.shape) if count == job.numel else (count,)
     return MergeCall(chunk, job.base, job.shared, job.per_input, dtype=job.compute_dtype, out_dtype=job.out_dtype,
-                     start=start, keys=keys, out=out)
+                     start=start, keys=keys, out=out, shape=shape)
 
 
 def _store(result: torch.Tensor, dest: torch.Tensor, start: int, count: int) -> None:

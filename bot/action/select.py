@@ -19,7 +19,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import MergeConfig, load_config
+from ..config import MergeConfig
+from ..configfile import load
+from ..moe_config import MoeConfig
 from ..errors import ConfigError, MergebotError
 from .events import Event, changed_files
 from .inputs import ActionInputs
@@ -136,7 +138,12 @@ def load_entry(workspace: Path, path: str, namespace: str | None) -> ConfigEntry
     """Parse one config and name its target; errors are kept on the entry, never raised."""
     entry = ConfigEntry(path, workspace / path)
     try:
-        entry.cfg = load_config(entry.file)
+        cfg = load(entry.file)
+        if isinstance(cfg, MoeConfig):
+            entry.error = (f"{path}: a valid mergekit-moe config, but the MoE builder is not in this version of "
+                           "mergebot yet")
+            return entry
+        entry.cfg = cfg
     except ConfigError as e:
         entry.error = str(ConfigError(path, e.key, e.line, e.reason))
         entry.line = e.line

@@ -48,6 +48,7 @@ class MergeCall:
     start: int = 0  # element offset of this chunk in the flattened tensor (addresses the RNG)
     keys: list[int] = field(default_factory=list)  # RNG stream key per entry of xs (bot.rng)
     out: torch.Tensor | None = None  # flat destination (out_dtype) a kernel may store into directly
+    shape: tuple[int, ...] = ()  # the tensor's real shape when xs hold the whole tensor (flat chunk otherwise)
 
     @property
     def others(self) -> list[int]:
