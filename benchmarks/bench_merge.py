@@ -78,11 +78,12 @@ def io_bound(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
     return elapsed
 
 
-def run_merge(config: Path, out: Path) -> dict:
+def run_merge(config: Path, out: Path, mergekit: str | None = None) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "bot.cli.main", "merge", str(config), str(out),
-                             "--random-seed", "1", "--quiet"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    cmd = ([mergekit, str(config), str(out), "--random-seed", "1"] if mergekit else
+           [sys.executable, "-m", "bot.cli.main", "merge", str(config), str(out), "--random-seed", "1", "--quiet"])
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     peak_anon = peak_hwm = 0
     status = Path(f"/proc/{proc.pid}/status")
     while proc.poll() is None:
@@ -118,6 +119,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="~0.3B models instead of ~1.1B")
     ap.add_argument("--methods", default="linear,slerp,dare_ties")
+    ap.add_argument("--mergekit", default=None, help="also time this mergekit-yaml (mergekit 0.1.5) on the same configs")
     args = ap.parse_args()
     cache = HERE / ".cache"
     base, a, b = make_models(cache, "small" if args.small else "1b")
@@ -139,6 +141,14 @@ def main() -> None:
               f"peak RSS {res['peak_rss_bytes'] / 1e9:5.2f} GB  peak anon {res['peak_anon_bytes'] / 1e9:5.2f} GB  "
               f"read {in_bytes / 1e9:.2f} GB  written {out_bytes / 1e9:.2f} GB", flush=True)
         shutil.rmtree(scratch / f"out-{name}", ignore_errors=True)
+        if args.mergekit:
+            bound = io_bound(inputs, out_bytes, scratch)
+            mk = run_merge(cfg, scratch / f"mk-{name}", args.mergekit)
+            row["mergekit"] = {**mk, "io_bound_s": bound, "ratio": mk["wall_s"] / bound}
+            print(f"{'  mergekit':10s} wall {mk['wall_s']:6.2f} s                   io-bound {bound:6.2f} s  "
+                  f"ratio {mk['wall_s'] / bound:4.2f}x  peak RSS {mk['peak_rss_bytes'] / 1e9:5.2f} GB  "
+                  f"peak anon {mk['peak_anon_bytes'] / 1e9:5.2f} GB", flush=True)
+            shutil.rmtree(scratch / f"mk-{name}", ignore_errors=True)
     (HERE / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 

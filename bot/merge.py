@@ -17,7 +17,7 @@ from .config import MergeConfig
 from .errors import MergebotError, NotSupportedYet
 from .executor import RunStats, run_plan
 from .loader import ModelWeights
-from .output import check_target, copy_donor_files, staged_output, write_json
+from .output import check_target, copy_donor_files, copy_parent_licenses, staged_output, write_json
 from .plan import Plan, build_plan, dtype_name
 from .sources import ResolvedModel, resolve
 from .writer import ShardEntry, ShardedWriter
@@ -163,6 +163,7 @@ def run_merge(cfg: MergeConfig, out_dir: Path, options: MergeOptions) -> MergeRe
         write_json(work / "config.json", plan.out_config)
         copy_donor_files(plan.resolved[plan.donor].directory, work,
                          only=None if options.copy_tokenizer else ("generation_config.json",))
+        copy_parent_licenses({k: r.directory for k, r in plan.resolved.items()}, work)
         (work / "mergekit_config.yml").write_text(cfg.text, encoding="utf-8")
         lock = make_lock(cfg, plan, seed, device)
         write_json(work / "mergebot.lock.json", lock)

@@ -77,5 +77,24 @@ def copy_donor_files(donor_dir: Path, work: Path, only: tuple[str, ...] | None =
     return copied
 
 
+LICENSE_PATTERNS = ("LICENSE*", "LICENCE*", "USE_POLICY*", "NOTICE*")
+
+
+def copy_parent_licenses(parents: dict[str, Path], work: Path) -> list[str]:
+    """Each parent's LICENSE / USE_POLICY / NOTICE files, kept under licenses/<parent>/ (licenses rule 5):
+    community licenses require shipping them with derivatives."""
+    copied = []
+    for ref, directory in parents.items():
+        label = "".join(c if c.isalnum() or c in "-_." else "_" for c in ref.strip("./")) or "parent"
+        for pattern in LICENSE_PATTERNS:
+            for src in sorted(directory.glob(pattern)):
+                if src.is_file() and src.stat().st_size < 10_000_000:
+                    dest = work / "licenses" / label / src.name
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(src, dest)
+                    copied.append(str(dest.relative_to(work)))
+    return copied
+
+
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -93,7 +93,8 @@ def _from_hub(ref: ModelRef, *, download: bool, token: str | None) -> ResolvedMo
     names = [s.rfilename for s in (info.siblings or [])]
     weights = ["*.safetensors", "*.safetensors.index.json"] if any(n.endswith(".safetensors") for n in names) \
         else ["*.bin", "*.bin.index.json"]
-    patterns = weights + ["*.json", "tokenizer.model", "merges.txt", "*.jinja"]
+    patterns = weights + ["*.json", "tokenizer.model", "merges.txt", "*.jinja", "LICENSE*", "LICENCE*", "USE_POLICY*",
+                          "NOTICE*"]
     if not download:
         patterns = ["*.json"]
     try:

@@ -138,3 +138,15 @@ def test_merge_push_to_publishes_one_commit_and_it_loads(hub, family, tmp_path):
     # same merge again: nothing changed, no new commit
     assert main(["merge", str(cfg), str(tmp_path / "out"), "--force", "--push-to", repo, "--quiet"]) == 0
     assert len(hub.server.history(repo)) == len(commits)
+
+
+def test_parent_license_files_ship_with_the_merge(tmp_path):
+    base, a = make_family(tmp_path / "m", 2, seed=4)
+    (base / "LICENSE").write_text("META LLAMA 3 COMMUNITY LICENSE AGREEMENT ...")
+    (base / "USE_POLICY.md").write_text("Acceptable use policy ...")
+    _merge(tmp_path, f"models:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n"
+                     f"  - model: {a}\n    parameters: {{weight: 0.5}}\nmerge_method: linear\n")
+    shipped = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out" / "licenses").rglob("*")
+                     if p.is_file())
+    assert len(shipped) == 2 and shipped[0].endswith("/LICENSE") and shipped[1].endswith("/USE_POLICY.md")
+    assert (tmp_path / "out" / shipped[0]).read_text().startswith("META LLAMA 3")

@@ -1,0 +1,121 @@
+"""`nuslerp` (merge-semantics.md §2.3): slerp of two models by relative weight, optionally of task vectors.
+
+t = w₂/(w₁+w₂) over the two non-base inputs in config order (t = ½ when |w₁+w₂| < 1e-6). Without a base
+out = S(t, x₁, x₂); with one out = base + S(t, x₁−base, x₂−base). S interpolates spherically with
+unit vectors normalised by max(‖v‖, 1e-7), c = clamp(⟨û₀,û₁⟩, −1, 1), and falls back to (1−t)v₀ + t v₁
+where 1 − c² ≤ (1e-8)² (0.1.5's colinear test).
+
+Vectors are, by mode:
+* `nuslerp_flatten: true` (default): the whole flattened tensor. Norms and the dot product are summed in
+  float64 by `reduce` (additive over chunks), so the method streams tensors of any size;
+* otherwise rows `W[i, :]` (along the last dim) when `nuslerp_row_wise: false`, and columns `W[:, j]`
+  (along dim 0) when `nuslerp_row_wise: true`. The naming is inverted with respect to mergekit's docs;
+  this is what its code does (§2.3). These modes need the whole tensor (not chunkable).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import MergeCall, MergeMethod, Param
+
+EPS = 1e-8
+NORM_EPS = 1e-7
+
+
+def interpolation_t(w1: float, w2: float) -> float:
+    s = w1 + w2
+    return 0.5 if abs(s) < 1e-6 else w2 / s
+
+
+def _vectors(call: MergeCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    i1, i2 = call.others
+    v0 = call.xs[i1].reshape(-1).to(call.dtype)
+    v1 = call.xs[i2].reshape(-1).to(call.dtype)
+    base = None
+    if call.base is not None:
+        base = call.xs[call.base].reshape(-1).to(call.dtype)
+        v0, v1 = v0 - base, v1 - base
+    return v0, v1, base
+
+
+def _t(call: MergeCall) -> float:
+    i1, i2 = call.others
+    return interpolation_t(float(call.per_input[i1]["weight"]), float(call.per_input[i2]["weight"]))
+
+
+def coefficients(t: float, aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c0, c1) with S = c0·v0 + c1·v1, from float64 sums ‖v0‖², ‖v1‖², ⟨v0,v1⟩ (any broadcastable shape)."""
+    na = aa.sqrt().clamp(min=NORM_EPS)
+    nb = bb.sqrt().clamp(min=NORM_EPS)
+    c = (ab / (na * nb)).clamp(-1.0, 1.0)
+    colinear = 1.0 - c * c <= EPS * EPS
+    theta = torch.acos(c)
+    s = torch.sin(theta)
+    safe = torch.where(colinear, 1.0, s)
+    c0 = torch.where(colinear, 1.0 - t, torch.sin((1.0 - t) * theta) / safe)
+    c1 = torch.where(colinear, torch.full_like(c, t), torch.sin(t * theta) / safe)
+    return c0, c1
+
+
+def _reduce(call: MergeCall) -> torch.Tensor:
+    if not call.shared["nuslerp_flatten"]:
+        return torch.zeros(0, dtype=torch.float64)
+    v0, v1, _ = _vectors(call)
+    return _reduce_flat(v0, v1)
+
+
+def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
+    t = _t(call)
+    v0, v1, base = _vectors(call)
+    if call.shared["nuslerp_flatten"] or len(call.shape) < 2:
+        if totals is None or not totals.numel():
+            totals = _reduce_flat(v0, v1)
+        c0, c1 = coefficients(t, totals[0], totals[1], totals[2])
+        out = v0 * float(c0) + v1 * float(c1)
+    else:
+        shape = call.shape
+        a = v0.reshape(shape)
+        b = v1.reshape(shape)
+        if call.shared["nuslerp_row_wise"]:  # columns: vectors along dim 0
+            a, b = a.transpose(0, -1), b.transpose(0, -1)
+        a64, b64 = a.to(torch.float64), b.to(torch.float64)
+        c0, c1 = coefficients(t, (a64 * a64).sum(-1, keepdim=True), (b64 * b64).sum(-1, keepdim=True),
+                              (a64 * b64).sum(-1, keepdim=True))
+        out = a * c0.to(call.dtype) + b * c1.to(call.dtype)
+        if call.shared["nuslerp_row_wise"]:
+            out = out.transpose(0, -1)
+        out = out.reshape(-1)
+    return out if base is None else base + out
+
+
+def _reduce_flat(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    a, b = v0.to(torch.float64), v1.to(torch.float64)
+    return torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()]).cpu()
+
+
+def _chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:
+    return bool(shared.get("nuslerp_flatten", True))
+
+
+METHOD = MergeMethod(
+    name="nuslerp",
+    pretty="NuSLERP",
+    url=None,
+    params=(
+        Param("weight", float, "non_base"),
+        Param("nuslerp_flatten", bool, "shared", True),
+        Param("nuslerp_row_wise", bool, "shared", False),
+    ),
+    base="optional",
+    apply=_apply,
+    reduce=_reduce,
+    min_inputs=2,
+    max_inputs=3,
+    min_non_base=2,
+    max_non_base=2,
+    singleton_passthrough=True,  # §2.0 PASSTHROUGH_SINGLETON
+    extra={"chunkable_for": _chunkable_for, "optional_policy": "passthrough_singleton"},
+)
