@@ -90,13 +90,35 @@ class _Mapped:
 class ModelWeights:
     """All tensors of one model directory, by name."""
 
-    def __init__(self, directory: Path, label: str):
+    def __init__(self, directory: Path, label: str, discover: bool = True):
         self.directory = directory
         self.label = label
         self.tensors: dict[str, TensorInfo] = {}
         self._maps: dict[Path, _Mapped] = {}
         self._bin: dict[str, torch.Tensor] | None = None
-        self._discover()
+        if discover:
+            self._discover()
+
+    @classmethod
+    def from_hub_headers(cls, repo_id: str, sha: str, label: str, token: str | None = None,
+                         endpoint: str | None = None) -> "ModelWeights":
+        """Names, dtypes and shapes read from the safetensors headers on the Hub (HTTP range requests),
+        without downloading any tensor data: what `--dry-run` needs."""
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            meta = HfApi(endpoint=endpoint, token=token).get_safetensors_metadata(repo_id, revision=sha)
+        except (HfHubHTTPError, OSError, ValueError) as e:
+            raise ModelError(f"{label}: cannot read safetensors headers from the Hub: {str(e).splitlines()[0]}") from None
+        w = cls(Path(repo_id), label, discover=False)
+        for file, fm in meta.files_metadata.items():
+            for name, ti in fm.tensors.items():
+                dtype = ST_DTYPES.get(ti.dtype)
+                if dtype is None:
+                    raise ModelError(f"{label}: tensor {name!r} has unsupported dtype {ti.dtype!r}")
+                w.tensors[name] = TensorInfo(name, dtype, tuple(ti.shape), Path(file), ti.data_offsets[0], ti.data_offsets[1])
+        return w
 
     def _discover(self) -> None:
         d = self.directory

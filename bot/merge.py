@@ -63,14 +63,20 @@ def refuse_pending(cfg: MergeConfig) -> None:
                               "by this version of mergebot's engine yet (mergebot validate accepts it)")
 
 
-def load_models(cfg: MergeConfig, options: MergeOptions) -> tuple[dict[str, ResolvedModel], dict[str, ModelWeights]]:
+def load_models(cfg: MergeConfig, options: MergeOptions,
+                headers_only: bool = False) -> tuple[dict[str, ResolvedModel], dict[str, ModelWeights]]:
+    """Resolve every model; `headers_only` (dry runs) downloads no tensor data from the Hub."""
     search = [Path(cfg.file).resolve().parent]
     resolved: dict[str, ResolvedModel] = {}
     weights: dict[str, ModelWeights] = {}
     for ref in cfg.referenced_models():
-        r = resolve(ref, search, token=options.token)
+        r = resolve(ref, search, token=options.token, download=not headers_only)
         resolved[str(ref)] = r
-        weights[str(ref)] = ModelWeights(r.directory, str(ref))
+        if r.is_hub and headers_only:
+            weights[str(ref)] = ModelWeights.from_hub_headers(ref.path, r.sha or "main", str(ref), options.token,
+                                                              os.environ.get("HF_ENDPOINT"))
+        else:
+            weights[str(ref)] = ModelWeights(r.directory, str(ref))
     return resolved, weights
 
 
@@ -99,11 +105,11 @@ def settle_tokenizer(cfg: MergeConfig, resolved: dict[str, ResolvedModel]) -> No
                        for p in cfg.pending]
 
 
-def prepare(cfg: MergeConfig, options: MergeOptions) -> Plan:
+def prepare(cfg: MergeConfig, options: MergeOptions, headers_only: bool = False) -> Plan:
     """Validate against the real models (headers only) and build the plan."""
     if any(not p.startswith("tokenizer_source") for p in cfg.pending):
         refuse_pending(cfg)
-    resolved, weights = load_models(cfg, options)
+    resolved, weights = load_models(cfg, options, headers_only)
     settle_tokenizer(cfg, resolved)
     refuse_pending(cfg)
     return build_plan(cfg, resolved, weights)

@@ -91,14 +91,47 @@ def special_token(directory: Path, name: str) -> str | None:
     return None
 
 
-def encode_prompts(directory: Path, label: str, prompts: list[str]) -> list[list[int]]:
-    """mergekit's tokenize_prompts without padding: bos *text* + prompt, add_special_tokens=False."""
+def _added_token(value: object):
+    from tokenizers import AddedToken
+
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        keys = ("single_word", "lstrip", "rstrip", "normalized", "special")
+        return AddedToken(value["content"], **{k: bool(value[k]) for k in keys if k in value})
+    if isinstance(value, str) and value:
+        return AddedToken(value, normalized=False, special=True)
+    return None
+
+
+def load_tokenizer(directory: Path, label: str):
+    """tokenizer.json with the special tokens of tokenizer_config.json registered as whole tokens, as
+    transformers' fast tokenizer does at load time (so `<s>` in a prompt is one token, not `<`, `s`, `>`)."""
     f = directory / "tokenizer.json"
     if not f.is_file():
         raise ModelError(f"{label}: gate_mode cheap_embed needs the base's tokenizer.json (not found in {directory})")
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(f))
+    cfg: dict = {}
+    p = directory / "tokenizer_config.json"
+    if p.is_file():
+        try:
+            cfg = json.loads(p.read_text(encoding="utf-8"))
+        except ValueError:
+            cfg = {}
+    extra = [_added_token(v) for v in (cfg.get("added_tokens_decoder") or {}).values()]
+    specials = [cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                                     "mask_token")] + list(cfg.get("additional_special_tokens") or [])
+    extra += [_added_token(v) for v in specials]
+    known = {t.content for t in tok.get_added_tokens_decoder().values()}
+    new = [t for t in extra if t is not None and t.content not in known]
+    if new:
+        tok.add_special_tokens(new)
+    return tok
+
+
+def encode_prompts(directory: Path, label: str, prompts: list[str]) -> list[list[int]]:
+    """mergekit's tokenize_prompts without padding: bos *text* + prompt, add_special_tokens=False."""
+    tok = load_tokenizer(directory, label)
     bos = special_token(directory, "bos_token") or ""
     return [e.ids for e in tok.encode_batch([bos + p for p in prompts], add_special_tokens=False)]
 
@@ -180,7 +213,6 @@ def hidden_gates(base: ResolvedModel, experts: list[Expert], mode: str, device: 
             hs -= states(e.negative_prompts)
         hs /= hs.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
         vecs.append(hs)
-    del model
     return torch.stack(vecs, dim=1).float().cpu()  # (L, E, H)
 
 

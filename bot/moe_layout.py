@@ -15,8 +15,8 @@ config.json without `rope_theta` means 10000, a Mixtral one 1e6) are filled in e
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from .errors import ModelError, NotSupportedYet
 from .moe_config import MoeConfig

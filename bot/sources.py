@@ -96,7 +96,7 @@ def _from_hub(ref: ModelRef, *, download: bool, token: str | None) -> ResolvedMo
     patterns = weights + ["*.json", "tokenizer.model", "merges.txt", "*.jinja", "LICENSE*", "LICENCE*", "USE_POLICY*",
                           "NOTICE*"]
     if not download:
-        patterns = ["*.json"]
+        patterns = ["*.json", "*.jinja", "tokenizer.model"]
     try:
         directory = snapshot_download(ref.path, revision=sha, allow_patterns=patterns, token=token,
                                       endpoint=os.environ.get("HF_ENDPOINT"))

@@ -150,3 +150,17 @@ def test_parent_license_files_ship_with_the_merge(tmp_path):
                      if p.is_file())
     assert len(shipped) == 2 and shipped[0].endswith("/LICENSE") and shipped[1].endswith("/USE_POLICY.md")
     assert (tmp_path / "out" / shipped[0]).read_text().startswith("META LLAMA 3")
+
+
+def test_dry_run_of_hub_models_reads_headers_only(hub, family, tmp_path, capsys):
+    base, a, _, _ = family
+    _upload(hub, f"{hub.org}/base", base)
+    _upload(hub, f"{hub.org}/ft", a)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"models:\n  - model: {hub.org}/base\n  - model: {hub.org}/ft\n    parameters: {{weight: 0.5}}\n"
+                   f"merge_method: task_arithmetic\nbase_model: {hub.org}/base\n")
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "model.layers.3.mlp.down_proj.weight" in capsys.readouterr().out
+    gets = [r for r in hub.server.requests if r[0] == "GET" and r[1].endswith(".safetensors")]
+    assert gets and all(status == 206 for _, _, status in gets), gets  # HTTP range requests for the headers
+    assert not list(hub.home.rglob("*.safetensors")), "a dry run must not download tensor data"

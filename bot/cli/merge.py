@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                               "of mergebot yet (mergebot validate accepts it)")
     opts = options_from(args)
     if args.dry_run:
-        plan = prepare(cfg, opts)
+        plan = prepare(cfg, opts, headers_only=True)
         warn(plan.warnings)
         print_plan(plan)
         return 0

@@ -1,0 +1,111 @@
+"""`della` and `della_linear` (merge-semantics.md §2.7): task arithmetic with magnitude-ranked sampling.
+
+Presets of the generalised task-arithmetic family, sharing its tail (`task_arithmetic._combine`). Each
+δᵢ = xᵢ − base is sparsified by `della_magprune` (`_sparsify_more.della_keep`): per row (along dim 1; a 1-D
+tensor is one row) |δ| is ranked ascending, r̂ = rank/(n−1), and every entry is kept with probability
+p = (densityᵢ − εᵢ) + r̂·2εᵢ, so larger changes survive more often. density ≥ 1 keeps everything,
+density ≤ 0 nothing; otherwise 0 < density − ε and density + ε < 1 are required (mergekit's ValueError,
+here a ModelError naming the tensor, the model and the values). With `rescale` (default true) each pruned δᵢ
+is multiplied by ‖δᵢ‖₁/‖δᵢ⊙maskᵢ‖₁ (not the paper's 1/p).
+
+| name | consensus | normalize | rescale |
+|---|---|---|---|
+| della | sum | true | true |
+| della_linear | none | false | true |
+
+Randomness (deliberate difference, see the table at the top of merge-semantics.md): the Bernoulli draw of
+element j of model position k is `hash_u32(j, stream_key(seed, tensor, k)) < ⌊p·2³²⌋` (bot.rng), so the
+result depends only on `--random-seed`, the tensor name and the model's position, never on execution order,
+thread count or device. mergekit draws from the global torch RNG in sorted-tensor order; its bits are not
+reproduced. Ranks are per row, so a tensor is chunked only when nothing is sampled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import ModelError
+from ._sparsify_more import della_keep, l1_rescale, tensor_label
+from .base import MergeCall, MergeMethod, Param
+from .task_arithmetic import _combine
+
+
+def check_epsilon(density: float, epsilon: float, where: str = "") -> None:
+    """mergekit's ValueError as a ModelError: 0 < density − ε and density + ε < 1 when 0 < density < 1."""
+    if density >= 1 or density <= 0:
+        return
+    if density - epsilon <= 0 or density + epsilon >= 1:
+        bound = min(density, 1 - density)
+        raise ModelError(
+            f"della{where}: epsilon {epsilon:g} does not fit density {density:g}: density - epsilon = "
+            f"{density - epsilon:g} and density + epsilon = {density + epsilon:g} must both lie strictly between "
+            f"0 and 1 (choose epsilon < {bound:g} for this density)")
+
+
+def validate(name: str, shared: dict[str, Any], per_input: list[dict[str, Any]],
+             models: list[str] | None = None) -> None:
+    """Plan-time check of one tensor's resolved parameters (for the planner: extra["validate"])."""
+    for j, p in enumerate(per_input):
+        if "density" in p:
+            who = f", model {models[j]}" if models else ""
+            check_epsilon(float(p["density"]), float(p.get("epsilon", 0.15)), f" (tensor {name!r}{who})")
+
+
+def _make_apply(consensus: bool):
+    def apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
+        b = call.xs[call.base].reshape(-1).to(call.dtype)
+        others = call.others
+        if not others:
+            return b
+        rescale = bool(call.shared["rescale"])
+        shape = call.shape if len(call.shape) else (1,)
+        deltas, weights = [], []
+        for i in others:
+            p = call.per_input[i]
+            density, epsilon = float(p["density"]), float(p["epsilon"])
+            d = call.xs[i].reshape(-1).to(call.dtype) - b
+            if density <= 0:
+                d = torch.zeros_like(d)
+            elif density < 1:
+                check_epsilon(density, epsilon, f"{tensor_label(call)} (input #{i}, the base being #0)")
+                keep = della_keep(d, shape, density, epsilon, call.keys[i], call.start)
+                d = l1_rescale(d, keep, rescale)
+            deltas.append(d)
+            weights.append(float(p["weight"]))
+        return _combine(b, deltas, weights, consensus, bool(call.shared["normalize"]), float(call.shared["lambda"]),
+                        call.dtype)
+    return apply
+
+
+def _chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:
+    return all(not 0 < float(p["density"]) < 1 for p in per_input if "density" in p)
+
+
+def _method(name: str, pretty: str, consensus: bool, normalize: bool) -> MergeMethod:
+    return MergeMethod(
+        name=name,
+        pretty=pretty,
+        url="https://arxiv.org/abs/2406.11617",
+        params=(
+            Param("weight", float, "non_base"),
+            Param("density", float, "non_base", 1.0, lo=0.0, hi=1.0),
+            Param("epsilon", float, "non_base", 0.15),
+            Param("normalize", bool, "shared", normalize),
+            Param("rescale", bool, "shared", True),
+            Param("int8_mask", bool, "shared", False),  # no numerical effect (§2.7)
+            Param("lambda", float, "shared", 1.0),
+        ),
+        base="required",
+        apply=_make_apply(consensus),
+        uses_rng=True,
+        extra={"chunkable_for": _chunkable_for, "validate": validate, "sparsifier": "della_magprune",
+               "consensus": "sum" if consensus else None},
+    )
+
+
+METHODS = [
+    _method("della", "DELLA", consensus=True, normalize=True),
+    _method("della_linear", "Linear DELLA", consensus=False, normalize=False),
+]
