@@ -33,7 +33,7 @@ from .output import check_target, copy_donor_files, staged_output, write_json
 from .plan import dtype_name
 from .sources import TOKENIZER_FILES, ResolvedModel, resolve
 from .writer import ShardedWriter, ShardEntry
-from .yamlsafe import load_yaml
+from .yamlsafe import keypath, load_yaml
 
 ALLOW_SAME_FLAG = "--i-understand-this-is-not-useful-without-training"
 
@@ -118,18 +118,25 @@ def _expert_extras(e: Expert) -> str:
 
 def check_rules(cfg: MoeConfig, allow_all_same: bool) -> None:
     """§3.2 again (a MoeConfig may be built in code), plus the all-same-experts acknowledgement."""
-    def err(key: str | None, reason: str) -> ConfigError:
-        return ConfigError(cfg.file, key, None, reason)
+    try:
+        doc = load_yaml(cfg.text, cfg.file) if cfg.text else None
+    except ConfigError:
+        doc = None
+
+    def err(path: tuple, reason: str) -> ConfigError:
+        if doc is not None:
+            return doc.error(path, reason)
+        return ConfigError(cfg.file, keypath(path), None, reason)
 
     if not cfg.experts:
-        raise err("experts", "a MoE needs at least one expert")
+        raise err(("experts",), "a MoE needs at least one expert")
     if cfg.experts_per_token < 1:
-        raise err("experts_per_token", f"expected an integer >= 1, got {cfg.experts_per_token}")
+        raise err(("experts_per_token",), f"expected an integer >= 1, got {cfg.experts_per_token}")
     if cfg.experts_per_token > len(cfg.experts):
-        raise err("experts_per_token", f"experts_per_token is {cfg.experts_per_token} but there are only "
+        raise err(("experts_per_token",), f"experts_per_token is {cfg.experts_per_token} but there are only "
                                        f"{len(cfg.experts)} experts")
     if len(cfg.shared_experts) > 1:
-        raise err("shared_experts", "at most one shared expert is supported")
+        raise err(("shared_experts",), "at most one shared expert is supported")
     for e in cfg.experts + cfg.shared_experts:
         if e.source_model.lora is not None:
             raise NotSupportedYet(f"{cfg.file}: {e.source_model}: LoRA-applied experts are not supported yet")
@@ -137,12 +144,12 @@ def check_rules(cfg: MoeConfig, allow_all_same: bool) -> None:
         return  # mergekit's is_bad_config stops here: random gates need no prompts, and may repeat a model
     for i, e in enumerate(cfg.experts):
         if not e.positive_prompts:
-            raise err(f"experts.{i}", f"gate_mode {cfg.gate_mode!r} needs positive_prompts for every expert")
+            raise err(("experts", i), f"gate_mode {cfg.gate_mode!r} needs positive_prompts for every expert")
     sets = {(tuple(e.positive_prompts), tuple(e.negative_prompts)) for e in cfg.experts}
     if len(cfg.experts) > 1 and len(sets) == 1:
-        raise err("experts", "every expert has the same prompts: the router could not tell them apart")
+        raise err(("experts",), "every expert has the same prompts: the router could not tell them apart")
     if len({str(e.source_model) for e in cfg.experts}) == 1 and not allow_all_same:
-        raise err("experts", f"every expert is the same model ({cfg.experts[0].source_model}): the MoE would cost "
+        raise err(("experts",), f"every expert is the same model ({cfg.experts[0].source_model}): the MoE would cost "
                              "more and answer exactly like it; if you will train it, pass " + ALLOW_SAME_FLAG)
 
 

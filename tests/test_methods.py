@@ -275,3 +275,58 @@ def test_compiled_kernels_equal_eager(family, tmp_path, method):
     fused = merge_yaml(tmp_path, text, name="fused", random_seed=9, compile="on")
     for k in eager:
         assert torch.allclose(eager[k], fused[k], atol=1e-6, rtol=1e-6), k
+
+
+def _exact_k_mask(d: torch.Tensor, density: float) -> torch.Tensor:
+    """Reference: the k largest |d|, ties broken by element order (stable sort on -|d|)."""
+    flat = d.flatten()
+    k = max(1, int(density * flat.numel()))
+    order = torch.sort(-flat.abs().float(), stable=True).indices
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    return keep.reshape(d.shape)
+
+
+@pytest.mark.parametrize("chunk", [1 << 22, 100])
+def test_magnitude_cut_is_exact_k_with_ties_in_any_chunking(monkeypatch, chunk):
+    from bot.methods import _sparsify
+    monkeypatch.setattr(_sparsify, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(0)
+    d = (torch.randint(-6, 7, (3001,), generator=g).float() / 4)  # many exact ties, like bf16 deltas
+    for density in (0.01, 0.3, 0.5, 0.77, 0.999):
+        cut = _sparsify.magnitude_cut(lambda s, e: _sparsify.magnitude_bits(d[s:e]), d.numel(), density)
+        seen, parts = 0, []
+        for s in range(0, d.numel(), chunk):
+            m, seen = cut.mask(_sparsify.magnitude_bits(d[s:s + chunk]), seen)
+            parts.append(m)
+        got = torch.cat(parts)
+        assert int(got.sum()) == max(1, int(density * d.numel()))
+        assert torch.equal(got, _exact_k_mask(d, density)), density
+
+
+def test_ties_on_bf16_with_rescale_and_chunking(family_bf16, tmp_path, monkeypatch):
+    from bot.methods import _sparsify
+    monkeypatch.setattr(_sparsify, "CHUNK", 128)
+    base, a, b = family_bf16
+    X, A, B = f64(base), f64(a), f64(b)
+    out = merge_yaml(tmp_path, f"""
+models:
+  - model: {a}
+    parameters: {{weight: 0.7, density: 0.4}}
+  - model: {b}
+    parameters: {{weight: 0.5, density: 0.6}}
+merge_method: ties
+base_model: {base}
+dtype: float32
+parameters: {{rescale: true}}
+""")
+    for k in X:
+        deltas = []
+        for M, dens in ((A, 0.4), (B, 0.6)):
+            d = (M[k] - X[k]).float().double()
+            m = _exact_k_mask(d.float(), dens)
+            kept = torch.where(m, d, 0.0)
+            l1, l1k = float(d.abs().sum()), float(kept.abs().sum())
+            deltas.append(kept * (l1 / l1k if l1 >= 1e-7 and l1k >= 1e-7 else 1.0))
+        ref = ties64(X[k], [X[k] + deltas[0], X[k] + deltas[1]], [0.7, 0.5], normalize=True)
+        assert torch.allclose(out[k].double(), ref, atol=2e-6), k

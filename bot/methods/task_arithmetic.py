@@ -94,16 +94,62 @@ def _kernel_random(base: torch.Tensor, xs: list[torch.Tensor], start: int, keys:
 
 
 @fusable
-def _kernel_masked(base: torch.Tensor, xs: list[torch.Tensor], masks: list[torch.Tensor | None],
+def _kernel_masked(base: torch.Tensor, xs: list[torch.Tensor], masks: list[torch.Tensor | None], scales: list[float],
                    weights: list[float], consensus: bool, normalize: bool, lam: float,
                    dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
-    """Task arithmetic / TIES: δᵢ (optionally masked by magnitude), then the common tail."""
+    """Task arithmetic / TIES: δᵢ (optionally magnitude-masked and L1-rescaled), then the common tail."""
     b = base.reshape(-1).to(dtype)
     deltas = []
-    for x, m in zip(xs, masks):
+    for x, m, s in zip(xs, masks, scales):
         d = x.reshape(-1).to(dtype) - b
+        if s != 1.0:
+            d = d * s
         deltas.append(d if m is None else torch.where(m.reshape(-1), d, 0.0))
     return _combine(b, deltas, weights, consensus, normalize, lam, out_dtype)
+
+
+def _magnitude_apply(call: MergeCall, others: list[int], weights: list[float], consensus: bool, normalize: bool,
+                     lam: float) -> torch.Tensor:
+    """TIES-style magnitude pruning over the whole tensor, in chunks: exact cut per model first (two
+    histogram passes), then, if `rescale`, the kept L1 norm (one pass), then the merge chunk by chunk."""
+    base = call.xs[call.base].reshape(-1)
+    xs = [call.xs[i].reshape(-1) for i in others]
+    n = base.numel()
+    step = _sparsify.CHUNK
+
+    def delta(x: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        return x[s:e].to(call.dtype) - base[s:e].to(call.dtype)
+
+    cuts = [_sparsify.magnitude_cut(lambda s, e, x=x: _sparsify.magnitude_bits(delta(x, s, e)), n,
+                                    float(call.per_input[i]["density"])) for x, i in zip(xs, others)]
+    scales = [1.0] * len(xs)
+    if call.shared["rescale"]:
+        for j, (x, cut) in enumerate(zip(xs, cuts)):
+            if cut is None:
+                continue
+            l1 = kept = 0.0
+            seen = 0
+            for s in range(0, n, step):
+                d = delta(x, s, min(n, s + step))
+                m, seen = cut.mask(_sparsify.magnitude_bits(d), seen)
+                l1 += float(d.abs().sum(dtype=torch.float64))
+                kept += float(torch.where(m, d, 0.0).abs().sum(dtype=torch.float64))
+            if l1 >= RESCALE_EPS and kept >= RESCALE_EPS:
+                scales[j] = l1 / kept
+    out = call.out if call.out is not None else torch.empty(n, dtype=call.out_dtype, device=base.device)
+    seen = [0] * len(xs)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        masks: list[torch.Tensor | None] = []
+        for j, (x, cut) in enumerate(zip(xs, cuts)):
+            if cut is None:
+                masks.append(None)
+            else:
+                m, seen[j] = cut.mask(_sparsify.magnitude_bits(delta(x, s, e)), seen[j])
+                masks.append(m)
+        _kernel_masked(base[s:e], [x[s:e] for x in xs], masks, scales, weights, consensus, normalize, lam,
+                       call.dtype, call.out_dtype, out=out[s:e])
+    return out
 
 
 def _make(preset: Preset):
@@ -140,34 +186,14 @@ def _make(preset: Preset):
             keys = [call.keys[i] for i in others]
             out = _kernel_random(base, xs, call.start, keys, thresholds(call), scales, weights, consensus,
                                  normalize, lam, call.dtype, call.out_dtype, out=call.out)
+        elif preset.sparsifier == "magnitude":
+            out = _magnitude_apply(call, others, weights, consensus, normalize, lam)
         else:
-            masks: list[torch.Tensor | None] = [None] * len(xs)
-            if preset.sparsifier == "magnitude":
-                b = base.to(call.dtype)
-                masks = [_sparsify.magnitude_mask(x.to(call.dtype) - b, float(call.per_input[i]["density"]))
-                         for x, i in zip(xs, others)]
-                if call.shared["rescale"]:
-                    xs, masks = _rescaled(b, xs, masks, call.dtype)
-            out = _kernel_masked(base, xs, masks, weights, consensus, normalize, lam, call.dtype, call.out_dtype,
-                                 out=call.out)
+            out = _kernel_masked(base, xs, [None] * len(xs), [1.0] * len(xs), weights, consensus, normalize, lam,
+                                 call.dtype, call.out_dtype, out=call.out)
         return out.reshape(shape_out)
 
     return reduce, apply
-
-
-def _rescaled(b: torch.Tensor, xs: list[torch.Tensor], masks: list[torch.Tensor | None], dtype: torch.dtype):
-    """L1 rescale for magnitude pruning (`ties` with rescale: true): fold the factor into the inputs."""
-    out_xs, out_masks = [], []
-    for x, m in zip(xs, masks):
-        d = x.to(dtype) - b
-        if m is not None:
-            l1 = float(d.abs().sum(dtype=torch.float64))
-            kept = float(torch.where(m, d, 0.0).abs().sum(dtype=torch.float64))
-            if l1 >= RESCALE_EPS and kept >= RESCALE_EPS:
-                d = d * (l1 / kept)
-        out_xs.append(b + d)
-        out_masks.append(m)
-    return out_xs, out_masks
 
 
 def _preset_method(name: str, pretty: str, url: str, preset: Preset) -> MergeMethod:
@@ -176,7 +202,8 @@ def _preset_method(name: str, pretty: str, url: str, preset: Preset) -> MergeMet
     def chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:
         if preset.sparsifier != "magnitude":
             return True
-        # Magnitude top-k is global over the tensor: chunk only when nothing is pruned.
+        # Magnitude top-k is global over the tensor: the method then gets the whole tensor (as zero-copy views)
+        # and works through it in chunks itself (_magnitude_apply).
         return all(float(p.get("density", 1.0)) >= 1 for p in per_input if "density" in p)
 
     return MergeMethod(
