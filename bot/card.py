@@ -33,7 +33,7 @@ METHOD_INFO: dict[str, tuple[str, str | None]] = {
     "linear": ("Linear", "https://arxiv.org/abs/2203.05482"),
     "slerp": ("SLERP", "https://en.wikipedia.org/wiki/Slerp"),
     "nuslerp": ("NuSLERP", None),
-    "multislerp": ("Multi-SLERP", "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea/"),
+    "multislerp": ("Multi-SLERP", "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
     "karcher": ("Karcher Mean", "https://arxiv.org/abs/2603.04972"),
     "passthrough": ("Passthrough", None),
     "task_arithmetic": ("Task Arithmetic", "https://arxiv.org/abs/2212.04089"),

@@ -78,7 +78,7 @@ def _call(job: TensorJob, xs: list[torch.Tensor], dest: torch.Tensor, start: int
     out = dest[start:start + count] if device.type == "cpu" else None
     shape = tuple(job.shape) if count == job.numel else (count,)
     return MergeCall(chunk, job.base, job.shared, job.per_input, dtype=job.compute_dtype, out_dtype=job.out_dtype,
-                     start=start, keys=keys, out=out, shape=shape)
+                     start=start, keys=keys, out=out, shape=shape, name=job.name)
 
 
 def _store(result: torch.Tensor, dest: torch.Tensor, start: int, count: int) -> None:

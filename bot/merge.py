@@ -36,6 +36,7 @@ class MergeOptions:
     token: str | None = None
     threads: int | None = None
     compile: str = "auto"  # auto | on | off: fuse method kernels with torch.compile (bot.fuse)
+    allow_all_same_experts: bool = False  # MoE: every expert the same model (only useful with training)
 
 
 @dataclass

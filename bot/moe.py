@@ -432,7 +432,7 @@ def write_tensors(plan: MoePlan, writer: ShardedWriter, gates: GateVectors, seed
     return stats
 
 
-def make_moe_lock(plan: MoePlan, seed: int | None, device: torch.device) -> dict:
+def make_moe_lock(plan: MoePlan, seed: int | None, device: torch.device, gates: GateVectors | None = None) -> dict:
     """Same shape as bot.merge.make_lock, kind "moe"; no timestamp (an unchanged rebuild gives identical files)."""
     cfg = plan.cfg
     parents = [{"ref": key, "revision": r.ref.revision, "sha": r.sha, "local": not r.is_hub, "role": plan.roles[key]}
@@ -453,6 +453,7 @@ def make_moe_lock(plan: MoePlan, seed: int | None, device: torch.device) -> dict
         "experts_per_token": cfg.experts_per_token,
         "experts": [str(e.source_model) for e in cfg.experts],
         "shared_experts": [str(e.source_model) for e in cfg.shared_experts],
+        "gate_tokenizer": gates.tokenizer if gates else None,
     }
 
 
@@ -493,7 +494,7 @@ def run_moe(cfg: MoeConfig, out_dir: Path, options: MergeOptions, *, allow_all_s
         write_json(work / "config.json", plan.out_config)
         write_tokenizer(base.directory, plan.resolved[plan.tokenizer_donor].directory, work, options.copy_tokenizer)
         (work / "mergekit_moe_config.yml").write_text(cfg.text, encoding="utf-8")
-        lock = make_moe_lock(plan, seed, device)
+        lock = make_moe_lock(plan, seed, device, gates)
         write_json(work / "mergebot.lock.json", lock)
     return MoeResult(out_dir, plan, stats, peak_rss(), lock, cfg.warnings + plan.warnings + gates.warnings, gates)
 

@@ -1,12 +1,12 @@
 """mergekit-moe configs (merge-semantics.md §3.1, §3.2): parse and validate, with no models and no network.
 
-The MoE builder itself is a later increment; until it lands `validate` accepts a valid MoE config and
-`merge` refuses it with a clear "not supported yet".
+The builder is bot/moe.py; this module is what `mergebot validate` needs.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +42,20 @@ class MoeConfig:
     architecture: str | None
     hub_repo: str | None = None
     warnings: list[str] = field(default_factory=list)
-    pending: list[str] = field(default_factory=lambda: ["mergekit-moe configs (the MoE builder)"])
+    pending: list[str] = field(default_factory=list)
+    doc: YamlDoc | None = None
+    method_name: str = "moe"
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def referenced_models(self) -> list[ModelRef]:
+        """Base, experts and shared experts, in config order, deduplicated."""
+        seen: dict[str, ModelRef] = {str(self.base_model): self.base_model}
+        for e in self.experts + self.shared_experts:
+            seen.setdefault(str(e.source_model), e.source_model)
+        return list(seen.values())
 
 
 def _strings(doc: YamlDoc, path: tuple[Any, ...], value: Any) -> list[str]:
@@ -129,8 +142,8 @@ def parse_moe(doc: YamlDoc, text: str) -> MoeConfig:
         if tok not in ("base", "union"):
             parse_ref(doc, ("tokenizer_source",), tok.removeprefix("model:"))
     if len({str(e.source_model) for e in experts}) == 1 and len(experts) > 1:
-        warnings.append(f"{doc.file}: experts: every expert is the same model; this is only useful with training "
-                        "(mergekit-moe needs --i-understand-this-is-not-useful-without-training)")
+        warnings.append(f"{doc.file}: experts: every expert is the same model; this is only useful with training"
+                        + ("" if gate == "random" else " (merge needs --i-understand-this-is-not-useful-without-training)"))
     hub_repo = data.get("hub_repo")
     return MoeConfig(doc.file, text, base, experts, gate, k, shared, dtype, arch,
-                     hub_repo if isinstance(hub_repo, str) else None, warnings)
+                     hub_repo if isinstance(hub_repo, str) else None, warnings, doc=doc)

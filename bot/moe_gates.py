@@ -2,7 +2,9 @@
 
 * `random` / `uniform_random` come from bot.rng's counter-based hash (Box–Muller for the normal), keyed by
   (seed, expert position), so `--random-seed` reproduces them exactly whatever else changes;
-* `cheap_embed` needs only the tokenizer and the embedding rows: no transformers, no forward pass;
+* `cheap_embed` needs only the tokenizer and the embedding rows, no forward pass: it tokenizes with
+  transformers' AutoTokenizer when installed (as mergekit does), else with the raw tokenizer.json (the lock
+  records which, and a warning says when a model-specific tokenizer class might split prompts differently);
 * `hidden` / `hidden_last` / `hidden_avg` run the base model with transformers in bfloat16, as mergekit
   does (same prompt handling, same bf16 arithmetic), so they need the optional `mergebot[moe]` extra.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +29,7 @@ RANDOM_MODES = ("random", "uniform_random")
 HIDDEN_MODES = ("hidden", "hidden_last", "hidden_avg")
 EMBED = "model.embed_tokens.weight"  # mergekit hard-codes this name for cheap_embed
 TWO32 = 4294967296.0
-NOISE_CHUNK = 1 << 22
+NOISE_CHUNK = 1 << 21
 
 
 @dataclass
@@ -36,18 +39,25 @@ class GateVectors:
     routed: torch.Tensor
     shared: torch.Tensor | None
     warnings: list[str] = field(default_factory=list)
+    tokenizer: str | None = None  # how prompts were tokenized (cheap_embed, hidden*)
 
 
 # ------------------------------------------------------------------------------------------- random draws
 
 def normal(seed: int, stream: str, position: int, start: int, count: int) -> torch.Tensor:
-    """N(0,1) draws for elements [start, start+count) of one stream (Box–Muller of two hash streams)."""
-    idx = torch.arange(start, start + count, dtype=torch.int64)
-    h1 = hash_u32(idx, stream_key(seed, stream + "#u1", position))
-    h2 = hash_u32(idx, stream_key(seed, stream + "#u2", position))
-    u1 = (h1.double() + 1.0) / TWO32  # (0, 1]: log is finite
-    u2 = h2.double() / TWO32
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).float()
+    """N(0,1) draws for elements [start, start+count) of one stream: Box–Muller on two keyed hash streams,
+    one (u1, u2) pair per two elements (element 2p is r·cos θ, element 2p+1 is r·sin θ of pair p)."""
+    if count <= 0:
+        return torch.empty(0)
+    p0, p1 = start // 2, (start + count + 1) // 2
+    pair = torch.arange(p0, p1, dtype=torch.int64)
+    h1 = hash_u32(pair, stream_key(seed, stream + "#u1", position))
+    h2 = hash_u32(pair, stream_key(seed, stream + "#u2", position))
+    r = torch.sqrt(-2.0 * torch.log((h1 + 1).float() * (1.0 / TWO32)))  # u1 in (0, 1]: log is finite
+    theta = h2.float() * (2.0 * math.pi / TWO32)
+    z = torch.stack((r * torch.cos(theta), r * torch.sin(theta)), dim=1).reshape(-1)
+    off = start - 2 * p0
+    return z[off:off + count]
 
 
 def uniform(seed: int, stream: str, position: int, start: int, count: int, low: float, high: float) -> torch.Tensor:
@@ -129,11 +139,49 @@ def load_tokenizer(directory: Path, label: str):
     return tok
 
 
-def encode_prompts(directory: Path, label: str, prompts: list[str]) -> list[list[int]]:
-    """mergekit's tokenize_prompts without padding: bos *text* + prompt, add_special_tokens=False."""
+GENERIC_TOKENIZERS = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+@dataclass
+class PromptEncoder:
+    """Prompts -> token ids as mergekit's tokenize_prompts makes them (bos *text* + prompt,
+    add_special_tokens=False; padding is irrelevant once masked). `impl` is recorded in the lock."""
+
+    encode: Callable[[list[str]], list[list[int]]]
+    impl: str
+    warning: str | None = None
+
+
+def prompt_encoder(directory: Path, label: str) -> PromptEncoder:
+    """transformers' AutoTokenizer when installed (what mergekit uses: model-specific classes such as v5's
+    LlamaTokenizer may rebuild the tokenizer.json pipeline), else the raw tokenizer.json."""
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+    if transformers is not None:
+        try:
+            hf = transformers.AutoTokenizer.from_pretrained(str(directory))
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{label}: cannot load the base's tokenizer for gate_mode cheap_embed: {e}") from None
+        bos = hf.bos_token or ""
+        return PromptEncoder(lambda ps: [hf(bos + p, add_special_tokens=False)["input_ids"] for p in ps],
+                             f"transformers {transformers.__version__}")
+    if not (directory / "tokenizer.json").is_file():  # e.g. only a sentencepiece tokenizer.model
+        raise ModelError(f"{label}: gate_mode cheap_embed needs the base's tokenizer.json (not in {directory}), "
+                         "or transformers to read its other tokenizer files: pip install mergebot[moe]")
     tok = load_tokenizer(directory, label)
     bos = special_token(directory, "bos_token") or ""
-    return [e.ids for e in tok.encode_batch([bos + p for p in prompts], add_special_tokens=False)]
+    warning = None
+    try:
+        cls = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+    except (OSError, ValueError):
+        cls = None
+    if cls not in GENERIC_TOKENIZERS:
+        warning = (f"{label}: cheap_embed prompts were tokenized with the raw tokenizer.json; transformers' {cls} "
+                   "(which mergekit uses) may split them differently: pip install mergebot[moe] for identical gates")
+    return PromptEncoder(lambda ps: [e.ids for e in tok.encode_batch([bos + p for p in ps], add_special_tokens=False)],
+                         "tokenizers (tokenizer.json)", warning)
 
 
 # -------------------------------------------------------------------------------------------- cheap_embed
@@ -155,19 +203,20 @@ def cheap_embed_vector(embed: torch.Tensor, vocab: int, ids: list[list[int]], la
     return _normed(total)
 
 
-def cheap_embed_gates(base: ResolvedModel, weights: ModelWeights, experts: list[Expert], layers: int) -> torch.Tensor:
+def cheap_embed_gates(base: ResolvedModel, weights: ModelWeights, experts: list[Expert], layers: int
+                      ) -> tuple[torch.Tensor, PromptEncoder]:
     if not weights.has(EMBED):
         raise ModelError(f"{base.label}: gate_mode cheap_embed needs the tensor {EMBED!r}, which the base lacks")
     embed = weights.get(EMBED)
     vocab = int(base.config.get("vocab_size") or embed.shape[0])
+    enc = prompt_encoder(base.directory, base.label)
     out = []
     for e in experts:
-        v = cheap_embed_vector(embed, vocab, encode_prompts(base.directory, base.label, e.positive_prompts), base.label)
+        v = cheap_embed_vector(embed, vocab, enc.encode(e.positive_prompts), base.label)
         if e.negative_prompts:
-            v = _normed(v - cheap_embed_vector(embed, vocab, encode_prompts(base.directory, base.label,
-                                                                            e.negative_prompts), base.label))
+            v = _normed(v - cheap_embed_vector(embed, vocab, enc.encode(e.negative_prompts), base.label))
         out.append(v)
-    return torch.stack(out).unsqueeze(0).repeat(layers, 1, 1)  # the same vector for every layer
+    return torch.stack(out).unsqueeze(0).repeat(layers, 1, 1), enc  # the same vector for every layer
 
 
 # ------------------------------------------------------------------------------------------------ hidden
@@ -232,22 +281,27 @@ def compute_gates(mode: str, base: ResolvedModel, weights: ModelWeights, experts
         raise ModelError("shared_experts: give prompts to every shared expert or to none")
     gated_shared = shared if (mode in RANDOM_MODES or with_prompts) else []
     need = experts + gated_shared
+    warnings: list[str] = []
+    tokenizer = None
     if mode in RANDOM_MODES:
         allg = random_gates(mode, layers, len(need), hidden, seed)
     elif mode == "cheap_embed":
-        allg = cheap_embed_gates(base, weights, need, layers)
+        allg, enc = cheap_embed_gates(base, weights, need, layers)
+        tokenizer = enc.impl
+        warnings += [enc.warning] if enc.warning else []
     elif mode in HIDDEN_MODES:
         allg = hidden_gates(base, need, mode, device)
+        tokenizer = f"transformers {_transformers().__version__}"
     else:
         raise MergebotError(f"unknown gate_mode {mode!r}")
     if allg.shape != (layers, len(need), hidden):
         raise ModelError(f"{base.label}: gate vectors have shape {tuple(allg.shape)}, expected "
                          f"{(layers, len(need), hidden)} (num_hidden_layers x experts x hidden_size)")
-    warnings = []
     bad = degenerate_layers(allg)
     if bad:
         which = "every layer" if len(bad) == layers else "layers " + ", ".join(map(str, bad))
         warnings.append(f"degenerate routing in {which} (gate matrix condition number > 5): the experts' prompts "
                         "may be too similar, and some experts will be underused")
     n = len(experts)
-    return GateVectors(allg[:, :n].contiguous(), allg[:, n:].contiguous() if gated_shared else None, warnings)
+    return GateVectors(allg[:, :n].contiguous(), allg[:, n:].contiguous() if gated_shared else None, warnings,
+                       tokenizer)

@@ -12,6 +12,7 @@ from .card import card_context_from_output, write_card
 from .config import MergeConfig
 from .licenses import LicenseOverride, LicensePolicy, LicenseReport, analyze
 from .merge import MergeOptions, MergeResult, run_merge
+from .moe_config import MoeConfig
 from .parents import ParentInfo, parent_from_hub, parent_from_local, resolve_endpoint
 from .publish import LicenseGateError, PublishResult, publish, resolve_token
 
@@ -53,13 +54,17 @@ def license_and_card(result: MergeResult, repo_id: str | None, *, endpoint: str 
     return report
 
 
-def run(cfg: MergeConfig, out_dir: Path, options: MergeOptions, *, push_to: str | None = None,
+def run(cfg: MergeConfig | MoeConfig, out_dir: Path, options: MergeOptions, *, push_to: str | None = None,
         private: bool = False, create_pr: bool = False, license_id: str | None = None,
         allow_license_risk: bool = False, template: Path | None = None,
         endpoint: str | None = None) -> PipelineResult:
     endpoint = resolve_endpoint(endpoint)
     token = resolve_token(options.token)
-    result = run_merge(cfg, out_dir, options)
+    if isinstance(cfg, MoeConfig):
+        from .moe import run_moe
+        result = run_moe(cfg, out_dir, options, allow_all_same=options.allow_all_same_experts)
+    else:
+        result = run_merge(cfg, out_dir, options)
     report = license_and_card(result, push_to or cfg.hub_repo, endpoint=endpoint, token=token,
                               license_id=license_id, template=template)
     published = None

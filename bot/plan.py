@@ -125,7 +125,7 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
     jobs: list[TensorJob] = []
     first, last = slices[0], slices[-1]
     for name in layout.pre:
-        jobs.extend(_job(cfg, method, weights, first, name, lambda r, n=name: n, 0.0, name))
+        jobs.extend(_job(cfg, method, weights, first, name, lambda r, n=name: n, 0.0, name, warnings))
     out_index = 0
     for s, sources, base, ranges in slices:
         length = ranges[0][1] - ranges[0][0]
@@ -135,10 +135,11 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
             for suffix in suffixes:
                 out_name = layout.layer_name(out_index, suffix)
                 jobs.extend(_job(cfg, method, weights, (s, sources, base, ranges), out_name,
-                                 lambda r, suffix=suffix, k=k: layout.layer_name(r[0] + k, suffix), t, None))
+                                 lambda r, suffix=suffix, k=k: layout.layer_name(r[0] + k, suffix), t, None,
+                                 warnings))
             out_index += 1
     for name in layout.post:
-        jobs.extend(_job(cfg, method, weights, last, name, lambda r, n=name: n, 0.0, name))
+        jobs.extend(_job(cfg, method, weights, last, name, lambda r, n=name: n, 0.0, name, warnings))
 
     out_config = dict(resolved[donor].config)
     out_dtype = cfg.out_dtype or cfg.dtype or (jobs[0].out_dtype if jobs else torch.float32)
@@ -167,7 +168,7 @@ def _lookup(w: ModelWeights, name: str) -> str | None:
 
 
 def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, ModelWeights], sl, out_name: str,
-         source_name, t: float, fixed: str | None) -> list[TensorJob]:
+         source_name, t: float, fixed: str | None, warnings: list[str]) -> list[TensorJob]:
     s, sources, base, ranges = sl
     order = list(range(len(sources)))
     if method.base != "ignored":
@@ -210,6 +211,15 @@ def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, ModelWeights]
         raise ModelError(f"the base model is missing tensor {out_name!r}, which {method.name} needs")
     if method.name != "passthrough" and len(inputs) == 1 and method.singleton_passthrough:
         return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True)]
+    policy = method.extra.get("optional_policy")  # §2.0 optional-tensor policies
+    if policy == "passthrough_base_singleton" and len(inputs) == 1 and base_idx == 0:
+        return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True)]
+    if policy == "base_or_skip" and len(inputs) < method.min_inputs:
+        if len(inputs) == 1 and base_idx == 0:
+            return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True)]
+        warnings.append(f"{out_name}: only {len(inputs)} model(s) have it, {method.name} needs "
+                        f"{method.min_inputs}: left out of the output")
+        return []
 
     shared: dict[str, Any] = {}
     per_input: list[dict[str, Any]] = [{} for _ in inputs]
@@ -229,6 +239,9 @@ def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, ModelWeights]
                 raise ModelError(f"missing required parameter {p.name!r} for {src.model}, tensor {inp.tensor!r} "
                                  "(no filter matched it; add a fallback entry without 'filter')")
             per_input[j][p.name] = v
+    check = method.extra.get("validate")
+    if check is not None:  # method-specific parameter checks, before anything is written
+        check(out_name, shared, per_input, models=[i.model for i in inputs])
     return [TensorJob(out_name, shape, out_dtype, compute, inputs, base_idx, shared, per_input, t)]
 
 

@@ -120,12 +120,12 @@ def test_bad_moe_configs(tmp_path, name, text, fragment):
     assert fragment in r.stderr, r.stderr
 
 
-def test_seed_moe_config_is_valid_language_and_merge_says_not_yet(tmp_path):
+def test_seed_moe_config_is_valid_language_and_merge_names_the_missing_model(tmp_path):
     seed = SHARED / "seeds" / "configs" / "002_moe_random.yml"
     r = run_cli("validate", str(seed))
-    assert r.returncode == 0 and "moe (random gates)" in r.stdout and "not supported yet" in r.stdout
-    r = run_cli("merge", str(seed), str(tmp_path / "out"))
-    assert r.returncode != 0 and "MoE builder is not in this version" in r.stderr
+    assert r.returncode == 0 and "moe (random gates)" in r.stdout and "not supported yet" not in r.stdout
+    r = run_cli("merge", str(seed), str(tmp_path / "out"), cwd=tmp_path)
+    assert r.returncode != 0 and "ELYZA-japanese-Llama-2-13b-instruct" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -52,10 +52,6 @@ def _models(*entries: tuple[Path, str | None]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _is_layer_1d(name: str) -> bool:
-    return name.endswith("norm.weight")
-
-
 # --------------------------------------------------------------------------------------------------- metadata
 
 PRETTY = {
@@ -110,8 +106,8 @@ def test_registered_with_card_metadata_and_contracts():
 
 
 @pytest.mark.parametrize("text,needle", [
-    ("models:\n  - model: a\n    parameters: {weight: 1}\n  - model: b\n    parameters: {weight: 1}\n"
-     "  - model: c\n    parameters: {weight: 1}\nmerge_method: nuslerp\n", "at most 2"),
+    (("models:\n  - model: a\n    parameters: {weight: 1}\n  - model: b\n    parameters: {weight: 1}\n"
+      "  - model: c\n    parameters: {weight: 1}\nmerge_method: nuslerp\n"), "at most 2"),
     ("models:\n  - model: a\n  - model: b\nmerge_method: model_stock\nbase_model: a\n", "at least 3"),
     ("models:\n  - model: a\nmerge_method: nearswap\nbase_model: b\n", "'t'"),
     ("models:\n  - model: a\n  - model: b\nmerge_method: arcee_fusion\nbase_model: c\n", "at most 2"),
@@ -131,9 +127,12 @@ def nuslerp64(t, v0, v1, flatten, row_wise):
         a, b = v0.transpose(0, -1), v1.transpose(0, -1)
     else:
         a, b = v0, v1
-    ua = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
-    ub = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
-    c = (ua * ub).sum(-1, keepdim=True).clamp(-1, 1)
+    # c = ⟨û0,û1⟩ with û = v/max(‖v‖, 1e-7); written as ⟨a,b⟩/√(‖a‖²‖b‖²) so that exactly parallel or
+    # antipodal rows give exactly ±1 (the colinear bound 1e-16 is below float64 resolution otherwise)
+    aa, bb = (a * a).sum(-1, keepdim=True), (b * b).sum(-1, keepdim=True)
+    tiny = (aa.sqrt() < 1e-7) | (bb.sqrt() < 1e-7)
+    c = ((a * b).sum(-1, keepdim=True)
+         / torch.where(tiny, aa.sqrt().clamp(min=1e-7) * bb.sqrt().clamp(min=1e-7), (aa * bb).sqrt())).clamp(-1, 1)
     th = torch.acos(c)
     lerp = (1 - t) * a + t * b
     res = (torch.sin((1 - t) * th) * a + torch.sin(t * th) * b) / torch.sin(th)
@@ -360,8 +359,8 @@ def test_model_stock_singular_guard(tmp_path, filter_wise):
     p2 = _save(tmp_path, "minus", {k: x[k] - d[k] for k in x})
     out = merge_yaml(tmp_path, _models((p1, None), (p2, None)) + f"merge_method: model_stock\nbase_model: {p0}\n"
                      + f"parameters: {{filter_wise: {str(filter_wise).lower()}}}\n")
-    for k in x:
-        assert torch.equal(out[k], x[k]), k
+    for k, v in x.items():
+        assert torch.equal(out[k], v), k
 
 
 # --------------------------------------------------------------------------------------------------- GTA tail
@@ -462,12 +461,12 @@ def della_keep64(d32, density, eps, key):
 DELLA_PARAMS = [(0.6, 0.5, 0.2), (0.4, 0.3, 0.1)]  # weight, density, epsilon of ft1 and ft2
 
 
-def _della_text(family, method, extra=""):
+def _della_text(family, method):
     base, a, b, _ = family
     (w1, d1, e1), (w2, d2, e2) = DELLA_PARAMS
     return (_models((base, None), (a, f"{{weight: {w1}, density: {d1}, epsilon: {e1}}}"),
                     (b, f"{{weight: {w2}, density: {d2}, epsilon: {e2}}}"))
-            + f"merge_method: {method}\nbase_model: {base}\nparameters: {{lambda: 0.9{extra}}}\n")
+            + f"merge_method: {method}\nbase_model: {base}\nparameters: {{lambda: 0.9}}\n")
 
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])
@@ -508,23 +507,26 @@ def test_della_kept_fraction_follows_the_rank(family, tmp_path):
     out = merge_yaml(tmp_path, _models((a, "{weight: 1.0, density: 0.5, epsilon: 0.2}"))
                      + f"merge_method: della_linear\nbase_model: {base}\nparameters: {{rescale: false}}\n",
                      random_seed=8)
-    top = bottom = n_top = n_bottom = 0
+    stats = {True: [0, 0.0, 0.0], False: [0, 0.0, 0.0]}  # upper half of each row: kept, Σp, Σp(1−p)
     for k in X32:
         d = (A32[k] - X32[k]).double()
         got = out[k].double() - X32[k].double()
         kept = got.abs() > 0
         assert torch.allclose(got[kept], d[kept], atol=1e-7)  # kept entries unscaled (rescale: false)
         rows = d.reshape(1, -1) if d.dim() < 2 else d
-        hi = rows.abs() >= rows.abs().median(dim=1, keepdim=True).values
+        n = rows.shape[1]
+        ranks = rows.abs().argsort(dim=1).argsort(dim=1)
+        p = 0.3 + ranks.double() / (n - 1) * 0.4  # density − ε + r̂·2ε
         kr = kept.reshape(rows.shape)
-        top += int(kr[hi].sum())
-        n_top += int(hi.sum())
-        bottom += int(kr[~hi].sum())
-        n_bottom += int((~hi).sum())
-    # p runs from density − ε (smallest) to density + ε (largest): ≈ 0.6 above the row median, ≈ 0.4 below
-    assert top / n_top == pytest.approx(0.6, abs=0.015)
-    assert bottom / n_bottom == pytest.approx(0.4, abs=0.015)
-    assert (top + bottom) / (n_top + n_bottom) == pytest.approx(0.5, abs=0.01)
+        for upper in (True, False):
+            sel = ranks >= n // 2 if upper else ranks < n // 2
+            stats[upper][0] += int(kr[sel].sum())
+            stats[upper][1] += float(p[sel].sum())
+            stats[upper][2] += float((p[sel] * (1 - p[sel])).sum())
+    for kept, mean, var in stats.values():  # within 4σ of the Bernoulli(p) expectation
+        assert abs(kept - mean) < 4 * math.sqrt(var), (kept, mean)
+    (k_hi, m_hi, _), (k_lo, m_lo, _) = stats[True], stats[False]
+    assert k_hi / m_hi > 0.95 and k_lo / m_lo < 1.05 and k_hi / k_lo > 1.4  # larger changes survive more often
 
 
 @pytest.mark.parametrize("density,epsilon", [(0.1, 0.15), (0.9, 0.1), (0.5, 0.5)])
@@ -679,16 +681,19 @@ def test_arcee_fusion(family, tmp_path):
     base, a, _, _ = family
     X, A = f64(base), f64(a)
     out = merge_yaml(tmp_path, _models((a, None)) + f"merge_method: arcee_fusion\nbase_model: {base}\n")
-    total = changed = 0
+    total = changed = mismatched = 0
     for k in X:
         ref, imp, thr = fusion64(X[k], A[k])
         got = out[k].double()
         bad = (got - ref).abs() > ATOL
-        # float32 importance may fall on the other side of the threshold only when it is that close to it
-        assert not bad.any() or bool(((imp[bad] - thr).abs() <= 1e-5 * thr).all()), k
+        # The KL of two close softmaxes loses ~3 digits in float32 (as in mergekit, which computes it in the
+        # input dtype): an entry may land on the other side of the threshold only when it is that close to it.
+        assert not bad.any() or bool(((imp[bad] - thr).abs() <= 5e-3 * thr).all()), k
+        mismatched += int(bad.sum())
         total += got.numel()
         changed += int(((got - X[k]).abs() > 0).sum())
     assert 0 < changed < total
+    assert mismatched <= total // 5000
 
 
 def test_arcee_fusion_quantiles_are_lower_order_statistics():
@@ -728,7 +733,10 @@ def test_arcee_fusion_sampled_quantiles_are_reproducible(family, tmp_path, monke
 
 @pytest.mark.parametrize("method,params", [
     ("nuslerp", None), ("multislerp", None), ("karcher", None), ("model_stock", None), ("sce", None),
-    ("ram", None), ("ramplus_tl", None), ("nearswap", "{t: 0.01}"), ("breadcrumbs", "{gamma: 0.05}"),
+    ("ram", None), ("ramplus_tl", None), ("nearswap", "{t: 0.01}"),
+    # whole-tensor modes: the executor must not chunk them
+    ("nuslerp", "{nuslerp_flatten: false}"), ("model_stock", "{filter_wise: true}"), ("sce", "{select_topk: 0.5}"),
+    ("breadcrumbs", "{density: 0.5, gamma: 0.05}"), ("arcee_fusion", None),
 ])
 def test_chunked_streaming_equals_whole_tensor(family, tmp_path, monkeypatch, method, params):
     """Global reductions summed over chunks (reduce/apply) give the whole-tensor result."""
@@ -736,14 +744,45 @@ def test_chunked_streaming_equals_whole_tensor(family, tmp_path, monkeypatch, me
     m = METHODS[method]
     per = "{weight: 0.6}" if m.param("weight") else None
     per2 = "{weight: 0.3}" if m.param("weight") else None
-    entries = [(a, per), (b, per2)] + ([(c, per2)] if m.max_non_base is None or m.max_non_base > 2 else [])
-    if method in ("nearswap",):
-        entries = entries[:1]
+    entries = [(a, per), (b, per2), (c, per2)][:m.max_non_base or 3]
     text = _models(*entries) + f"merge_method: {method}\nbase_model: {base}\n"
     if params:
         text += f"parameters: {params}\n"
-    whole = merge_yaml(tmp_path, text, name="whole")
+    whole = merge_yaml(tmp_path, text, name="whole", random_seed=3)
     monkeypatch.setattr(executor, "CHUNK", 256)
-    chunked = merge_yaml(tmp_path, text, name="chunked")
+    chunked = merge_yaml(tmp_path, text, name="chunked", random_seed=3)
     for k in whole:
         assert torch.allclose(whole[k], chunked[k], atol=1e-6, rtol=0), k
+
+
+# --------------------------------------------------------------------------------------------------- §8 smoke
+
+SMOKE = {  # mergekit's test_basic_merges scenarios for these methods (bf16 models, weights .6/.4)
+    "nuslerp": "", "multislerp": "", "karcher": "", "model_stock": "", "model_stock_fw": "{filter_wise: true}",
+    "breadcrumbs": "", "breadcrumbs_ties": "", "sce": "{select_topk: 0.5}", "ram": "", "ramplus_tl": "",
+    "arcee_fusion": "", "nearswap": "{t: 0.0001}", "della": "{lambda: 0.5}", "della_linear": "",
+}
+
+
+@pytest.mark.parametrize("name", list(SMOKE))
+def test_bf16_smoke(family_bf16, tmp_path, name):
+    base, a, b = family_bf16
+    method = name.removesuffix("_fw")
+    m = METHODS[method]
+    per = [{}, {}]
+    if m.param("weight"):
+        per = [{"weight": 0.6}, {"weight": 0.4}]
+    if method.startswith("della"):
+        for p in per:
+            p.update(density=0.66, epsilon=0.05)
+    entries = [(a, str(per[0]) if per[0] else None), (b, str(per[1]) if per[1] else None)]
+    if method in ("nearswap", "arcee_fusion"):
+        entries = entries[:1]
+    text = _models(*entries) + f"merge_method: {method}\nbase_model: {base}\n"
+    if SMOKE[name]:
+        text += f"parameters: {SMOKE[name]}\n"
+    out = merge_yaml(tmp_path, text, random_seed=0)
+    X = _f32(base)
+    assert set(out) == set(X)
+    for k, v in out.items():
+        assert v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all(), k

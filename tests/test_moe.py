@@ -189,7 +189,7 @@ def test_qwen3_moe_from_qwen3(qwen3, tmp_path):
     moe, dense = load_hf(tmp_path / "out"), load_hf(qwen3[0])
     assert type(moe).__name__ == "Qwen3MoeForCausalLM"
     torch.testing.assert_close(logits(moe, IDS), logits(dense, IDS), atol=2e-5, rtol=1e-5)
-    # different qwen3 experts also build; Llama experts cannot become Qwen3-MoE
+    # different qwen3 experts also build (Llama ones cannot: test_wrong_model_types_for_the_architecture)
     build(tmp_path, f"base_model: {qwen3[0]}\ngate_mode: random\n" + expert_yaml(qwen3), "two", random_seed=2)
     assert type(load_hf(tmp_path / "two")).__name__ == "Qwen3MoeForCausalLM"
 
@@ -236,6 +236,26 @@ def test_cheap_embed_gates_match_an_independent_computation(fam, tmp_path):
     want = torch.stack(want)
     for layer in range(NL):  # the same vector for every layer
         torch.testing.assert_close(routers[L.router(layer)], want, atol=1e-6, rtol=1e-5)
+    assert json.loads((tmp_path / "out" / "mergebot.lock.json").read_text())["gate_tokenizer"].startswith("transformers")
+
+
+def test_cheap_embed_without_transformers(fam, tmp_path, monkeypatch):
+    """No transformers: the raw tokenizer.json, with the special tokens registered as transformers does."""
+    text = f"base_model: {fam[0]}\ngate_mode: cheap_embed\n" + expert_yaml(fam[:2], [["w5 w6"], ["w7", "w8 w9"]])
+    with_tr = build(tmp_path, text, "a")
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    without = build(tmp_path, text, "b")
+    assert without.lock["gate_tokenizer"] == "tokenizers (tokenizer.json)"
+    assert torch.allclose(with_tr.gates.routed, without.gates.routed, atol=1e-6)
+    assert not any("tokenized with the raw" in w for w in without.warnings)
+    # a model-specific tokenizer class may tokenize differently in transformers: say so
+    import shutil
+    llama_tok = tmp_path / "lt"
+    shutil.copytree(fam[0], llama_tok)
+    tc = json.loads((llama_tok / "tokenizer_config.json").read_text())
+    (llama_tok / "tokenizer_config.json").write_text(json.dumps({**tc, "tokenizer_class": "LlamaTokenizer"}))
+    res = build(tmp_path, text.replace(f"base_model: {fam[0]}", f"base_model: {llama_tok}"), "c")
+    assert any("LlamaTokenizer" in w and "mergebot[moe]" in w for w in res.warnings)
 
 
 @pytest.mark.parametrize("mode", ["hidden", "hidden_avg"])
@@ -357,6 +377,12 @@ def test_qwen2_moe_with_one_shared_expert(fam, tmp_path):
         sg = t[L.shared_router(layer)]
         assert sg.shape == (1, H) and torch.allclose(sg, res.gates.shared[layer])
         assert torch.allclose(sg.norm(), torch.tensor(1.0))
+    # random gates: the shared expert needs no prompts (then DeepSeek MoE would come first: ask for qwen)
+    rnd = (f"base_model: {fam[0]}\narchitecture: qwen\ngate_mode: random\n" + expert_yaml(fam[1:])
+           + f"shared_experts:\n  - source_model: {fam[2]}\n")
+    res = build(tmp_path, rnd, "rnd", random_seed=4)
+    assert type(load_hf(tmp_path / "rnd")).__name__ == "Qwen2MoeForCausalLM"
+    assert res.gates.shared.shape == (NL, 1, H) and res.lock["parents"][-1]["role"] == "expert"
     # the same experts with `architecture: mixtral` cannot take a shared expert
     with pytest.raises(ModelError, match="Mixtral has no shared experts"):
         build(tmp_path, text.replace("gate_mode:", "architecture: mixtral\ngate_mode:"), "mx")

@@ -14,6 +14,7 @@ from ..cli._output import human_bytes
 from ..config import MergeConfig
 from ..errors import MergebotError
 from ..licenses import LicensePolicy, LicenseReport, analyze
+from ..moe_config import MoeConfig
 from ..merge import MergeOptions, prepare
 from ..parents import ParentInfo, parent_from_hub, parent_from_local
 from ..sources import is_local
@@ -57,18 +58,19 @@ def dry_run(cfg: MergeConfig, repo: str, *, endpoint: str, token: str | None, de
     plan.lines.append(f"license: `{r.license}`" + (f" ({r.license_name})" if r.license_name else "")
                       + f", verdict **{r.verdict}**")
     plan.lines += [f"license: {reason}" for reason in r.reasons]
-    if all(not p.is_hub for p in parents):
-        try:
-            tensor_plan = prepare(cfg, MergeOptions(device="cpu", progress=False, token=token))
-        except MergebotError as e:
-            plan.problems.append(str(e))
-            return plan
-        plan.lines.append(f"output: {len(tensor_plan.jobs)} tensors, {human_bytes(tensor_plan.total_bytes)}; "
-                          f"reads {human_bytes(tensor_plan.input_bytes)}; device `{device}`")
-        plan.lines += [f"note: {w}" for w in tensor_plan.warnings]
-    else:
-        unsupported = [p for p in cfg.pending if not p.startswith("tokenizer_source")]
-        if unsupported:
-            plan.problems.append(f"{cfg.file}: {', '.join(unsupported)}: not supported by this mergebot yet")
-        plan.lines.append("tensor plan: built at merge time (Hub weights are not downloaded by a dry run)")
+    try:
+        if isinstance(cfg, MoeConfig):
+            from ..moe import prepare_moe
+            moe_plan = prepare_moe(cfg, MergeOptions(device="cpu", progress=False, token=token))
+            plan.lines.append(f"output: {moe_plan.arch.class_name} with {len(cfg.experts)} experts, "
+                              f"{human_bytes(moe_plan.total_bytes)}; device `{device}`")
+            plan.lines += [f"note: {w}" for w in moe_plan.warnings]
+        else:
+            # headers only: Hub parents are read with HTTP range requests, no tensor data is downloaded
+            tensor_plan = prepare(cfg, MergeOptions(device="cpu", progress=False, token=token), headers_only=True)
+            plan.lines.append(f"output: {len(tensor_plan.jobs)} tensors, {human_bytes(tensor_plan.total_bytes)}; "
+                              f"reads {human_bytes(tensor_plan.input_bytes)}; device `{device}`")
+            plan.lines += [f"note: {w}" for w in tensor_plan.warnings]
+    except MergebotError as e:
+        plan.problems.append(str(e))
     return plan

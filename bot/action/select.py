@@ -21,7 +21,6 @@ from pathlib import Path
 
 from ..config import MergeConfig
 from ..configfile import load
-from ..moe_config import MoeConfig
 from ..errors import ConfigError, MergebotError
 from .events import Event, changed_files
 from .inputs import ActionInputs
@@ -138,12 +137,7 @@ def load_entry(workspace: Path, path: str, namespace: str | None) -> ConfigEntry
     """Parse one config and name its target; errors are kept on the entry, never raised."""
     entry = ConfigEntry(path, workspace / path)
     try:
-        cfg = load(entry.file)
-        if isinstance(cfg, MoeConfig):
-            entry.error = (f"{path}: a valid mergekit-moe config, but the MoE builder is not in this version of "
-                           "mergebot yet")
-            return entry
-        entry.cfg = cfg
+        entry.cfg = load(entry.file)
     except ConfigError as e:
         entry.error = str(ConfigError(path, e.key, e.line, e.reason))
         entry.line = e.line
@@ -155,7 +149,8 @@ def load_entry(workspace: Path, path: str, namespace: str | None) -> ConfigEntry
         entry.repo = target_repo(entry.cfg, path, namespace)
     except ValueError as e:
         entry.error = f"{path}: {e}"
-        entry.line = entry.cfg.doc.line(("hub_repo",)) if entry.cfg.hub_repo else None
+        doc = getattr(entry.cfg, "doc", None)
+        entry.line = doc.line(("hub_repo",)) if doc is not None and entry.cfg.hub_repo else None
     return entry
 
 
@@ -173,7 +168,7 @@ def mark_duplicate_targets(entries: list[ConfigEntry]) -> None:
             e.error = (f"{e.path}: target repo {e.repo} is also the target of {others}; two configs cannot publish "
                        "to one repo (set a different `hub_repo:` or rename a file)")
             if e.cfg is not None and e.cfg.hub_repo:
-                e.line = e.cfg.doc.line(("hub_repo",))
+                e.line = e.cfg.doc.line(("hub_repo",)) if e.cfg.doc is not None else None
 
 
 def resolve_mode(event: Event, inputs: ActionInputs) -> tuple[str, str, bool, list[str]]:

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from ..configfile import load
-from ..errors import NotSupportedYet
 from ..moe_config import MoeConfig
 from .. import pipeline
 from ..merge import MergeOptions, prepare
@@ -44,6 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-j", "--num-threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--token", default=None, help="Hugging Face token for private/gated parents (default: HF_TOKEN or login)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--i-understand-this-is-not-useful-without-training", dest="allow_all_same", action="store_true",
+                   help="MoE configs: allow every expert to be the same model (mergekit-moe's flag)")
     hub = p.add_argument_group("card and publishing")
     hub.add_argument("--push-to", metavar="ORG/NAME", default=None,
                      help="after the merge, publish OUT_DIR to this Hub repo in one commit (no commit if unchanged)")
@@ -85,9 +86,12 @@ def print_plan(plan: Plan) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     warn(cfg.warnings)
-    if isinstance(cfg, MoeConfig):
-        raise NotSupportedYet(f"{cfg.file}: a valid mergekit-moe config, but the MoE builder is not in this version "
-                              "of mergebot yet (mergebot validate accepts it)")
+    if isinstance(cfg, MoeConfig) and args.dry_run:
+        from ..moe import prepare_moe
+        plan = prepare_moe(cfg, opts, allow_all_same=args.allow_all_same)
+        warn(plan.warnings)
+        print("\n".join(plan.summary()))
+        return 0
     opts = options_from(args)
     if args.dry_run:
         plan = prepare(cfg, opts, headers_only=True)

@@ -30,9 +30,8 @@ def _discover() -> dict[str, MergeMethod]:
 
 METHODS: dict[str, MergeMethod] = _discover()
 
-# Names mergekit 0.1.5 registers (merge-semantics.md §2.0) whose modules have not landed yet.
-PLANNED = ("nuslerp", "multislerp", "karcher", "model_stock", "arcee_fusion", "nearswap", "sce", "ram",
-           "ramplus_tl", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear")
+# Names mergekit 0.1.5 registers (merge-semantics.md §2.0) whose modules have not landed yet: none left.
+PLANNED: tuple[str, ...] = ()
 
 
 def closest(name: str) -> str | None:

@@ -10,8 +10,9 @@
   products (nuslerp's flattened mode, multislerp, karcher, model_stock) use them to split into `reduce`
   (additive over chunks) and an elementwise `apply`, so they stream tensors of any size.
 
-Magnitude orders are taken on |δ| in float32 as mergekit does (§2.0); ties are broken by element order
-(stable sorts), so results are deterministic where mergekit's unstable sorts are not.
+Magnitude orders are taken on |δ| in float32 as mergekit does (§2.0). Ties are broken by element order, the
+earlier element counting as the larger (as `_sparsify.magnitude_cut` does for TIES), so results are
+deterministic where mergekit's unstable sorts are not.
 """
 
 from __future__ import annotations
@@ -40,8 +41,10 @@ def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Ten
     n_bot = max(0, n - target - n_top)
     keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
     if target > 0:
-        order = torch.sort(flat.abs().float(), stable=True).indices
-        keep[order[n_bot:n_bot + target]] = True
+        # ascending positions [n_bot, n_bot + target) are descending positions [skip, skip + target)
+        skip = n - n_bot - target
+        order = torch.sort(flat.abs().float(), descending=True, stable=True).indices
+        keep[order[skip:skip + target]] = True
     return keep
 
 
@@ -55,9 +58,9 @@ def della_probabilities(delta: torch.Tensor, shape: tuple[int, ...], density: fl
     x = delta.reshape(shape) if len(shape) >= 2 else delta.reshape(1, -1)
     x = x.movedim(1, -1)  # rank along dim 1 (the last dim of a matrix)
     n = x.shape[-1]
-    order = torch.sort(x.abs().float(), dim=-1, stable=True).indices
-    ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(n, device=order.device).expand_as(order))
+    order = torch.sort(x.abs().float(), dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order)  # ascending rank: n − 1 − position in the descending order
+    ranks.scatter_(-1, order, torch.arange(n - 1, -1, -1, device=order.device).expand_as(order))
     if n > 1:
         rhat = ranks.to(torch.float64) / (n - 1)
     else:

@@ -49,6 +49,7 @@ class MergeCall:
     keys: list[int] = field(default_factory=list)  # RNG stream key per entry of xs (bot.rng)
     out: torch.Tensor | None = None  # flat destination (out_dtype) a kernel may store into directly
     shape: tuple[int, ...] = ()  # the tensor's real shape when xs hold the whole tensor (flat chunk otherwise)
+    name: str = ""  # output tensor name, for error messages
 
     @property
     def others(self) -> list[int]:

@@ -3,7 +3,11 @@
 t = w₂/(w₁+w₂) over the two non-base inputs in config order (t = ½ when |w₁+w₂| < 1e-6). Without a base
 out = S(t, x₁, x₂); with one out = base + S(t, x₁−base, x₂−base). S interpolates spherically with
 unit vectors normalised by max(‖v‖, 1e-7), c = clamp(⟨û₀,û₁⟩, −1, 1), and falls back to (1−t)v₀ + t v₁
-where 1 − c² ≤ (1e-8)² (0.1.5's colinear test).
+where 1 − c² ≤ (1e-8)² (0.1.5's colinear test). That bound is below float resolution, so it holds only when
+c is exactly ±1; c is computed here as ⟨v₀,v₁⟩/√(‖v₀‖²‖v₁‖²) in float64, which is exactly ±1 for exactly
+parallel or antipodal inputs. (mergekit's float32 c lands on ±1 or one ulp inside it depending on summation
+rounding; for exactly antipodal inputs it then gives either the lerp or the slerp formula's limit, e.g.
+≈0.31·v₀ instead of 0.2·v₀ at t = 0.4. mergebot always gives the documented lerp there.)
 
 Vectors are, by mode:
 * `nuslerp_flatten: true` (default): the whole flattened tensor. Norms and the dot product are summed in
@@ -48,9 +52,12 @@ def _t(call: MergeCall) -> float:
 
 def coefficients(t: float, aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(c0, c1) with S = c0·v0 + c1·v1, from float64 sums ‖v0‖², ‖v1‖², ⟨v0,v1⟩ (any broadcastable shape)."""
-    na = aa.sqrt().clamp(min=NORM_EPS)
-    nb = bb.sqrt().clamp(min=NORM_EPS)
-    c = (ab / (na * nb)).clamp(-1.0, 1.0)
+    na, nb = aa.sqrt(), bb.sqrt()
+    tiny = (na < NORM_EPS) | (nb < NORM_EPS)
+    # √(‖v0‖²‖v1‖²) rather than ‖v0‖·‖v1‖: exactly (anti)parallel inputs then give c = ±1 exactly, so the
+    # colinear test (1 − c² ≤ 1e-16, below float resolution) catches them instead of dividing by sin θ ≈ 0.
+    denom = torch.where(tiny, na.clamp(min=NORM_EPS) * nb.clamp(min=NORM_EPS), (aa * bb).sqrt())
+    c = (ab / denom).clamp(-1.0, 1.0)
     colinear = 1.0 - c * c <= EPS * EPS
     theta = torch.acos(c)
     s = torch.sin(theta)
