@@ -144,6 +144,7 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.lfs_store: dict[str, bytes] = {}
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
+        self.jobs: list[dict[str, Any]] = []  # HF Jobs submitted (POST /api/jobs/{ns})
         self.unhandled: list[tuple[str, str]] = []
         self.crashes: list[str] = []  # handler exceptions (FakeHub bugs), answered with 500
         self.lock = threading.RLock()
@@ -738,7 +739,26 @@ class _Route:
         return out if len(segments) == len(self.pattern) else None
 
 
+
+def _job_create(self, ns: str) -> None:
+    """HF Jobs: POST /api/jobs/{namespace} with a job spec; recorded in FakeHub.jobs, answered as SCHEDULING."""
+    token = self._token(required=True)
+    if ns != token.user and ns not in token.orgs:
+        raise HubError(403, f"cannot run jobs in {ns}")
+    spec = self._json_body()
+    job_id = f"job{len(self.fake.jobs) + 1:04d}"
+    self.fake.jobs.append({"id": job_id, "namespace": ns, **spec})
+    self._json(200, {"id": job_id, "createdAt": _now(), "dockerImage": spec.get("dockerImage"),
+                     "command": spec.get("command"), "arguments": spec.get("arguments"),
+                     "environment": spec.get("environment"), "flavor": spec.get("flavor"),
+                     "labels": spec.get("labels"), "owner": {"id": ns, "name": ns, "type": "user"},
+                     "status": {"stage": "SCHEDULING", "message": None}})
+
+
+_Handler.job_create = _job_create  # type: ignore[attr-defined]
+
 _ROUTES = [
+    _Route("POST", ("api", "jobs", "{ns}"), "job_create"),  # HF Jobs (run_job), see _Handler.job_create
     _Route("GET", ("api", "whoami-v2"), "whoami"),
     _Route("GET", ("api", "agent-harnesses"), "agent_harnesses"),
     _Route("POST", ("api", "repos", "create"), "repo_create"),

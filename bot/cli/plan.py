@@ -12,7 +12,11 @@ import json
 import os
 import sys
 
+from pathlib import Path
+
+from ..action.hfjobs import submit
 from ..action.report import mask, write_outputs
+from ..errors import MergebotError
 from ..action.run import decide
 from ..action.select import select
 from ..action.staleness import StalenessChecker
@@ -28,6 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print one line of JSON")
     p.add_argument("--github-output", action="store_true",
                    help="also write `configs` (the JSON list) and `count` to $GITHUB_OUTPUT")
+    p.add_argument("--backend", choices=("none", "hf-jobs"), default="none",
+                   help="hf-jobs: submit one Hugging Face Job per config to merge (needs --image; token from HF_TOKEN)")
+    p.add_argument("--image", default=None, help="container image with mergebot for --backend hf-jobs")
+    p.add_argument("--flavor", default="cpu-upgrade", help="HF Jobs hardware flavor (e.g. a10g-large, a100-large)")
+    p.add_argument("--job-timeout", default="2h", help="HF Jobs timeout (e.g. 30m, 2h)")
     p.set_defaults(run=run)
 
 
@@ -54,6 +63,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {n}", file=sys.stderr)
     if args.github_output:
         write_outputs(os.environ.get("GITHUB_OUTPUT"), {"configs": json.dumps(items), "count": str(len(items))})
+    if args.backend == "hf-jobs":
+        if not args.image:
+            raise MergebotError("--backend hf-jobs needs --image (a container image with mergebot installed)")
+        inputs, event = inputs_and_event(args)
+        jobs = submit(items, Path(event.workspace), image=args.image, flavor=args.flavor, token=inputs.token,
+                      endpoint=resolve_endpoint(None), timeout=args.job_timeout)
+        for j in jobs:
+            print(f"submitted: {j.config} -> {j.repo}: job {j.job_id} {j.url}")
+        return 0
     if args.json:
         print(json.dumps(items))
     else:
