@@ -14,6 +14,7 @@ from dataclasses import dataclass
 LAYER_RE = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 PRE_HINTS = ("embed", "wte", "wpe", "word_embeddings", "tok_embeddings")
+POST_HINTS = ("lm_head", "embed_out")  # output heads, even when named like an embedding (GPT-NeoX embed_out)
 TIED_FALLBACK = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed.weight")}
 
 
@@ -47,7 +48,7 @@ def infer_layout(names: list[str], config: dict) -> Layout:
         hit = split_layer(n, prefix)
         if hit:
             layers.setdefault(hit[0], []).append(hit[1])
-        elif any(h in n for h in PRE_HINTS):
+        elif any(h in n for h in PRE_HINTS) and not any(h in n for h in POST_HINTS):
             pre.append(n)
         else:
             post.append(n)
@@ -94,6 +95,32 @@ def set_layer_count(config: dict, n: int) -> bool:
     else:
         config[key] = n
     return True
+
+
+# config.json lists with one entry per layer (transformers v5 checks len(layer_types) == num_hidden_layers)
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "activation_sparsity_pattern", "block_types")
+
+
+def remap_layer_lists(config: dict, sources: list[tuple[dict, int]]) -> None:
+    """Rebuild per-layer config lists for a sliced output: output layer j takes entry i of the list in the config
+    of the model its layers come from, `sources[j] = (that config, i)`. A list is touched only when every source
+    config has it with one entry per layer (mergekit 0.1.5 only rewrites the layer count, which transformers v5
+    then refuses to load for Gemma2/Qwen2-style `layer_types`)."""
+    key = layer_count_key(config)
+    nested = key is not None and key.startswith("text_config.")
+    holder = config["text_config"] if nested else config
+    for name in PER_LAYER_KEYS:
+        if not isinstance(holder.get(name), list):
+            continue
+        new = []
+        for src, i in sources:
+            h = src.get("text_config") if nested else src
+            lst = h.get(name) if isinstance(h, dict) else None
+            if not isinstance(lst, list) or len(lst) != layer_count(src) or i >= len(lst):
+                break
+            new.append(lst[i])
+        else:
+            holder[name] = new
 
 
 def vocab_size(config: dict) -> int | None:

@@ -247,10 +247,6 @@ def parse_config(text: str, file: str, doc: YamlDoc | None = None) -> MergeConfi
                       uses_models=uses_models, base_model=base_model, parameters=parameters, dtype=dtype,
                       out_dtype=out_dtype, tokenizer_source=tok_src, tokenizer=tok, chat_template=chat,
                       hub_repo=hub_repo, warnings=warnings, pending=pending)
-    for s in slices:
-        for src in s.sources:
-            if src.model.lora is not None and "LoRA model refs (+adapter)" not in pending:
-                pending.append("LoRA model refs (+adapter)")
     if method is not None:
         _check_method(cfg)
     if len(slices) > 1 and "slices with more than one output slice (frankenmerges)" not in pending \
@@ -349,7 +345,6 @@ def _tokenizer_keys(doc: YamlDoc, data: dict[str, Any], pending: list[str]) -> t
             raise doc.error(("tokenizer_source",), f"expected 'union', 'base' or a model reference, got {tok_src!r}")
         if tok_src not in ("union", "base"):
             parse_ref(doc, ("tokenizer_source",), tok_src.removeprefix("model:"))
-        pending.append(f"tokenizer_source: {tok_src} (merge runs now only when every parent has the same vocabulary)")
     if tok is not None:
         if not isinstance(tok, dict):
             raise doc.error(("tokenizer",), "expected a mapping {source, tokens, pad_to_multiple_of}")
@@ -386,14 +381,12 @@ def _tokenizer_keys(doc: YamlDoc, data: dict[str, Any], pending: list[str]) -> t
                             raise doc.error(p + ("source",), "model_token needs exactly one of 'token_id' and 'token'")
                 elif s is not None and not isinstance(s, str):
                     raise doc.error(p + ("source",), "expected a model reference or {kind: ...}")
-        pending.append("tokenizer:")
     if chat is not None:
         if not isinstance(chat, str) or not chat.strip():
             raise doc.error(("chat_template",), "expected 'auto', a built-in name or a Jinja template string")
         if chat != "auto" and chat not in BUILTIN_CHAT_TEMPLATES and (len(chat) < 20 or "{" not in chat):
             raise doc.error(("chat_template",), f"invalid chat template {chat!r}: not 'auto', not a built-in "
                             f"({', '.join(BUILTIN_CHAT_TEMPLATES)}) and not a Jinja template")
-        pending.append("chat_template")
     return tok_src, tok, chat
 
 

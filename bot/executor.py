@@ -19,6 +19,7 @@ from . import fuse
 from .methods.base import MergeCall, MergeMethod
 from .plan import Plan, TensorJob
 from .rng import stream_key
+from .vocab import align_inputs
 from .writer import ShardedWriter
 
 CHUNK = 1 << 24  # 16M elements: 64 MB per float32 working tensor; divides 2**32 (see bot.rng)
@@ -39,6 +40,8 @@ def _inputs(plan: Plan, job: TensorJob, dtype: torch.dtype | None) -> list[torch
         if dtype is not None and x.dtype != dtype and x.dtype.is_floating_point:
             x = x.to(dtype)  # `dtype:` casts every loaded tensor first (§5.2)
         xs.append(x)
+    if job.align is not None:  # vocabulary-indexed: one aligned copy per input, before the method (§4.3)
+        xs = align_inputs(job.align, xs)
     return xs
 
 

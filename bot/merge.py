@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import secrets
@@ -17,9 +16,11 @@ from .config import MergeConfig
 from .errors import MergebotError, NotSupportedYet
 from .executor import RunStats, run_plan
 from .loader import ModelWeights
-from .output import check_target, copy_donor_files, copy_parent_licenses, staged_output, write_json
+from .output import check_target, copy_parent_licenses, staged_output, write_json
 from .plan import Plan, build_plan, dtype_name
 from .sources import ResolvedModel, resolve
+from .tokenizer_files import write_tokenizer_files
+from .vocab import OutputVocab, build_output_vocab
 from .writer import ShardEntry, ShardedWriter
 
 DEFAULT_SHARD = 5_000_000_000
@@ -78,32 +79,19 @@ def load_models(cfg: MergeConfig, options: MergeOptions,
                                                               os.environ.get("HF_ENDPOINT"))
         else:
             weights[str(ref)] = ModelWeights(r.directory, str(ref))
+        if ref.lora is not None:  # `model+lora`: the adapter folded in while streaming (bot.lora, §1.1)
+            from .lora import with_lora
+            weights[str(ref)] = with_lora(weights[str(ref)], ref, r.config, search, token=options.token,
+                                          headers_only=headers_only)
     return resolved, weights
 
 
-def _tokenizer_identity(directory: Path) -> str | None:
-    f = directory / "tokenizer.json"
-    if not f.exists():
-        return None
-    data = json.loads(f.read_text(encoding="utf-8"))
-    return json.dumps([data.get("model"), data.get("added_tokens")], sort_keys=True)
-
-
-def settle_tokenizer(cfg: MergeConfig, resolved: dict[str, ResolvedModel]) -> None:
-    """`tokenizer_source` when every parent has the same vocabulary: union = base = any model (§4.1),
-    so the donor's tokenizer is the answer and no embedding row moves. Differing vocabularies need the
-    vocabulary-alignment step, which has not landed yet, and stay refused."""
-    if cfg.tokenizer_source is None:
-        return
-    ids = {_tokenizer_identity(r.directory) for r in resolved.values()}
-    sizes = {r.config.get("vocab_size") for r in resolved.values()}
-    if len(ids) == 1 and None not in ids and len(sizes) == 1:
-        cfg.pending = [p for p in cfg.pending if not p.startswith("tokenizer_source")]
-        cfg.warnings.append(f"{cfg.file}: tokenizer_source: {cfg.tokenizer_source}: every parent has the same "
-                            "vocabulary, so the output keeps it unchanged")
-    else:
-        cfg.pending = [p + " (parents' vocabularies differ)" if p.startswith("tokenizer_source") else p
-                       for p in cfg.pending]
+def settle_tokenizer(cfg: MergeConfig, resolved: dict[str, ResolvedModel], options: MergeOptions | None = None,
+                     headers_only: bool = False) -> OutputVocab | None:
+    """The output vocabulary when the config asks for the tokenizer path (`tokenizer_source` or `tokenizer:`,
+    §4): built from the parents' tokenizer.json files, with each parent's permutation. None otherwise, and
+    then parents with different vocabulary sizes stay a "tensor size mismatch" error (§2.0)."""
+    return build_output_vocab(cfg, resolved, token=options.token if options else None, download=not headers_only)
 
 
 def prepare(cfg: MergeConfig, options: MergeOptions, headers_only: bool = False) -> Plan:
@@ -111,9 +99,9 @@ def prepare(cfg: MergeConfig, options: MergeOptions, headers_only: bool = False)
     if any(not p.startswith("tokenizer_source") for p in cfg.pending):
         refuse_pending(cfg)
     resolved, weights = load_models(cfg, options, headers_only)
-    settle_tokenizer(cfg, resolved)
+    vocab = settle_tokenizer(cfg, resolved, options, headers_only)
     refuse_pending(cfg)
-    return build_plan(cfg, resolved, weights)
+    return build_plan(cfg, resolved, weights, vocab=vocab)
 
 
 def make_lock(cfg: MergeConfig, plan: Plan, seed: int | None, device: torch.device) -> dict:
@@ -122,6 +110,10 @@ def make_lock(cfg: MergeConfig, plan: Plan, seed: int | None, device: torch.devi
     for key, r in plan.resolved.items():
         parents.append({"ref": key, "revision": r.ref.revision, "sha": r.sha, "local": not r.is_hub,
                         "role": "base" if key == base else "input"})
+        adapter = getattr(plan.models.get(key), "adapter", None)  # bot.lora.LoraWeights
+        if adapter is not None:
+            parents.append({"ref": str(adapter.ref), "revision": adapter.ref.revision, "sha": adapter.sha,
+                            "local": not adapter.is_hub, "role": "lora", "of": key})
     return {
         "mergebot_version": __version__,
         "config_sha256": cfg.sha256,
@@ -168,8 +160,9 @@ def run_merge(cfg: MergeConfig, out_dir: Path, options: MergeOptions) -> MergeRe
             if bar:
                 bar.close()
         write_json(work / "config.json", plan.out_config)
-        copy_donor_files(plan.resolved[plan.donor].directory, work,
-                         only=None if options.copy_tokenizer else ("generation_config.json",))
+        plan.warnings.extend(write_tokenizer_files(  # §4.5 / §5.6, then chat_template
+            cfg, plan.vocab, plan.resolved[plan.donor].directory, [r.directory for r in plan.resolved.values()],
+            work, copy_tokenizer=options.copy_tokenizer))
         copy_parent_licenses({k: r.directory for k, r in plan.resolved.items()}, work)
         (work / "mergekit_config.yml").write_text(cfg.text, encoding="utf-8")
         lock = make_lock(cfg, plan, seed, device)

@@ -37,6 +37,13 @@ def parents_of(result: MergeResult, endpoint: str | None, token: str | None) -> 
                                        token=token, role=role, ref=key))
         else:
             out.append(parent_from_local(r.directory, ref=key, role=role))
+        adapter = getattr(result.plan.models.get(key), "adapter", None) if hasattr(result.plan, "models") else None
+        if adapter is not None:  # a LoRA folded into this parent: its license applies too
+            if adapter.is_hub:
+                out.append(parent_from_hub(adapter.ref.path, revision=adapter.ref.revision, sha=adapter.sha,
+                                           endpoint=endpoint, token=token, role="lora", ref=str(adapter.ref)))
+            else:
+                out.append(parent_from_local(adapter.directory, ref=str(adapter.ref), role="lora"))
     return out
 
 

@@ -20,6 +20,7 @@ from .loader import ModelWeights
 from .methods.base import REQUIRED, MergeMethod
 from .params import resolve
 from .sources import ResolvedModel
+from .vocab import plan_alignment, set_vocab_size
 
 
 @dataclass
@@ -42,6 +43,7 @@ class TensorJob:
     per_input: list[dict[str, Any]]
     t: float
     copy: bool = False  # a single input copied (or a non-floating buffer)
+    align: Any = None  # bot.vocab.Alignment: inputs laid out in the output vocabulary first (§4.3)
 
     @property
     def numel(self) -> int:
@@ -64,6 +66,7 @@ class Plan:
     donor: str
     out_config: dict
     warnings: list[str] = field(default_factory=list)
+    vocab: Any = None  # bot.vocab.OutputVocab when the tokenizer path is active (§4)
 
     @property
     def total_bytes(self) -> int:
@@ -92,7 +95,8 @@ def dtype_name(d: torch.dtype) -> str:
     return str(d).removeprefix("torch.")
 
 
-def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: dict[str, ModelWeights]) -> Plan:
+def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: dict[str, ModelWeights], *,
+               vocab: Any = None) -> Plan:
     method = cfg.method
     assert method is not None
     donor_ref = cfg.base_model or cfg.referenced_models()[0]
@@ -125,8 +129,10 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
     jobs: list[TensorJob] = []
     first, last = slices[0], slices[-1]
     for name in layout.pre:
-        jobs.extend(_job(cfg, method, weights, first, name, lambda r, n=name: n, 0.0, name, warnings))
+        jobs.extend(_job(cfg, method, weights, first, name, lambda r, n=name: n, 0.0, name, warnings,
+                         vocab=vocab))
     out_index = 0
+    layer_sources: list[tuple[dict, int]] = []  # per output layer: (config of its first source, source index)
     for s, sources, base, ranges in slices:
         length = ranges[0][1] - ranges[0][0]
         for k in range(length):
@@ -136,10 +142,12 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
                 out_name = layout.layer_name(out_index, suffix)
                 jobs.extend(_job(cfg, method, weights, (s, sources, base, ranges), out_name,
                                  lambda r, suffix=suffix, k=k: layout.layer_name(r[0] + k, suffix), t, None,
-                                 warnings))
+                                 warnings, vocab=vocab))
+            layer_sources.append((resolved[str(sources[0].model)].config, ranges[0][0] + k))
             out_index += 1
     for name in layout.post:
-        jobs.extend(_job(cfg, method, weights, last, name, lambda r, n=name: n, 0.0, name, warnings))
+        jobs.extend(_job(cfg, method, weights, last, name, lambda r, n=name: n, 0.0, name, warnings,
+                         vocab=vocab))
 
     out_config = dict(resolved[donor].config)
     out_dtype = cfg.out_dtype or cfg.dtype or (jobs[0].out_dtype if jobs else torch.float32)
@@ -149,7 +157,11 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
     if not cfg.uses_models:
         if not arch.set_layer_count(out_config, out_index):
             warnings.append("config.json has no layer-count key; left unchanged")
-    return Plan(method, jobs, weights, resolved, donor, out_config, warnings)
+        arch.remap_layer_lists(out_config, layer_sources)  # e.g. layer_types must follow their layers
+    if vocab is not None:  # §4.5: the vocabulary size is the output tokenizer's, padded
+        set_vocab_size(out_config, vocab.padded)
+        warnings = vocab.warnings + warnings
+    return Plan(method, jobs, weights, resolved, donor, out_config, warnings, vocab=vocab)
 
 
 def donor_w_layer_suffixes(layout: arch.Layout, weights: dict[str, ModelWeights], src: Source, index: int) -> tuple[str, ...]:
@@ -168,7 +180,7 @@ def _lookup(w: ModelWeights, name: str) -> str | None:
 
 
 def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, ModelWeights], sl, out_name: str,
-         source_name, t: float, fixed: str | None, warnings: list[str]) -> list[TensorJob]:
+         source_name, t: float, fixed: str | None, warnings: list[str], vocab: Any = None) -> list[TensorJob]:
     s, sources, base, ranges = sl
     order = list(range(len(sources)))
     if method.base != "ignored":
@@ -192,31 +204,39 @@ def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, ModelWeights]
         return []
     infos = [weights[i.model].info(i.tensor) for i in inputs]
     shapes = {inf.shape for inf in infos}
-    if len(shapes) > 1:
+    is_vocab, align = False, None
+    if vocab is not None:  # vocabulary-indexed: only the non-vocab dims must match (§2.0, §4.3)
+        is_vocab, align = plan_alignment(vocab, out_name, [i.model for i in inputs], [i.tensor for i in inputs],
+                                         [inf.shape for inf in infos], next((j for j, i in enumerate(inputs)
+                                                                             if i.is_base), None), warnings)
+    if len(shapes) > 1 and not is_vocab:
         detail = ", ".join(f"{i.model}: {list(inf.shape)}" for i, inf in zip(inputs, infos))
         raise ModelError(f"tensor size mismatch for {out_name}: {detail}"
-                         + (" (vocabularies differ: tokenizer_source support is not landed yet)"
+                         + (" (the vocabularies differ: set tokenizer_source: union, base or a model, or a "
+                            "tokenizer: section, to align them)"
                             if "embed" in out_name or "lm_head" in out_name else ""))
     in_dtypes = [cfg.dtype or inf.dtype for inf in infos]
     promoted = _promote(in_dtypes)
-    shape = infos[0].shape
+    shape = (vocab.padded, *infos[0].shape[1:]) if is_vocab else infos[0].shape
+    if is_vocab and not promoted.is_floating_point:
+        raise ModelError(f"{out_name}: a non-floating vocabulary-indexed tensor cannot be aligned to a new vocabulary")
     if not promoted.is_floating_point:
-        return [TensorJob(out_name, shape, promoted, promoted, inputs[:1], None, {}, [{}], t, copy=True)]
+        return [TensorJob(out_name, shape, promoted, promoted, inputs[:1], None, {}, [{}], t, copy=True, align=align)]
     compute = torch.float64 if promoted == torch.float64 else torch.float32
     out_dtype = cfg.out_dtype or promoted
     base_idx = next((j for j, i in enumerate(inputs) if i.is_base), None)
     if method.base == "required" and base_idx is None:
         if method.singleton_passthrough and len(inputs) == 1:
-            return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True)]
+            return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True, align=align)]
         raise ModelError(f"the base model is missing tensor {out_name!r}, which {method.name} needs")
     if method.name != "passthrough" and len(inputs) == 1 and method.singleton_passthrough:
-        return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True)]
+        return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True, align=align)]
     policy = method.extra.get("optional_policy")  # §2.0 optional-tensor policies
     if policy == "passthrough_base_singleton" and len(inputs) == 1 and base_idx == 0:
-        return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True)]
+        return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True, align=align)]
     if policy == "base_or_skip" and len(inputs) < method.min_inputs:
         if len(inputs) == 1 and base_idx == 0:
-            return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True)]
+            return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True, align=align)]
         warnings.append(f"{out_name}: only {len(inputs)} model(s) have it, {method.name} needs "
                         f"{method.min_inputs}: left out of the output")
         return []
@@ -242,7 +262,7 @@ def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, ModelWeights]
     check = method.extra.get("validate")
     if check is not None:  # method-specific parameter checks, before anything is written
         check(out_name, shared, per_input, models=[i.model for i in inputs])
-    return [TensorJob(out_name, shape, out_dtype, compute, inputs, base_idx, shared, per_input, t)]
+    return [TensorJob(out_name, shape, out_dtype, compute, inputs, base_idx, shared, per_input, t, align=align)]
 
 
 def _kp(path) -> str:

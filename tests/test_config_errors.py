@@ -74,13 +74,13 @@ def test_bad_config_is_one_clear_line_and_writes_nothing(family, tmp_path, name,
 
 def test_validate_needs_no_models_and_names_pending_features(tmp_path):
     good = tmp_path / "good.yml"
-    good.write_text("merge_method: dare_ties\nbase_model: org/base\nmodels:\n  - model: org/a\n    parameters: {weight: 1, density: 0.5}\n"
+    good.write_text("merge_method: dare_ties\nbase_model: org/base\nmodules:\n  text: {models: [{model: org/a}]}\n"
                     "tokenizer_source: union\n")
     bad = tmp_path / "bad.yml"
     bad.write_text("merge_method: dare_ties\nmodels:\n  - model: org/a\n")
     r = run_cli("validate", str(good))
     assert r.returncode == 0, r.stderr
-    assert "tokenizer_source: union" in r.stdout and "not supported yet" in r.stdout
+    assert "'modules'" in r.stdout and "not supported yet" in r.stdout
     r = run_cli("validate", str(good), str(bad))
     assert r.returncode == 1
     assert "bad.yml" in r.stderr and "needs a base_model" in r.stderr
