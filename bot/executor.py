@@ -23,6 +23,7 @@ from .vocab import align_inputs
 from .writer import ShardedWriter
 
 CHUNK = 1 << 24  # 16M elements: 64 MB per float32 working tensor; divides 2**32 (see bot.rng)
+EAGER_CHUNK = 1 << 20  # eager kernels: 4 MB float32 buffers that stay in cache across their passes
 
 
 @dataclass
@@ -48,7 +49,7 @@ def _inputs(plan: Plan, job: TensorJob, dtype: torch.dtype | None) -> list[torch
 def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | None, seed: int,
              device: torch.device, progress: Callable[[int], None] | None = None, compile: str = "auto") -> RunStats:
     stats = RunStats()
-    stats.compiled = fuse.configure(compile, sum(j.numel * len(j.inputs) for j in plan.jobs))
+    stats.compiled = fuse.configure(compile, sum(j.numel * len(j.inputs) for j in plan.jobs), plan.method.fuse)
     start = time.perf_counter()
     method = plan.method
     jobs = plan.jobs
@@ -93,10 +94,11 @@ def _store(result: torch.Tensor, dest: torch.Tensor, start: int, count: int) -> 
 def _merge(method: MergeMethod, job: TensorJob, xs: list[torch.Tensor], dest: torch.Tensor, seed: int,
            device: torch.device) -> None:
     n = job.numel
-    if n <= CHUNK or not method.chunkable_for(job.shared, job.per_input):
+    chunk = CHUNK if fuse.enabled() or not method.chunkable_for(job.shared, job.per_input) else EAGER_CHUNK
+    if n <= chunk or not method.chunkable_for(job.shared, job.per_input):
         _store(method.merge(_call(job, xs, dest, 0, n, seed, method, device)), dest, 0, n)
         return
-    bounds = [(s, min(CHUNK, n - s)) for s in range(0, n, CHUNK)]
+    bounds = [(s, min(chunk, n - s)) for s in range(0, n, chunk)]
     totals = None
     if method.reduce is not None:
         for s, c in bounds:

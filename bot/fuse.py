@@ -25,14 +25,16 @@ def compiler_available() -> bool:
     return shutil.which("gcc") is not None or shutil.which("cc") is not None or torch.cuda.is_available()
 
 
-def configure(mode: str, total_elements: int) -> bool:
-    """mode: on | off | auto. Returns whether kernels will be compiled."""
+def configure(mode: str, total_elements: int, benefits: bool = True) -> bool:
+    """mode: on | off | auto. Returns whether kernels will be compiled. `benefits`: the method's eager form
+    is slow (many passes, e.g. DARE's hash RNG); methods with a fast in-place eager form say False, since
+    loading compiled kernels costs seconds per process even with a warm cache."""
     if mode == "off":
         on = False
     elif mode == "on":
         on = True
     else:
-        on = total_elements >= AUTO_MIN_ELEMENTS and compiler_available()
+        on = benefits and total_elements >= AUTO_MIN_ELEMENTS and compiler_available()
     _state["on"] = on
     return on
 
@@ -64,3 +66,16 @@ def fusable(fn: F) -> F:
 
     wrapper.eager = fn  # type: ignore[attr-defined]
     return wrapper  # type: ignore[return-value]
+
+
+_scratch: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
+
+
+def scratch(tag: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable work buffer of n elements: eager kernels write into it in place, so no pass allocates
+    (fresh allocations of chunk-sized tensors cost page faults that dominate simple merges)."""
+    key = (tag, dtype, str(device))
+    buf = _scratch.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _scratch[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n]

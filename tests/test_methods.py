@@ -211,8 +211,10 @@ def test_dare_same_seed_same_bytes_across_threads(family, tmp_path):
 def test_chunked_execution_equals_whole_tensor(family, tmp_path, monkeypatch):
     """Chunking (two-pass reduce/apply, index-addressed RNG) must not change the result."""
     monkeypatch.setattr(executor, "CHUNK", 1 << 30)
+    monkeypatch.setattr(executor, "EAGER_CHUNK", 1 << 30)
     whole = _dare(family, tmp_path, "whole", random_seed=5)
     monkeypatch.setattr(executor, "CHUNK", 64 * 3)
+    monkeypatch.setattr(executor, "EAGER_CHUNK", 64 * 3)
     chunked = _dare(family, tmp_path, "chunked", random_seed=5)
     for k in whole:
         assert torch.allclose(whole[k], chunked[k], atol=1e-6, rtol=0), k
@@ -221,6 +223,7 @@ def test_chunked_execution_equals_whole_tensor(family, tmp_path, monkeypatch):
     text = f"models:\n  - model: {base}\n  - model: {a}\nmerge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.3}}\n"
     s_chunked = merge_yaml(tmp_path, text, name="s_chunked")
     monkeypatch.setattr(executor, "CHUNK", 1 << 30)
+    monkeypatch.setattr(executor, "EAGER_CHUNK", 1 << 30)
     s_whole = merge_yaml(tmp_path, text, name="s_whole")
     for k in s_whole:
         assert torch.allclose(s_whole[k], s_chunked[k], atol=1e-6, rtol=0), k

@@ -493,6 +493,7 @@ def test_della_reproducible_across_runs_threads_and_chunk_sizes(family, tmp_path
     one = merge_yaml(tmp_path, text, name="one", random_seed=42, threads=1)
     two = merge_yaml(tmp_path, text, name="two", random_seed=42, threads=2)
     monkeypatch.setattr(executor, "CHUNK", 256)
+    monkeypatch.setattr(executor, "EAGER_CHUNK", 256)
     small = merge_yaml(tmp_path, text, name="small", random_seed=42)
     other = merge_yaml(tmp_path, text, name="other", random_seed=43)
     torch.set_num_threads(2)
@@ -750,6 +751,7 @@ def test_chunked_streaming_equals_whole_tensor(family, tmp_path, monkeypatch, me
         text += f"parameters: {params}\n"
     whole = merge_yaml(tmp_path, text, name="whole", random_seed=3)
     monkeypatch.setattr(executor, "CHUNK", 256)
+    monkeypatch.setattr(executor, "EAGER_CHUNK", 256)
     chunked = merge_yaml(tmp_path, text, name="chunked", random_seed=3)
     for k in whole:
         assert torch.allclose(whole[k], chunked[k], atol=1e-6, rtol=0), k

@@ -74,6 +74,7 @@ class MergeMethod:
     min_non_base: int = 0
     max_non_base: int | None = None
     singleton_passthrough: bool = False  # §2.0 PASSTHROUGH_SINGLETON for optional tensors
+    fuse: bool = True  # benefits from torch.compile (False: a fast in-place eager form exists)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def param(self, name: str) -> Param | None:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..fuse import fusable
+from ..fuse import enabled, fusable, scratch
 from .base import MergeCall, MergeMethod, Param
 
 DOT_THRESHOLD = 0.9995
@@ -35,7 +35,12 @@ def _pair(call: MergeCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _reduce(call: MergeCall) -> torch.Tensor:
-    return _sums(*_pair(call)).cpu()
+    a, b = _pair(call)
+    if enabled():
+        return _sums(a, b).cpu()
+    x = scratch("slerp_a64", a.numel(), torch.float64, a.device).copy_(a.reshape(-1))
+    y = scratch("slerp_b64", b.numel(), torch.float64, b.device).copy_(b.reshape(-1))
+    return torch.stack([torch.dot(x, x), torch.dot(y, y), torch.dot(x, y)]).cpu()
 
 
 def coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float, float]:
@@ -56,6 +61,10 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     aa, bb, ab = (float(v) for v in totals)
     c0, c1 = coefficients(float(call.shared["t"]), aa, bb, ab)
     a, b = _pair(call)
+    if call.out is not None and not enabled():
+        acc = scratch("slerp", a.numel(), call.dtype, a.device)
+        acc.copy_(a.reshape(-1)).mul_(c0).add_(b.reshape(-1), alpha=c1)
+        return call.out.copy_(acc)
     return _combine(a, b, c0, c1, call.dtype, call.out_dtype, out=call.out)
 
 
@@ -72,4 +81,5 @@ METHOD = MergeMethod(
     min_non_base=1,
     max_non_base=1,
     singleton_passthrough=True,
+    fuse=False,
 )
