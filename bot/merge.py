@@ -6,8 +6,10 @@ import os
 import resource
 import secrets
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -135,6 +137,23 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr)
 
 
+@contextmanager
+def streamed_shards(work: Path, entries: list[ShardEntry], options: MergeOptions,
+                    total: int) -> Iterator[tuple[ShardedWriter, Callable[[int], None] | None]]:
+    """The output shards plus a progress callback; closed (fsynced, indexed) on success, aborted on error."""
+    bar = _progress_bar(total, options.progress)
+    writer = ShardedWriter(work, entries, options.out_shard_size, metadata={"mergebot_version": __version__})
+    try:
+        yield writer, (bar.update if bar else None)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if bar:
+            bar.close()
+
+
 def run_merge(cfg: MergeConfig, out_dir: Path, options: MergeOptions) -> MergeResult:
     """Merge into out_dir atomically. Nothing is written before the plan is known to be sound."""
     check_target(out_dir, options.force)
@@ -145,20 +164,10 @@ def run_merge(cfg: MergeConfig, out_dir: Path, options: MergeOptions) -> MergeRe
     uses_rng = plan.method.uses_rng
     seed = options.random_seed if options.random_seed is not None else (secrets.randbits(63) if uses_rng else None)
     entries = [ShardEntry(j.name, j.out_dtype, j.shape, j.nbytes) for j in plan.jobs]
-    bar = _progress_bar(plan.total_bytes, options.progress)
     with staged_output(out_dir, options.force) as work:
-        writer = ShardedWriter(work, entries, options.out_shard_size,
-                               metadata={"mergebot_version": __version__})
-        try:
+        with streamed_shards(work, entries, options, plan.total_bytes) as (writer, progress):
             stats = run_plan(plan, writer, load_dtype=cfg.dtype, seed=seed or 0, device=device,
-                             progress=bar.update if bar else None, compile=options.compile)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            if bar:
-                bar.close()
+                             progress=progress, compile=options.compile)
         write_json(work / "config.json", plan.out_config)
         plan.warnings.extend(write_tokenizer_files(  # §4.5 / §5.6, then chat_template
             cfg, plan.vocab, plan.resolved[plan.donor].directory, [r.directory for r in plan.resolved.values()],

@@ -9,10 +9,10 @@ expert tensor at a time, so memory stays near one expert matrix whatever the num
 
 from __future__ import annotations
 
+import math
 import hashlib
 import json
 import secrets
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ from .config import DTYPES, ModelRef, parse_ref
 from .errors import ConfigError, ModelError, NotSupportedYet
 from .executor import RunStats
 from .loader import ModelWeights
-from .merge import MergeOptions, peak_rss, pick_device
+from .merge import MergeOptions, peak_rss, pick_device, streamed_shards
 from .moe_config import Expert, MoeConfig
 from .moe_gates import NOISE_CHUNK, GateVectors, compute_gates, normal, special_token
 from .output import check_target, copy_donor_files, staged_output, write_json
@@ -50,10 +50,7 @@ class OutTensor:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -457,13 +454,6 @@ def make_moe_lock(plan: MoePlan, seed: int | None, device: torch.device, gates: 
     }
 
 
-def _progress_bar(total: int, enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="building MoE", file=sys.stderr)
-
-
 def run_moe(cfg: MoeConfig, out_dir: Path, options: MergeOptions, *, allow_all_same: bool = False) -> MoeResult:
     """Build the MoE into out_dir atomically (staged beside it; an existing out_dir only with options.force)."""
     out_dir = Path(out_dir)
@@ -479,18 +469,9 @@ def run_moe(cfg: MoeConfig, out_dir: Path, options: MergeOptions, *, allow_all_s
                           layers=plan.layers, hidden=plan.hidden, seed=seed or 0, device=str(device))
     entries = [ShardEntry(t.name, plan.out_dtype, t.shape, t.numel * torch.empty(0, dtype=plan.out_dtype).element_size())
                for t in plan.tensors]
-    bar = _progress_bar(plan.total_bytes, options.progress)
     with staged_output(out_dir, options.force) as work:
-        writer = ShardedWriter(work, entries, options.out_shard_size, metadata={"mergebot_version": __version__})
-        try:
-            stats = write_tensors(plan, writer, gates, seed or 0, bar.update if bar else None)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
-        finally:
-            if bar:
-                bar.close()
+        with streamed_shards(work, entries, options, plan.total_bytes) as (writer, progress):
+            stats = write_tensors(plan, writer, gates, seed or 0, progress)
         write_json(work / "config.json", plan.out_config)
         write_tokenizer(base.directory, plan.resolved[plan.tokenizer_donor].directory, work, options.copy_tokenizer)
         (work / "mergekit_moe_config.yml").write_text(cfg.text, encoding="utf-8")

@@ -8,6 +8,7 @@ the whole output (names, shapes, dtypes, sizes) is known before anything is writ
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,10 +48,7 @@ class TensorJob:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

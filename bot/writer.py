@@ -9,6 +9,7 @@ be written back), so resident memory does not grow with the output.
 
 from __future__ import annotations
 
+import math
 import json
 import mmap
 import os
@@ -32,10 +33,7 @@ class ShardEntry:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
 from bot.cli.main import main
 from tests.test_action import PARENTS, ZERO, checkout, github_env, linear, push, tiny_models, upload_parents  # noqa: F401
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -112,7 +111,6 @@ print(before, rss())
 def test_memory_stays_flat_when_shards_are_much_larger_than_tensors(tmp_path):
     # 3 models, each one ~100 MB shard of ~1 MB tensors: RSS growth must stay far below a shard's size.
     cfg_ = llama_config(vocab=512, hidden=512, inter=512, heads=8, kv_heads=8, layers=28)
-    g = torch.Generator().manual_seed(0)
     dirs = []
     for i in range(3):
         from tests.tiny import llama_tensors

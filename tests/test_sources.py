@@ -164,3 +164,13 @@ def test_dry_run_of_hub_models_reads_headers_only(hub, family, tmp_path, capsys)
     gets = [r for r in hub.server.requests if r[0] == "GET" and r[1].endswith(".safetensors")]
     assert gets and all(status == 206 for _, _, status in gets), gets  # HTTP range requests for the headers
     assert not list(hub.home.rglob("*.safetensors")), "a dry run must not download tensor data"
+
+
+def test_moe_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    base, a = make_family(tmp_path / "m", 2, seed=5)
+    cfg = tmp_path / "moe.yml"
+    cfg.write_text(f"base_model: {base}\ngate_mode: random\nexperts:\n  - source_model: {base}\n  - source_model: {a}\n")
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "MixtralForCausalLM, 2 experts" in text and "output:" in text
+    assert not (tmp_path / "out").exists()

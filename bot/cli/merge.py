@@ -86,13 +86,14 @@ def print_plan(plan: Plan) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     warn(cfg.warnings)
+    opts = options_from(args)
+    opts.allow_all_same_experts = args.allow_all_same
     if isinstance(cfg, MoeConfig) and args.dry_run:
         from ..moe import prepare_moe
-        plan = prepare_moe(cfg, opts, allow_all_same=args.allow_all_same)
-        warn(plan.warnings)
-        print("\n".join(plan.summary()))
+        moe_plan = prepare_moe(cfg, opts, allow_all_same=args.allow_all_same)
+        warn(moe_plan.warnings)
+        print("\n".join(moe_plan.summary()))
         return 0
-    opts = options_from(args)
     if args.dry_run:
         plan = prepare(cfg, opts, headers_only=True)
         warn(plan.warnings)

@@ -24,7 +24,7 @@ import torch
 
 from ._sparsify_more import l1_rescale, outlier_mask
 from .base import MergeCall, MergeMethod, Param
-from .task_arithmetic import _combine
+from .task_arithmetic import _combine, family_params
 
 
 def _make_apply(consensus: bool):
@@ -55,15 +55,7 @@ def _method(name: str, pretty: str, consensus: bool) -> MergeMethod:
         name=name,
         pretty=pretty,
         url="https://arxiv.org/abs/2312.06795",
-        params=(
-            Param("weight", float, "non_base"),
-            Param("density", float, "non_base", 1.0, lo=0.0, hi=1.0),
-            Param("gamma", float, "non_base", 0.01),
-            Param("normalize", bool, "shared", False),
-            Param("rescale", bool, "shared", False),
-            Param("int8_mask", bool, "shared", False),  # no numerical effect (§2.7)
-            Param("lambda", float, "shared", 1.0),
-        ),
+        params=family_params(False, False, Param("gamma", float, "non_base", 0.01)),
         base="required",
         apply=_make_apply(consensus),
         extra={"chunkable_for": _chunkable_for, "sparsifier": "magnitude_outliers",

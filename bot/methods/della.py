@@ -29,7 +29,7 @@ import torch
 from ..errors import ModelError
 from ._sparsify_more import della_keep, l1_rescale, tensor_label
 from .base import MergeCall, MergeMethod, Param
-from .task_arithmetic import _combine
+from .task_arithmetic import _combine, family_params
 
 
 def check_epsilon(density: float, epsilon: float, where: str = "") -> None:
@@ -88,15 +88,7 @@ def _method(name: str, pretty: str, consensus: bool, normalize: bool) -> MergeMe
         name=name,
         pretty=pretty,
         url="https://arxiv.org/abs/2406.11617",
-        params=(
-            Param("weight", float, "non_base"),
-            Param("density", float, "non_base", 1.0, lo=0.0, hi=1.0),
-            Param("epsilon", float, "non_base", 0.15),
-            Param("normalize", bool, "shared", normalize),
-            Param("rescale", bool, "shared", True),
-            Param("int8_mask", bool, "shared", False),  # no numerical effect (§2.7)
-            Param("lambda", float, "shared", 1.0),
-        ),
+        params=family_params(normalize, True, Param("epsilon", float, "non_base", 0.15)),
         base="required",
         apply=_make_apply(consensus),
         uses_rng=True,

@@ -196,6 +196,19 @@ def _make(preset: Preset):
     return reduce, apply
 
 
+def family_params(normalize: bool, rescale: bool, *extra: Param) -> tuple[Param, ...]:
+    """The parameters every generalised task-arithmetic method declares (§2.7), plus its own extras."""
+    return (
+        Param("weight", float, "non_base"),
+        Param("density", float, "non_base", 1.0, lo=0.0, hi=1.0),
+        *extra,
+        Param("normalize", bool, "shared", normalize),
+        Param("rescale", bool, "shared", rescale),
+        Param("int8_mask", bool, "shared", False),  # no numerical effect (§2.7)
+        Param("lambda", float, "shared", 1.0),
+    )
+
+
 def _preset_method(name: str, pretty: str, url: str, preset: Preset) -> MergeMethod:
     reduce, apply = _make(preset)
 
@@ -210,14 +223,7 @@ def _preset_method(name: str, pretty: str, url: str, preset: Preset) -> MergeMet
         name=name,
         pretty=pretty,
         url=url,
-        params=(
-            Param("weight", float, "non_base"),
-            Param("density", float, "non_base", 1.0, lo=0.0, hi=1.0),
-            Param("normalize", bool, "shared", preset.normalize),
-            Param("rescale", bool, "shared", preset.rescale),
-            Param("int8_mask", bool, "shared", False),  # no numerical effect (§2.7)
-            Param("lambda", float, "shared", 1.0),
-        ),
+        params=family_params(preset.normalize, preset.rescale),
         base="required",
         apply=apply,
         reduce=reduce if preset.sparsifier == "random" else None,
