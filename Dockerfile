@@ -30,11 +30,11 @@ RUN python -c "import tomllib; deps = tomllib.load(open('/opt/mergebot/pyproject
     && pip install --no-cache-dir "torch==${TORCH_VERSION}" -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# Then the source. Editable install: the card templates live beside the package (templates/), not inside it.
+# Then the source (the card templates in templates/ are installed as data files, found by bot/card.py).
 COPY README.md /opt/mergebot/README.md
 COPY templates /opt/mergebot/templates
 COPY bot /opt/mergebot/bot
-RUN pip install --no-cache-dir --no-deps -e /opt/mergebot \
+RUN pip install --no-cache-dir --no-deps /opt/mergebot \
     && mergebot --version
 
 # No USER and no WORKDIR: GitHub runs container actions as root with the workspace as the working directory.

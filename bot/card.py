@@ -9,6 +9,7 @@ twice gives the same bytes (an unchanged merge republishes as a no-op).
 
 from __future__ import annotations
 
+import sys
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,16 @@ from .errors import MergebotError
 from .licenses import LicenseReport, render_notice
 from .parents import ParentInfo, read_lock, split_ref, union_languages
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "templates"
+def _templates_dir() -> Path:
+    """templates/ beside the package (source checkout, editable install), else the copy a wheel installs
+    under <prefix>/share/mergebot/templates (pyproject data-files)."""
+    here = Path(__file__).resolve().parent.parent / "templates"
+    if here.is_dir():
+        return here
+    return Path(sys.prefix) / "share" / "mergebot" / "templates"
+
+
+TEMPLATES_DIR = _templates_dir()
 DENSE_TEMPLATE = "card.md.j2"
 MOE_TEMPLATE = "card_moe.md.j2"
 CONFIG_FILES = ("mergekit_config.yml", "mergekit_moe_config.yml")
