@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 
 from . import fuse
+from .errors import ModelError
 from .methods.base import MergeCall, MergeMethod
 from .plan import Plan, TensorJob
 from .rng import stream_key
@@ -60,6 +61,10 @@ def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | Non
         xs = _inputs(plan, job, load_dtype)
         dest = writer.view(job.name)
         if job.copy:
+            for inp, x in zip(job.inputs[1:], xs[1:]):
+                if not torch.equal(x, xs[0]):
+                    raise ModelError(f"non-floating buffer {job.name!r} differs between {job.inputs[0].model} and "
+                                     f"{inp.model}; integer buffers cannot be merged (merge-semantics.md §2.0)")
             dest.copy_(xs[0].reshape(-1))
         else:
             _merge(method, job, xs, dest, seed, device)

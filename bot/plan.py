@@ -218,8 +218,9 @@ def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, ModelWeights]
     shape = (vocab.padded, *infos[0].shape[1:]) if is_vocab else infos[0].shape
     if is_vocab and not promoted.is_floating_point:
         raise ModelError(f"{out_name}: a non-floating vocabulary-indexed tensor cannot be aligned to a new vocabulary")
-    if not promoted.is_floating_point:
-        return [TensorJob(out_name, shape, promoted, promoted, inputs[:1], None, {}, [{}], t, copy=True, align=align)]
+    if not promoted.is_floating_point:  # integer buffers: copied, and every input must agree (§2.0)
+        return [TensorJob(out_name, shape, promoted, promoted, inputs, None, {}, [{}] * len(inputs), t, copy=True,
+                          align=align)]
     compute = torch.float64 if promoted == torch.float64 else torch.float32
     out_dtype = cfg.out_dtype or promoted
     base_idx = next((j for j, i in enumerate(inputs) if i.is_base), None)

@@ -174,3 +174,22 @@ def test_moe_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "MixtralForCausalLM, 2 experts" in text and "output:" in text
     assert not (tmp_path / "out").exists()
+
+
+def test_integer_buffers_are_copied_when_equal_and_refused_when_not(tmp_path):
+    from safetensors.torch import save_file
+    base, a = make_family(tmp_path / "m", 2, seed=6)
+    for d, v in ((base, 7), (a, 7)):
+        t = load_tensors(d)
+        t["model.position_ids"] = torch.arange(16, dtype=torch.int64) * v
+        save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+    text = (f"models:\n  - model: {base}\n    parameters: {{weight: 0.5}}\n"
+            f"  - model: {a}\n    parameters: {{weight: 0.5}}\nmerge_method: linear\n")
+    _merge(tmp_path, text)
+    assert torch.equal(load_tensors(tmp_path / "out")["model.position_ids"], torch.arange(16) * 7)
+    t = load_tensors(a)
+    t["model.position_ids"] = torch.arange(16, dtype=torch.int64)
+    save_file(t, str(a / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelError, match="non-floating buffer 'model.position_ids' differs"):
+        _merge(tmp_path, text, name="out2")
+    assert not (tmp_path / "out2").exists()
