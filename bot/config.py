@@ -249,9 +249,6 @@ def parse_config(text: str, file: str, doc: YamlDoc | None = None) -> MergeConfi
                       hub_repo=hub_repo, warnings=warnings, pending=pending)
     if method is not None:
         _check_method(cfg)
-    if len(slices) > 1 and "slices with more than one output slice (frankenmerges)" not in pending \
-            and name != "passthrough":
-        pass  # multi-slice merges of any method are supported by the planner
     return cfg
 
 

@@ -99,8 +99,8 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
     assert method is not None
     donor_ref = cfg.base_model or cfg.referenced_models()[0]
     donor = str(donor_ref)
-    donor_w = weights[donor]
-    layout = arch.infer_layout(list(donor_w.tensors), resolved[donor].config)
+    layouts = {key: arch.infer_layout(list(w.tensors), resolved[key].config) for key, w in weights.items()}
+    layout = layouts[donor]
     warnings: list[str] = []
 
     slices: list[tuple[Slice, list[Source], ModelRef | None, list[tuple[int, int]]]] = []
@@ -108,7 +108,7 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
         sources, base = slice_inputs(cfg, s)
         ranges = []
         for src in sources:
-            mlay = arch.infer_layout(list(weights[str(src.model)].tensors), resolved[str(src.model)].config)
+            mlay = layouts[str(src.model)]
             if src.layer_range is None:
                 ranges.append((0, mlay.num_layers))
             else:
@@ -135,7 +135,8 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
         length = ranges[0][1] - ranges[0][0]
         for k in range(length):
             t = 1.0 if length == 1 else k / (length - 1)
-            suffixes = donor_w_layer_suffixes(layout, weights, sources[0], ranges[0][0] + k)
+            # the tensors of the first source's layer (layers may differ within a model, e.g. Gemma3)
+            suffixes = layouts[str(sources[0].model)].layers_by_index.get(ranges[0][0] + k) or layout.layer_suffixes
             for suffix in suffixes:
                 out_name = layout.layer_name(out_index, suffix)
                 jobs.extend(_job(cfg, method, weights, (s, sources, base, ranges), out_name,
@@ -160,12 +161,6 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
         set_vocab_size(out_config, vocab.padded)
         warnings = vocab.warnings + warnings
     return Plan(method, jobs, weights, resolved, donor, out_config, warnings, vocab=vocab)
-
-
-def donor_w_layer_suffixes(layout: arch.Layout, weights: dict[str, ModelWeights], src: Source, index: int) -> tuple[str, ...]:
-    w = weights[str(src.model)]
-    names = arch.infer_layout(list(w.tensors), {}).layers_by_index.get(index)
-    return names if names else layout.layer_suffixes
 
 
 def _lookup(w: ModelWeights, name: str) -> str | None:
