@@ -39,6 +39,24 @@ CONFIGS = {
             "parameters: {{normalize: true, int8_mask: true}}\n",
     "dare_ties_density1": "models:\n  - model: {a}\n    parameters: {{weight: 0.5, density: 1.0}}\n  - model: {b}\n"
                           "    parameters: {{weight: 0.5, density: 1.0}}\nmerge_method: dare_ties\nbase_model: {base}\n",
+    "nuslerp": "models:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n  - model: {b}\n    parameters: {{weight: 0.3}}\n"
+               "merge_method: nuslerp\nbase_model: {base}\n",
+    "nuslerp_rowwise": "models:\n  - model: {a}\n    parameters: {{weight: 0.4}}\n  - model: {b}\n    parameters: {{weight: 0.6}}\n"
+                       "merge_method: nuslerp\nparameters: {{nuslerp_flatten: false, nuslerp_row_wise: true}}\n",
+    "multislerp": "models:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
+                  "merge_method: multislerp\nbase_model: {base}\n",
+    "karcher": "models:\n  - model: {base}\n  - model: {a}\n  - model: {b}\nmerge_method: karcher\n",
+    "model_stock": "models:\n  - model: {a}\n  - model: {b}\nmerge_method: model_stock\nbase_model: {base}\n",
+    "model_stock_filter_wise": "models:\n  - model: {a}\n  - model: {b}\nmerge_method: model_stock\nbase_model: {base}\n"
+                               "parameters: {{filter_wise: true}}\n",
+    "breadcrumbs_ties": "models:\n  - model: {a}\n    parameters: {{weight: 0.6, density: 0.8, gamma: 0.05}}\n  - model: {b}\n"
+                        "    parameters: {{weight: 0.4, density: 0.7}}\nmerge_method: breadcrumbs_ties\nbase_model: {base}\n",
+    "sce": "models:\n  - model: {a}\n  - model: {b}\nmerge_method: sce\nbase_model: {base}\nparameters: {{select_topk: 0.5}}\n",
+    "ram": "models:\n  - model: {a}\n  - model: {b}\nmerge_method: ram\nbase_model: {base}\nparameters: {{epsilon: 0.01}}\n",
+    "ramplus_tl": "models:\n  - model: {a}\n  - model: {b}\nmerge_method: ramplus_tl\nbase_model: {base}\n"
+                  "parameters: {{epsilon: 0.01}}\n",
+    "nearswap": "models:\n  - model: {base}\n  - model: {a}\nmerge_method: nearswap\nbase_model: {base}\nparameters: {{t: 0.01}}\n",
+    "arcee_fusion": "models:\n  - model: {base}\n  - model: {a}\nmerge_method: arcee_fusion\nbase_model: {base}\n",
     "passthrough_stack": "slices:\n  - sources:\n      - model: {base}\n        layer_range: [0, 4]\n  - sources:\n"
                          "      - model: {a}\n        layer_range: [2, 6]\nmerge_method: passthrough\n",
 }
