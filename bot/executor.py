@@ -48,9 +48,16 @@ def _inputs(plan: Plan, job: TensorJob, dtype: torch.dtype | None) -> list[torch
 
 
 def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | None, seed: int,
-             device: torch.device, progress: Callable[[int], None] | None = None, compile: str = "auto") -> RunStats:
+             device: torch.device, progress: Callable[[int], None] | None = None, compile: str = "auto",
+             rng: str = "hash") -> RunStats:
+    """`rng="mergekit"`: the plan's jobs must be in sorted-name order (see bot.merge); torch's global RNG is
+    seeded here once, as mergekit's --random-seed does, and random methods get whole tensors."""
     stats = RunStats()
-    stats.compiled = fuse.configure(compile, sum(j.numel * len(j.inputs) for j in plan.jobs), plan.method.fuse)
+    mergekit_rng = rng == "mergekit" and plan.method.uses_rng
+    stats.compiled = fuse.configure(compile, sum(j.numel * len(j.inputs) for j in plan.jobs),
+                                    plan.method.fuse and not mergekit_rng)
+    if mergekit_rng:
+        torch.manual_seed(seed)
     start = time.perf_counter()
     method = plan.method
     jobs = plan.jobs
@@ -67,7 +74,7 @@ def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | Non
                                      f"{inp.model}; integer buffers cannot be merged (merge-semantics.md §2.0)")
             dest.copy_(xs[0].reshape(-1))
         else:
-            _merge(method, job, xs, dest, seed, device)
+            _merge(method, job, xs, dest, seed, device, rng)
         writer.done(job.name)
         for inp in job.inputs:
             plan.models[inp.model].release(inp.tensor)
@@ -80,14 +87,14 @@ def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | Non
 
 
 def _call(job: TensorJob, xs: list[torch.Tensor], dest: torch.Tensor, start: int, count: int, seed: int,
-          method: MergeMethod, device: torch.device) -> MergeCall:
+          method: MergeMethod, device: torch.device, rng: str = "hash") -> MergeCall:
     # Always flat (rank 1): the methods here are shape-agnostic, and one rank means one compiled graph.
     chunk = [x.reshape(-1)[start:start + count].to(device, non_blocking=True) for x in xs]
     keys = [stream_key(seed, job.name, i.position) for i in job.inputs] if method.uses_rng else []
     out = dest[start:start + count] if device.type == "cpu" else None
     shape = tuple(job.shape) if count == job.numel else (count,)
     return MergeCall(chunk, job.base, job.shared, job.per_input, dtype=job.compute_dtype, out_dtype=job.out_dtype,
-                     start=start, keys=keys, out=out, shape=shape, name=job.name)
+                     start=start, keys=keys, out=out, shape=shape, name=job.name, rng=rng)
 
 
 def _store(result: torch.Tensor, dest: torch.Tensor, start: int, count: int) -> None:
@@ -97,11 +104,12 @@ def _store(result: torch.Tensor, dest: torch.Tensor, start: int, count: int) -> 
 
 
 def _merge(method: MergeMethod, job: TensorJob, xs: list[torch.Tensor], dest: torch.Tensor, seed: int,
-           device: torch.device) -> None:
+           device: torch.device, rng: str = "hash") -> None:
     n = job.numel
     chunk = CHUNK if fuse.enabled() or not method.chunkable_for(job.shared, job.per_input) else EAGER_CHUNK
-    if n <= chunk or not method.chunkable_for(job.shared, job.per_input):
-        _store(method.merge(_call(job, xs, dest, 0, n, seed, method, device)), dest, 0, n)
+    whole = not method.chunkable_for(job.shared, job.per_input) or (rng == "mergekit" and method.uses_rng)
+    if n <= chunk or whole:
+        _store(method.merge(_call(job, xs, dest, 0, n, seed, method, device, rng)), dest, 0, n)
         return
     bounds = [(s, min(chunk, n - s)) for s in range(0, n, chunk)]
     totals = None

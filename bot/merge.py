@@ -40,6 +40,7 @@ class MergeOptions:
     threads: int | None = None
     compile: str = "auto"  # auto | on | off: fuse method kernels with torch.compile (bot.fuse)
     allow_all_same_experts: bool = False  # MoE: every expert the same model (only useful with training)
+    rng: str = "hash"  # hash (order-independent, bot.rng) | mergekit (DARE masks with mergekit 0.1.5's bits)
 
 
 @dataclass
@@ -106,7 +107,7 @@ def prepare(cfg: MergeConfig, options: MergeOptions, headers_only: bool = False)
     return build_plan(cfg, resolved, weights, vocab=vocab)
 
 
-def make_lock(cfg: MergeConfig, plan: Plan, seed: int | None, device: torch.device) -> dict:
+def make_lock(cfg: MergeConfig, plan: Plan, seed: int | None, device: torch.device, rng: str = "hash") -> dict:
     parents = []
     base = str(cfg.base_model) if cfg.base_model else None
     for key, r in plan.resolved.items():
@@ -126,6 +127,7 @@ def make_lock(cfg: MergeConfig, plan: Plan, seed: int | None, device: torch.devi
         "dtype": dtype_name(cfg.dtype) if cfg.dtype else None,
         "out_dtype": dtype_name(cfg.out_dtype) if cfg.out_dtype else None,
         "random_seed": seed,
+        "rng": rng if plan.method.uses_rng else None,
         "device": device.type,
     }  # no timestamp: an unchanged re-merge must give identical files, hence no new Hub commit
 
@@ -162,19 +164,21 @@ def run_merge(cfg: MergeConfig, out_dir: Path, options: MergeOptions) -> MergeRe
         torch.set_num_threads(options.threads)
     plan = prepare(cfg, options)
     uses_rng = plan.method.uses_rng
+    if options.rng == "mergekit" and uses_rng:
+        plan.jobs.sort(key=lambda j: j.name)  # mergekit draws in sorted-name order (§2.7)
     seed = options.random_seed if options.random_seed is not None else (secrets.randbits(63) if uses_rng else None)
     entries = [ShardEntry(j.name, j.out_dtype, j.shape, j.nbytes) for j in plan.jobs]
     with staged_output(out_dir, options.force) as work:
         with streamed_shards(work, entries, options, plan.total_bytes) as (writer, progress):
             stats = run_plan(plan, writer, load_dtype=cfg.dtype, seed=seed or 0, device=device,
-                             progress=progress, compile=options.compile)
+                             progress=progress, compile=options.compile, rng=options.rng)
         write_json(work / "config.json", plan.out_config)
         plan.warnings.extend(write_tokenizer_files(  # §4.5 / §5.6, then chat_template
             cfg, plan.vocab, plan.resolved[plan.donor].directory, [r.directory for r in plan.resolved.values()],
             work, copy_tokenizer=options.copy_tokenizer))
         copy_parent_licenses({k: r.directory for k, r in plan.resolved.items()}, work)
         (work / "mergekit_config.yml").write_text(cfg.text, encoding="utf-8")
-        lock = make_lock(cfg, plan, seed, device)
+        lock = make_lock(cfg, plan, seed, device, options.rng)
         write_json(work / "mergebot.lock.json", lock)
     peak = peak_rss()
     return MergeResult(out_dir, plan, stats, peak, lock, cfg.warnings + plan.warnings)

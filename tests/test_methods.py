@@ -333,3 +333,31 @@ parameters: {{rescale: true}}
             deltas.append(kept * (l1 / l1k if l1 >= 1e-7 and l1k >= 1e-7 else 1.0))
         ref = ties64(X[k], [X[k] + deltas[0], X[k] + deltas[1]], [0.7, 0.5], normalize=True)
         assert torch.allclose(out[k].double(), ref, atol=2e-6), k
+
+
+def test_dare_mergekit_rng_mode_reproduces_mergekits_draw_order(family, tmp_path):
+    """--rng mergekit: torch.manual_seed(seed), tensors in sorted-name order, one bernoulli per non-base model
+    in config order (merge-semantics §2.7); the reference below draws the same way, independently."""
+    base, a, b, _ = family
+    X, A, B = f64(base), f64(a), f64(b)
+    out = merge_yaml(tmp_path, f"""
+models:
+  - model: {base}
+  - model: {a}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.4, density: 0.3}}
+merge_method: dare_ties
+base_model: {base}
+""", random_seed=7, rng="mergekit")
+    torch.manual_seed(7)
+    for k in sorted(X):
+        deltas = []
+        for M, dens in ((A, 0.5), (B, 0.3)):
+            d = M[k] - X[k]
+            keep = torch.bernoulli(torch.full(d.shape, dens, dtype=torch.float32)) > 0
+            kept = torch.where(keep, d, 0.0)
+            l1, l1k = float(d.abs().sum()), float(kept.abs().sum())
+            deltas.append(kept * (l1 / l1k if l1 >= 1e-7 and l1k >= 1e-7 else 1.0))
+        ref = ties64(X[k], [X[k] + deltas[0], X[k] + deltas[1]], [0.6, 0.4], normalize=False)
+        assert torch.allclose(out[k].double(), ref, atol=2e-6), k

@@ -25,6 +25,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cuda", action="store_true", help="same as --device cuda (mergekit-yaml flag)")
     p.add_argument("--random-seed", type=int, default=None,
                    help="seed for DARE masks: the same seed gives identical bytes whatever the order, threads or device")
+    p.add_argument("--rng", choices=("hash", "mergekit"), default="hash",
+                   help="DARE randomness: hash (default; identical whatever the order, chunking, threads or device) "
+                        "or mergekit (torch's global RNG in mergekit 0.1.5's draw order: its masks, bit for bit, on CPU)")
     p.add_argument("--out-shard-size", type=parse_size, default=parse_size("5B"),
                    help="max bytes per output shard, with K/M/B suffixes (decimal; default 5B = 5e9 bytes)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR (only once the new merge is complete)")
@@ -61,7 +64,7 @@ def options_from(args: argparse.Namespace) -> MergeOptions:
     return MergeOptions(out_shard_size=args.out_shard_size, device="cuda" if args.cuda else args.device,
                         random_seed=args.random_seed, force=args.force, copy_tokenizer=args.copy_tokenizer,
                         progress=not args.quiet, token=args.token, threads=args.num_threads,
-                        compile=args.compile)
+                        compile=args.compile, rng=args.rng)
 
 
 def print_plan(plan: Plan) -> None:

@@ -50,6 +50,7 @@ class MergeCall:
     out: torch.Tensor | None = None  # flat destination (out_dtype) a kernel may store into directly
     shape: tuple[int, ...] = ()  # the tensor's real shape when xs hold the whole tensor (flat chunk otherwise)
     name: str = ""  # output tensor name, for error messages
+    rng: str = "hash"  # "hash" (bot.rng) or "mergekit": torch's global RNG in mergekit's draw order (DARE)
 
     @property
     def others(self) -> list[int]:

@@ -174,7 +174,11 @@ def _make(preset: Preset):
         consensus = preset.consensus == "sum"
         normalize = bool(call.shared["normalize"])
         lam = float(call.shared["lambda"])
-        if preset.sparsifier == "random":
+        if preset.sparsifier == "random" and call.rng == "mergekit":
+            masks, scales = _mergekit_order_masks(call, others)
+            out = _kernel_masked(base, xs, masks, scales, weights, consensus, normalize, lam, call.dtype,
+                                 call.out_dtype, out=call.out)
+        elif preset.sparsifier == "random":
             scales = []
             for j, w in enumerate(weights):
                 factor = 1.0
@@ -194,6 +198,35 @@ def _make(preset: Preset):
         return out.reshape(shape_out)
 
     return reduce, apply
+
+
+def _mergekit_order_masks(call: MergeCall, others: list[int]) -> tuple[list[torch.Tensor | None], list[float]]:
+    """DARE masks drawn as mergekit 0.1.5 draws them (§2.7): torch's global RNG (seeded once per run), one
+    `bernoulli(full_like(δ, density))` per non-base model in config order, in the work dtype mergekit uses
+    on CPU (bf16 stays bf16, other floats float32). The executor visits tensors in sorted-name order, so the
+    masks are mergekit's bits; the math after them stays in float32."""
+    base = call.xs[call.base].reshape(-1)
+    masks: list[torch.Tensor | None] = []
+    scales: list[float] = []
+    for i in others:
+        x = call.xs[i].reshape(-1)
+        density = float(call.per_input[i]["density"])
+        if density >= 1:
+            masks.append(None)
+            scales.append(1.0)
+            continue
+        work = x.dtype if x.dtype in (torch.bfloat16, torch.float64) else torch.float32
+        keep = torch.bernoulli(torch.full(x.shape, density, dtype=work, device="cpu")).to(x.device) > 0
+        scale = 1.0
+        if call.shared["rescale"]:
+            d = x.to(call.dtype) - base.to(call.dtype)
+            l1 = float(d.abs().sum(dtype=torch.float64))
+            kept = float(torch.where(keep, d, 0.0).abs().sum(dtype=torch.float64))
+            if l1 >= RESCALE_EPS and kept >= RESCALE_EPS:
+                scale = l1 / kept
+        masks.append(keep)
+        scales.append(scale)
+    return masks, scales
 
 
 def family_params(normalize: bool, rescale: bool, *extra: Param) -> tuple[Param, ...]:
