@@ -17,7 +17,6 @@ loaded, i.e. before anything is written.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -29,7 +28,7 @@ import torch
 from .config import ModelRef
 from .errors import ModelError
 from .loader import ST_DTYPES, ModelWeights, TensorInfo
-from .sources import ResolvedModel, is_local, looks_like_repo_id
+from .sources import ResolvedModel, is_local, looks_like_repo_id, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
@@ -101,16 +100,7 @@ def resolve_adapter(ref: ModelRef, search: list[Path] | None = None, *, download
 
 
 def _adapter_config(directory: Path, ref: ModelRef) -> dict:
-    f = directory / ADAPTER_CONFIG
-    if not f.exists():
-        raise ModelError(f"LoRA {ref}: no {ADAPTER_CONFIG} in {directory}: not a PEFT adapter directory")
-    try:
-        cfg = json.loads(f.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ModelError(f"LoRA {ref}: {ADAPTER_CONFIG} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"LoRA {ref}: {ADAPTER_CONFIG} is not a JSON object")
-    return cfg
+    return read_json_object(directory, ADAPTER_CONFIG, f"LoRA {ref}", ": not a PEFT adapter directory")
 
 
 def _adapter_tensors(adapter: ResolvedModel, *, headers_only: bool, token: str | None) -> ModelWeights:

@@ -59,17 +59,22 @@ def resolve(ref: ModelRef, search: list[Path] | None = None, *, download: bool =
     return _from_hub(ref, download=download, token=token)
 
 
-def _read_config(directory: Path, label: str) -> dict:
-    f = directory / "config.json"
+def read_json_object(directory: Path, name: str, label: str, missing_hint: str = "") -> dict:
+    """A JSON object file of a model or adapter directory; every problem names the model and the file."""
+    f = directory / name
     if not f.exists():
-        raise ModelError(f"{label}: no config.json in {directory}")
+        raise ModelError(f"{label}: no {name} in {directory}{missing_hint}")
     try:
-        cfg = json.loads(f.read_text())
+        data = json.loads(f.read_text(encoding="utf-8"))
     except ValueError as e:
-        raise ModelError(f"{label}: config.json is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ModelError(f"{label}: config.json is not a JSON object")
-    return cfg
+        raise ModelError(f"{label}: {name} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{label}: {name} is not a JSON object")
+    return data
+
+
+def _read_config(directory: Path, label: str) -> dict:
+    return read_json_object(directory, "config.json", label)
 
 
 def _from_hub(ref: ModelRef, *, download: bool, token: str | None) -> ResolvedModel:
