@@ -81,11 +81,12 @@ def io_bound(inputs: list[Path], out_bytes: int, scratch: Path) -> float:
     return elapsed
 
 
-def run_merge(config: Path, out: Path, mergekit: str | None = None) -> dict:
+def run_merge(config: Path, out: Path, mergekit: str | None = None, extra: list[str] = ()) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    cmd = ([mergekit, str(config), str(out), "--random-seed", "1"] if mergekit else
-           [sys.executable, "-m", "bot.cli.main", "merge", str(config), str(out), "--random-seed", "1", "--quiet"])
+    cmd = ([mergekit, str(config), str(out), "--random-seed", "1", *extra] if mergekit else
+           [sys.executable, "-m", "bot.cli.main", "merge", str(config), str(out), "--random-seed", "1", "--quiet",
+            *extra])
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     peak_anon = peak_hwm = 0
     status = Path(f"/proc/{proc.pid}/status")
@@ -123,6 +124,9 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="~0.3B models instead of ~1.1B")
     ap.add_argument("--methods", default="linear,slerp,dare_ties")
     ap.add_argument("--mergekit", default=None, help="also time this mergekit-yaml (mergekit 0.1.5) on the same configs")
+    ap.add_argument("--device", default="cpu", help="mergebot's --device (and mergekit's --cuda when cuda)")
+    ap.add_argument("--args", default="", help="more mergebot merge flags, e.g. '--compile on'")
+    ap.add_argument("--results", type=Path, default=HERE / "results.json", help="where to write the JSON rows")
     args = ap.parse_args()
     cache = HERE / ".cache"
     base, a, b = make_models(cache, "small" if args.small else "1b")
@@ -138,10 +142,10 @@ def main() -> None:
         settle()
         bound = io_bound(inputs, out_bytes, scratch)
         settle()
-        res = run_merge(cfg, scratch / f"out-{name}")
+        res = run_merge(cfg, scratch / f"out-{name}", extra=["--device", args.device, *args.args.split()])
         settle()
         bound = min(bound, io_bound(inputs, out_bytes, scratch))  # the faster of two bounds: the harder ratio
-        row = {"method": name, "bytes_read": in_bytes, "bytes_written": out_bytes, "io_bound_s": bound, **res,
+        row = {"method": name, "device": args.device, "flags": args.args, "bytes_read": in_bytes, "bytes_written": out_bytes, "io_bound_s": bound, **res,
                "ratio": res["wall_s"] / bound}
         rows.append(row)
         print(f"{name:10s} wall {res['wall_s']:6.2f} s  (engine {res['engine_s']:5.2f} s)  io-bound {bound:6.2f} s  ratio {row['ratio']:4.2f}x  "
@@ -150,13 +154,14 @@ def main() -> None:
         shutil.rmtree(scratch / f"out-{name}", ignore_errors=True)
         if args.mergekit:
             settle()
-            mk = run_merge(cfg, scratch / f"mk-{name}", args.mergekit)
+            mk = run_merge(cfg, scratch / f"mk-{name}", args.mergekit,
+                           extra=["--cuda"] if args.device.startswith("cuda") else [])
             row["mergekit"] = {**mk, "io_bound_s": bound, "ratio": mk["wall_s"] / bound}
             print(f"{'  mergekit':10s} wall {mk['wall_s']:6.2f} s                   io-bound {bound:6.2f} s  "
                   f"ratio {mk['wall_s'] / bound:4.2f}x  peak RSS {mk['peak_rss_bytes'] / 1e9:5.2f} GB  "
                   f"peak anon {mk['peak_anon_bytes'] / 1e9:5.2f} GB", flush=True)
             shutil.rmtree(scratch / f"mk-{name}", ignore_errors=True)
-    (HERE / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    args.results.write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,10 @@ from .writer import ShardedWriter
 
 CHUNK = 1 << 24  # 16M elements: 64 MB per float32 working tensor; divides 2**32 (see bot.rng)
 EAGER_CHUNK = 1 << 20  # eager kernels: 4 MB float32 buffers that stay in cache across their passes
+# On a GPU every chunk crosses the host-device link once per pass (twice for two-phase methods), while the
+# math runs at device-memory speed: chunks as big as a 1B model's embedding (256 MB in float32), so most
+# tensors go over once, whole. dare_ties of three 1.1B models on an H100: engine 5.8 s with 1M chunks, 3.6 s.
+CUDA_CHUNK = 1 << 26
 
 
 @dataclass
@@ -55,7 +59,7 @@ def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | Non
     stats = RunStats()
     mergekit_rng = rng == "mergekit" and plan.method.uses_rng
     stats.compiled = fuse.configure(compile, sum(j.numel * len(j.inputs) for j in plan.jobs),
-                                    plan.method.fuse and not mergekit_rng)
+                                    plan.method.fuse and not mergekit_rng, device.type)
     if mergekit_rng:
         torch.manual_seed(seed)
     start = time.perf_counter()
@@ -106,7 +110,10 @@ def _store(result: torch.Tensor, dest: torch.Tensor, start: int, count: int) -> 
 def _merge(method: MergeMethod, job: TensorJob, xs: list[torch.Tensor], dest: torch.Tensor, seed: int,
            device: torch.device, rng: str = "hash") -> None:
     n = job.numel
-    chunk = CHUNK if fuse.enabled() or not method.chunkable_for(job.shared, job.per_input) else EAGER_CHUNK
+    if device.type != "cpu":
+        chunk = CUDA_CHUNK
+    else:
+        chunk = CHUNK if fuse.enabled() or not method.chunkable_for(job.shared, job.per_input) else EAGER_CHUNK
     whole = not method.chunkable_for(job.shared, job.per_input) or (rng == "mergekit" and method.uses_rng)
     if n <= chunk or whole:
         _store(method.merge(_call(job, xs, dest, 0, n, seed, method, device, rng)), dest, 0, n)

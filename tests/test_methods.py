@@ -280,6 +280,22 @@ def test_compiled_kernels_equal_eager(family, tmp_path, method):
         assert torch.allclose(eager[k], fused[k], atol=1e-6, rtol=1e-6), k
 
 
+def test_auto_compile_only_for_large_cpu_merges_of_methods_that_gain(monkeypatch):
+    """`--compile auto` (bot.fuse.configure): never on CUDA (eager beats a cold Triton compile there), never
+    for small merges or methods with a fast eager form, never without a C compiler."""
+    from bot import fuse
+    big, small = fuse.AUTO_MIN_ELEMENTS, fuse.AUTO_MIN_ELEMENTS - 1
+    monkeypatch.setattr(fuse, "compiler_available", lambda: True)
+    assert fuse.configure("auto", big, True, "cpu")
+    assert not fuse.configure("auto", big, True, "cuda")
+    assert not fuse.configure("auto", small, True, "cpu")
+    assert not fuse.configure("auto", big, False, "cpu")
+    assert fuse.configure("on", 1, False, "cuda") and not fuse.configure("off", big, True, "cpu")
+    monkeypatch.setattr(fuse, "compiler_available", lambda: False)
+    assert not fuse.configure("auto", big, True, "cpu")
+    fuse.configure("off", 0)
+
+
 def _exact_k_mask(d: torch.Tensor, density: float) -> torch.Tensor:
     """Reference: the k largest |d|, ties broken by element order (stable sort on -|d|)."""
     flat = d.flatten()
