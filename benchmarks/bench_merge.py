@@ -3,7 +3,10 @@
 Generates (once, cached under benchmarks/.cache) three ~1.1B-parameter bf16 Llama-shaped models (a base
 and two "fine-tunes" = base + small noise), then for linear, slerp and dare_ties:
   * the I/O bound: read every input byte once + write and fsync an output-sized file;
-  * the merge in a subprocess (`mergebot merge`), sampling its RssAnon and VmHWM every 20 ms.
+  * the merge in a subprocess (`mergebot merge`), sampling its RssAnon and VmHWM every 20 ms;
+alternating bound and merge --repeat times (the disk's speed drifts a lot between runs on a shared VM), then
+reporting the median merge against the median bound. "engine" is the merge loop alone (no interpreter start,
+imports, compile warm-up or planning).
 Prints one table and writes benchmarks/results.json. Usage: python benchmarks/bench_merge.py [--small]
 """
 
@@ -14,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -126,6 +130,7 @@ def main() -> None:
     ap.add_argument("--mergekit", default=None, help="also time this mergekit-yaml (mergekit 0.1.5) on the same configs")
     ap.add_argument("--device", default="cpu", help="mergebot's --device (and mergekit's --cuda when cuda)")
     ap.add_argument("--args", default="", help="more mergebot merge flags, e.g. '--compile on'")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per method; the median run and median bound are reported")
     ap.add_argument("--results", type=Path, default=HERE / "results.json", help="where to write the JSON rows")
     args = ap.parse_args()
     cache = HERE / ".cache"
@@ -139,18 +144,27 @@ def main() -> None:
         cfg.write_text(CONFIGS[name].format(base=base, a=a, b=b))
         inputs = [a, b] if name == "linear" else [base, a] if name == "slerp" else [base, a, b]
         in_bytes = sum(f.stat().st_size for d in inputs for f in d.glob("*.safetensors"))
+        bounds, runs = [], []
+        for _ in range(args.repeat):  # alternate bound and merge: both see the same disk and page-cache state
+            settle()
+            bounds.append(io_bound(inputs, out_bytes, scratch))
+            settle()
+            runs.append(run_merge(cfg, scratch / f"out-{name}", extra=["--device", args.device, *args.args.split()]))
         settle()
-        bound = io_bound(inputs, out_bytes, scratch)
-        settle()
-        res = run_merge(cfg, scratch / f"out-{name}", extra=["--device", args.device, *args.args.split()])
-        settle()
-        bound = min(bound, io_bound(inputs, out_bytes, scratch))  # the faster of two bounds: the harder ratio
-        row = {"method": name, "device": args.device, "flags": args.args, "bytes_read": in_bytes, "bytes_written": out_bytes, "io_bound_s": bound, **res,
-               "ratio": res["wall_s"] / bound}
+        bounds.append(io_bound(inputs, out_bytes, scratch))
+        bound = statistics.median(bounds)
+        res = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]  # the median run
+        row = {"method": name, "device": args.device, "flags": args.args, "bytes_read": in_bytes,
+               "bytes_written": out_bytes, "io_bound_s": bound, "io_bound_runs_s": bounds,
+               "wall_runs_s": [r["wall_s"] for r in runs], **res, "ratio": res["wall_s"] / bound,
+               "steady_ratio": (res["engine_s"] or res["wall_s"]) / bound}
         rows.append(row)
-        print(f"{name:10s} wall {res['wall_s']:6.2f} s  (engine {res['engine_s']:5.2f} s)  io-bound {bound:6.2f} s  ratio {row['ratio']:4.2f}x  "
+        print(f"{name:10s} wall {res['wall_s']:6.2f} s  (engine {res['engine_s']:5.2f} s)  io-bound {bound:6.2f} s  "
+              f"ratio {row['ratio']:4.2f}x (engine {row['steady_ratio']:4.2f}x)  "
               f"peak RSS {res['peak_rss_bytes'] / 1e9:5.2f} GB  peak anon {res['peak_anon_bytes'] / 1e9:5.2f} GB  "
-              f"read {in_bytes / 1e9:.2f} GB  written {out_bytes / 1e9:.2f} GB", flush=True)
+              f"read {in_bytes / 1e9:.2f} GB  written {out_bytes / 1e9:.2f} GB  "
+              f"[walls {', '.join(f'{r:.1f}' for r in row['wall_runs_s'])}; bounds {', '.join(f'{b:.1f}' for b in bounds)}]",
+              flush=True)
         shutil.rmtree(scratch / f"out-{name}", ignore_errors=True)
         if args.mergekit:
             settle()

@@ -377,3 +377,30 @@ base_model: {base}
             deltas.append(kept * (l1 / l1k if l1 >= 1e-7 and l1k >= 1e-7 else 1.0))
         ref = ties64(X[k], [X[k] + deltas[0], X[k] + deltas[1]], [0.6, 0.4], normalize=False)
         assert torch.allclose(out[k].double(), ref, atol=2e-6), k
+
+
+@pytest.mark.parametrize("start", [0, 5, (1 << 31) - 100, (1 << 32) - 1000, 1 << 32, 3 * (1 << 32) + 12345])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.9999, 1.0])
+def test_int32_keep_mask_is_the_int64_hash_bit_for_bit(start, p):
+    """bot.rng.keep32 (int32 lanes, wrapping products: what the DARE kernels use) draws exactly the bits of
+    the reference int64 hash, across the int32 sign boundary and past 2**32, eager and compiled."""
+    n, key = 1000, 987654321
+    thr = rng.threshold(p)
+    stream = rng.Stream32.of(key, start, n, thr)
+    ref = rng.hash_u32(torch.arange(n, dtype=torch.int64) + start, key) < thr
+    assert torch.equal(rng.keep32(torch.arange(n, dtype=torch.int32), *stream.args()), ref)
+    assert ref.float().mean().item() == pytest.approx(p, abs=0.06)
+
+
+def test_int32_keep_mask_compiled_and_chunk_boundary():
+    pytest.importorskip("torch._inductor")
+    from bot import fuse
+    if not fuse.compiler_available():
+        pytest.skip("no C compiler")
+    n, start, key = 5000, (1 << 31) - 2000, 12345
+    args = rng.Stream32.of(key, start, n, rng.threshold(0.4)).args()
+    compiled = torch.compile(lambda i, a: rng.keep32(i, *a), dynamic=True)
+    ref = rng.hash_u32(torch.arange(n, dtype=torch.int64) + start, key) < rng.threshold(0.4)
+    assert torch.equal(compiled(torch.arange(n, dtype=torch.int32), args), ref)
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        rng.Stream32.of(key, (1 << 32) - 10, 11, 5)
