@@ -13,6 +13,7 @@ from .config import MergeConfig
 from .licenses import LicenseOverride, LicensePolicy, LicenseReport, analyze
 from .merge import MergeOptions, MergeResult, run_merge
 from .moe_config import MoeConfig
+from .multimerge import MultiConfig
 from .parents import ParentInfo, parent_from_hub, parent_from_local, resolve_endpoint
 from .publish import LicenseGateError, PublishResult, publish, resolve_token
 
@@ -26,11 +27,26 @@ class PipelineResult:
     published: PublishResult | None
 
 
-def parents_of(result: MergeResult, endpoint: str | None, token: str | None) -> list[ParentInfo]:
-    """License metadata of every parent, read where the engine found it (local dir or Hub @ sha)."""
+def parents_of(results: list[MergeResult], endpoint: str | None, token: str | None,
+               intermediates: frozenset[str] = frozenset()) -> list[ParentInfo]:
+    """License metadata of every parent, read where the engine found it (local dir or Hub @ sha). For a
+    mergekit-multi file, the leaf parents of every stage: an intermediate's licenses are its parents'."""
+    out: list[ParentInfo] = []
+    seen: set[str] = set()
+    for result in results:
+        for p in _parents_of_one(result, endpoint, token, intermediates | seen):
+            seen.add(p.ref)
+            out.append(p)
+    return out
+
+
+def _parents_of_one(result: MergeResult, endpoint: str | None, token: str | None,
+                    skip: frozenset[str] | set[str]) -> list[ParentInfo]:
     base = result.lock.get("base_model")
     out = []
     for key, r in result.plan.resolved.items():
+        if key in skip or r.ref.path in skip:
+            continue
         role = "base" if key == base else "input"
         if r.is_hub:
             out.append(parent_from_hub(r.ref.path, revision=r.ref.revision, sha=r.sha, endpoint=endpoint,
@@ -47,12 +63,14 @@ def parents_of(result: MergeResult, endpoint: str | None, token: str | None) -> 
     return out
 
 
-def license_and_card(result: MergeResult, repo_id: str | None, *, endpoint: str | None = None,
-                     token: str | None = None, license_id: str | None = None,
-                     template: Path | None = None) -> LicenseReport:
-    """Analyse the parents' licenses and write README.md + NOTICE into the finished output directory."""
+def license_and_card(results: list[MergeResult], repo_id: str | None, *, endpoint: str | None = None,
+                     token: str | None = None, license_id: str | None = None, template: Path | None = None,
+                     intermediates: frozenset[str] = frozenset()) -> LicenseReport:
+    """Analyse the parents' licenses and write README.md + NOTICE into the finished output directory (the
+    last result's: a mergekit-multi file's earlier results are its intermediates)."""
+    result = results[-1]
     assert result.out_dir is not None
-    parents = parents_of(result, endpoint, token)
+    parents = parents_of(results, endpoint, token, intermediates)
     name = (repo_id or result.out_dir.name).split("/")[-1]
     report = analyze(parents, repo_name=name, policy=LicensePolicy(),
                      override=LicenseOverride(license_id) if license_id else None)
@@ -61,19 +79,25 @@ def license_and_card(result: MergeResult, repo_id: str | None, *, endpoint: str 
     return report
 
 
-def run(cfg: MergeConfig | MoeConfig, out_dir: Path, options: MergeOptions, *, push_to: str | None = None,
+def run(cfg: MergeConfig | MoeConfig | MultiConfig, out_dir: Path, options: MergeOptions, *, push_to: str | None = None,
         private: bool = False, create_pr: bool = False, license_id: str | None = None,
         allow_license_risk: bool = False, template: Path | None = None,
         endpoint: str | None = None) -> PipelineResult:
     endpoint = resolve_endpoint(endpoint)
     token = resolve_token(options.token)
-    if isinstance(cfg, MoeConfig):
+    intermediates: frozenset[str] = frozenset()
+    if isinstance(cfg, MultiConfig):
+        from .multimerge import run_multi
+        results = run_multi(cfg, out_dir, options)
+        intermediates = frozenset(cfg.names)
+    elif isinstance(cfg, MoeConfig):
         from .moe import run_moe
-        result = run_moe(cfg, out_dir, options, allow_all_same=options.allow_all_same_experts)
+        results = [run_moe(cfg, out_dir, options, allow_all_same=options.allow_all_same_experts)]
     else:
-        result = run_merge(cfg, out_dir, options)
-    report = license_and_card(result, push_to or cfg.hub_repo, endpoint=endpoint, token=token,
-                              license_id=license_id, template=template)
+        results = [run_merge(cfg, out_dir, options)]
+    result = results[-1]
+    report = license_and_card(results, push_to or cfg.hub_repo, endpoint=endpoint, token=token,
+                              license_id=license_id, template=template, intermediates=intermediates)
     published = None
     if push_to:
         if report.verdict == "block" and not allow_license_risk:

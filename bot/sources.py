@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from .config import ModelRef
 from .errors import ModelError
@@ -32,7 +35,24 @@ class ResolvedModel:
         return str(self.ref)
 
 
+_NAMED: ContextVar[dict[str, Path]] = ContextVar("named_models", default={})
+
+
+@contextmanager
+def named_models(mapping: dict[str, Path]) -> Iterator[None]:
+    """Within the block, a reference whose path is one of these names means that directory (the outputs of
+    earlier merges of a mergekit-multi file, bot.multimerge); names win over directories and repo ids."""
+    token = _NAMED.set(dict(mapping))
+    try:
+        yield
+    finally:
+        _NAMED.reset(token)
+
+
 def is_local(ref: ModelRef, search: list[Path]) -> Path | None:
+    named = _NAMED.get().get(ref.path)
+    if named is not None:
+        return named
     p = Path(ref.path).expanduser()
     candidates = [p] if p.is_absolute() else [Path.cwd() / p] + [d / p for d in search]
     for c in candidates:

@@ -96,28 +96,41 @@ class _CountingLoader(yaml.SafeLoader):
 
 def load_yaml(text: str, file: str) -> YamlDoc:
     """Parse one YAML document; every problem is a ConfigError naming file and line."""
+    docs = load_yaml_all(text, file)
+    if len(docs) > 1:
+        raise ConfigError(file, None, docs[1].line(()), "several YAML documents (---) in one file: a mergekit-multi "
+                          "file; `mergebot merge`/`validate` read it (bot.configfile.load)")
+    return docs[0] if docs else YamlDoc(None, file, {})
+
+
+def load_yaml_all(text: str, file: str) -> list[YamlDoc]:
+    """Every document of a file (mergekit-multi files have several, separated by `---`); empty documents are
+    dropped. The alias and node limits apply to the whole file. Lines are the file's lines."""
     loader = _CountingLoader(text)
+    builder = _Builder(loader, file)
+    docs: list[YamlDoc] = []
     try:
-        try:
-            node = loader.get_single_node()
-        except yaml.MarkedYAMLError as e:
-            mark = e.problem_mark or e.context_mark
-            line = mark.line + 1 if mark else None
-            reason = " ".join(str(x) for x in (e.context, e.problem) if x)
-            if "expected a single document" in reason:
-                raise ConfigError(file, None, line, "several YAML documents (---) in one file: multi-merge files "
-                                  "(mergekit-multi) are not supported; put each merge in its own file") from None
-            raise ConfigError(file, None, line, f"YAML syntax error: {reason}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(file, None, None, f"YAML error: {e}") from None
-        if node is None:
-            return YamlDoc(None, file, {})
-        builder = _Builder(loader, file)
-        try:
-            data = builder.build(node, ())
-        except yaml.constructor.ConstructorError as e:
-            mark = e.problem_mark
-            raise ConfigError(file, None, mark.line + 1 if mark else None, f"YAML error: {e.problem}") from None
-        return YamlDoc(data, file, builder.lines)
+        while True:
+            try:
+                if not loader.check_node():
+                    break
+                node = loader.get_node()
+            except yaml.MarkedYAMLError as e:
+                mark = e.problem_mark or e.context_mark
+                reason = " ".join(str(x) for x in (e.context, e.problem) if x)
+                raise ConfigError(file, None, mark.line + 1 if mark else None, f"YAML syntax error: {reason}") from None
+            except yaml.YAMLError as e:
+                raise ConfigError(file, None, None, f"YAML error: {e}") from None
+            if node is None:
+                continue
+            builder.lines = {}
+            try:
+                data = builder.build(node, ())
+            except yaml.constructor.ConstructorError as e:
+                mark = e.problem_mark
+                raise ConfigError(file, None, mark.line + 1 if mark else None, f"YAML error: {e.problem}") from None
+            if data is not None:
+                docs.append(YamlDoc(data, file, builder.lines))
+        return docs
     finally:
         loader.dispose()

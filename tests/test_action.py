@@ -390,3 +390,74 @@ def test_linters_pass():
     done = subprocess.run(["bash", str(ROOT / "tests" / "lint_action.sh")], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def moe_yaml(base: str, experts: list[str]) -> str:
+    return (f"base_model: {base}\ngate_mode: random\ndtype: float32\nexperts:\n"
+            + "".join(f"  - source_model: {e}\n" for e in experts))
+
+
+def test_moe_config_is_published_and_remerged_when_an_expert_moves(hub, tiny_models, checkout, monkeypatch, capsys):
+    """A mergekit-moe config (experts on the Hub) is built Mixtral-shaped and published like any merge; the
+    schedule re-merges it when one expert's repo gets a new commit."""
+    upload_parents(hub, tiny_models)
+    base, ft1, ft2 = (f"{hub.org}/{n}" for n in PARENTS)
+    c1 = checkout.commit({"merges/moe.yml": moe_yaml(base, [ft1, ft2])})
+    run = act(monkeypatch, capsys, checkout.path, "push", push(ZERO, c1), namespace=hub.user, hf_token=hub.token)
+    assert run.rc == 0, run.stdout
+    assert run.results["merges/moe.yml"]["status"] == "published", run.results
+    target = f"{hub.user}/moe"
+    files = hub.server.files(target)
+    cfg = json.loads(files["config.json"])
+    assert cfg["num_local_experts"] == 2 and cfg["architectures"] == ["MixtralForCausalLM"]
+    assert {"mergebot.lock.json", "README.md", "model.safetensors"} <= set(files)
+    published = commits(hub, target)
+
+    run = act(monkeypatch, capsys, checkout.path, "schedule", {"schedule": "17 3 * * 1"}, namespace=hub.user,
+              hf_token=hub.token)
+    assert run.rc == 0 and run.results["merges/moe.yml"]["status"] == "up-to-date", run.stdout
+    assert commits(hub, target) == published
+
+    hub.server.commit(ft2, {"model.safetensors": (Path(tiny_models[1]) / "model.safetensors").read_bytes()},
+                      message="new weights")
+    run = act(monkeypatch, capsys, checkout.path, "schedule", {"schedule": "17 3 * * 1"}, namespace=hub.user,
+              hf_token=hub.token)
+    assert run.rc == 0, run.stdout
+    assert run.results["merges/moe.yml"]["status"] == "published"
+    assert commits(hub, target) == published + 1
+
+
+def test_multi_merge_file_publishes_its_result_and_tracks_every_stage_parent(hub, tiny_models, checkout,
+                                                                               monkeypatch, capsys):
+    """A mergekit-multi file publishes its result; a PR plans each stage; the schedule re-merges it when a
+    parent that only an intermediate stage reads gets a new commit."""
+    upload_parents(hub, tiny_models)
+    base, ft1, ft2 = (f"{hub.org}/{n}" for n in PARENTS)
+    text = (f"name: inner\n{linear(ft1, ft2)}---\nmerge_method: slerp\nbase_model: {base}\n"
+            f"models:\n  - model: {base}\n  - model: inner\nparameters:\n  t: 0.4\ndtype: float32\n")
+    c1 = checkout.commit({"merges/multi.yml": text})
+    checkout.git("checkout", "-q", "-b", "feature")
+    c2 = checkout.commit({"merges/multi.yml": text + "# tweak\n"})
+    pr = {"pull_request": {"number": 3, "base": {"sha": c1, "ref": "main"}, "head": {"sha": c2}}}
+    run = act(monkeypatch, capsys, checkout.path, "pull_request", pr, namespace=hub.user)
+    assert run.rc == 0, run.stdout
+    assert run.results["merges/multi.yml"]["status"] == "planned"
+    assert "stage `inner` (linear)" in run.summary and "reads `inner` (built first)" in run.summary
+    checkout.git("checkout", "-q", "main")
+
+    run = act(monkeypatch, capsys, checkout.path, "push", push(ZERO, c1), namespace=hub.user, hf_token=hub.token)
+    assert run.rc == 0, run.stdout
+    target = f"{hub.user}/multi"
+    assert run.results["merges/multi.yml"]["status"] == "published"
+    lock = json.loads(hub.server.files(target)["mergebot.lock.json"])
+    assert sorted(p["ref"] for p in lock["parents"]) == sorted([base, ft1, ft2])
+    published = commits(hub, target)
+
+    hub.server.commit(ft1, {"model.safetensors": (Path(tiny_models[2]) / "model.safetensors").read_bytes()},
+                      message="new weights")
+    run = act(monkeypatch, capsys, checkout.path, "schedule", {"schedule": "17 3 * * 1"}, namespace=hub.user,
+              hf_token=hub.token)
+    assert run.rc == 0, run.stdout
+    assert run.results["merges/multi.yml"]["status"] == "published"
+    assert f"{ft1} (" in run.summary
+    assert commits(hub, target) == published + 1

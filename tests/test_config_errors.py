@@ -131,6 +131,8 @@ def test_seed_moe_config_is_valid_language_and_merge_names_the_missing_model(tmp
 
 def test_multi_document_file_is_named_as_such(tmp_path):
     cfg = tmp_path / "multi.yml"
-    cfg.write_text("merge_method: linear\nmodels: [{model: a}]\n---\nmerge_method: linear\nmodels: [{model: b}]\n")
+    cfg.write_text("merge_method: passthrough\nmodels: [{model: a}]\n---\nmerge_method: passthrough\n"
+                   "models: [{model: b}]\n")
     r = run_cli("validate", str(cfg))
-    assert r.returncode == 1 and "(line 3)" in r.stderr and "mergekit-multi" in r.stderr
+    assert r.returncode == 1 and "(line 4)" in r.stderr and "mergekit-multi" in r.stderr
+    assert "more than one merge without a `name:`" in r.stderr

@@ -15,6 +15,7 @@ from ..config import MergeConfig
 from ..errors import MergebotError
 from ..licenses import LicensePolicy, LicenseReport, analyze
 from ..moe_config import MoeConfig
+from ..multimerge import MultiConfig, Stage
 from ..merge import MergeOptions, prepare
 from ..parents import ParentInfo, parent_from_hub, parent_from_local
 from ..sources import is_local
@@ -27,7 +28,8 @@ class DryRunPlan:
     problems: list[str] = field(default_factory=list)  # what would make the real merge fail
 
 
-def read_parents(cfg: MergeConfig, *, endpoint: str, token: str | None) -> list[ParentInfo]:
+def read_parents(cfg: MergeConfig | MoeConfig | MultiConfig, *, endpoint: str,
+                 token: str | None) -> list[ParentInfo]:
     base = str(cfg.base_model) if cfg.base_model else None
     search = [Path(cfg.file).resolve().parent]
     out = []
@@ -42,7 +44,8 @@ def read_parents(cfg: MergeConfig, *, endpoint: str, token: str | None) -> list[
     return out
 
 
-def dry_run(cfg: MergeConfig, repo: str, *, endpoint: str, token: str | None, device: str = "cpu") -> DryRunPlan:
+def dry_run(cfg: MergeConfig | MoeConfig | MultiConfig, repo: str, *, endpoint: str, token: str | None,
+            device: str = "cpu") -> DryRunPlan:
     plan = DryRunPlan()
     plan.lines.append(f"method `{cfg.method_name}` → `{repo}`")
     try:
@@ -59,18 +62,29 @@ def dry_run(cfg: MergeConfig, repo: str, *, endpoint: str, token: str | None, de
                       + f", verdict **{r.verdict}**")
     plan.lines += [f"license: {reason}" for reason in r.reasons]
     try:
-        if isinstance(cfg, MoeConfig):
-            from ..moe import prepare_moe
-            moe_plan = prepare_moe(cfg, MergeOptions(device="cpu", progress=False, token=token))
-            plan.lines.append(f"output: {moe_plan.arch.class_name} with {len(cfg.experts)} experts, "
-                              f"{human_bytes(moe_plan.total_bytes)}; device `{device}`")
-            plan.lines += [f"note: {w}" for w in moe_plan.warnings]
-        else:
-            # headers only: Hub parents are read with HTTP range requests, no tensor data is downloaded
-            tensor_plan = prepare(cfg, MergeOptions(device="cpu", progress=False, token=token), headers_only=True)
-            plan.lines.append(f"output: {len(tensor_plan.jobs)} tensors, {human_bytes(tensor_plan.total_bytes)}; "
-                              f"reads {human_bytes(tensor_plan.input_bytes)}; device `{device}`")
-            plan.lines += [f"note: {w}" for w in tensor_plan.warnings]
+        stages = cfg.stages if isinstance(cfg, MultiConfig) else [Stage(None, cfg, [])]
+        for stage in stages:
+            prefix = f"stage `{stage.name or 'result'}` ({stage.cfg.method_name}): " if len(stages) > 1 else ""
+            if stage.needs:
+                plan.lines.append(prefix + "reads " + ", ".join(f"`{n}`" for n in stage.needs)
+                                  + " (built first); planned when the merge runs")
+            else:
+                plan.lines += [prefix + line for line in _tensor_plan(stage.cfg, token, device)]
     except MergebotError as e:
         plan.problems.append(str(e))
     return plan
+
+
+def _tensor_plan(cfg: MergeConfig | MoeConfig, token: str | None, device: str) -> list[str]:
+    options = MergeOptions(device="cpu", progress=False, token=token)
+    if isinstance(cfg, MoeConfig):
+        from ..moe import prepare_moe
+        moe_plan = prepare_moe(cfg, options)
+        return ([f"output: {moe_plan.arch.class_name} with {len(cfg.experts)} experts, "
+                 f"{human_bytes(moe_plan.total_bytes)}; device `{device}`"]
+                + [f"note: {w}" for w in moe_plan.warnings])
+    # headers only: Hub parents are read with HTTP range requests, no tensor data is downloaded
+    tensor_plan = prepare(cfg, options, headers_only=True)
+    return ([f"output: {len(tensor_plan.jobs)} tensors, {human_bytes(tensor_plan.total_bytes)}; "
+             f"reads {human_bytes(tensor_plan.input_bytes)}; device `{device}`"]
+            + [f"note: {w}" for w in tensor_plan.warnings])

@@ -19,8 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import MergeConfig
-from ..configfile import load
+from ..configfile import AnyConfig, load
 from ..errors import ConfigError, MergebotError
 from .events import Event, changed_files
 from .inputs import ActionInputs
@@ -34,7 +33,7 @@ class ConfigEntry:
 
     path: str  # relative to the workspace, POSIX: what annotations and the summary show
     file: Path  # absolute
-    cfg: MergeConfig | None = None
+    cfg: AnyConfig | None = None
     repo: str | None = None
     error: str | None = None
     line: int | None = None  # YAML line of a config error, for the ::error annotation
@@ -59,7 +58,7 @@ def valid_repo_id(repo: str) -> bool:
     return len(parts) == 2 and all(_REPO_NAME.fullmatch(p) for p in parts)
 
 
-def target_repo(cfg: MergeConfig, path: str, namespace: str | None) -> str:
+def target_repo(cfg: AnyConfig, path: str, namespace: str | None) -> str:
     """`hub_repo:` from the config, else namespace/<file stem>; ConfigError-like ValueError when neither works."""
     if cfg.hub_repo:
         if not valid_repo_id(cfg.hub_repo):

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import MergeConfig, ModelRef
+from ..config import ModelRef
+from ..configfile import AnyConfig
 from ..errors import MergebotError
 from ..parents import LOCK_FILE
 from ..sources import is_local, looks_like_repo_id
@@ -53,7 +54,7 @@ class Staleness:
         return ", ".join(parts) if parts else "none"
 
 
-def hub_refs(cfg: MergeConfig) -> list[ModelRef]:
+def hub_refs(cfg: AnyConfig) -> list[ModelRef]:
     """The config's parents that live on the Hub (local directories, as the engine finds them, excluded)."""
     search = [Path(cfg.file).resolve().parent]
     return [r for r in cfg.referenced_models() if is_local(r, search) is None and looks_like_repo_id(r.path)]
@@ -126,7 +127,7 @@ class StalenessChecker:
             raise StalenessError(f"target {repo}: {LOCK_FILE} has no 'parents' list")
         return info.sha, lock, license_id
 
-    def check(self, cfg: MergeConfig, repo: str) -> Staleness:
+    def check(self, cfg: AnyConfig, repo: str) -> Staleness:
         head, lock, license_id = self.published(repo)
         if lock is None:
             return Staleness(stale=True, published=False, head=head)

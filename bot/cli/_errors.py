@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Callable
@@ -20,3 +21,6 @@ def run_guarded(fn: Callable[[], int], debug: bool) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing was written to the output directory", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mergebot merge --dry-run ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -6,8 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import MergeConfig
 from ..configfile import load
 from ..moe_config import MoeConfig
+from ..multimerge import MultiConfig
 from .. import pipeline
 from ..merge import MergeOptions, prepare
 from ..plan import Plan, dtype_name
@@ -86,21 +88,34 @@ def print_plan(plan: Plan) -> None:
           f"estimated peak working memory {human_bytes(work + 200e6)}")
 
 
+def dry_run(cfg: MergeConfig | MoeConfig | MultiConfig, opts: MergeOptions, allow_all_same: bool) -> None:
+    if isinstance(cfg, MultiConfig):
+        for i, stage in enumerate(cfg.stages, 1):
+            label = stage.name or "result"
+            print(f"== stage {i}/{len(cfg.stages)}: {label} ({stage.cfg.method_name})")
+            if stage.needs:  # its inputs do not exist yet
+                print(f"reads the output of {', '.join(map(repr, stage.needs))} (built first): its tensor plan "
+                      "is made once they exist")
+            else:
+                dry_run(stage.cfg, opts, allow_all_same)
+    elif isinstance(cfg, MoeConfig):
+        from ..moe import prepare_moe
+        moe_plan = prepare_moe(cfg, opts, allow_all_same=allow_all_same)
+        warn(moe_plan.warnings)
+        print("\n".join(moe_plan.summary()))
+    else:
+        plan = prepare(cfg, opts, headers_only=True)
+        warn(plan.warnings)
+        print_plan(plan)
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     warn(cfg.warnings)
     opts = options_from(args)
     opts.allow_all_same_experts = args.allow_all_same
-    if isinstance(cfg, MoeConfig) and args.dry_run:
-        from ..moe import prepare_moe
-        moe_plan = prepare_moe(cfg, opts, allow_all_same=args.allow_all_same)
-        warn(moe_plan.warnings)
-        print("\n".join(moe_plan.summary()))
-        return 0
     if args.dry_run:
-        plan = prepare(cfg, opts, headers_only=True)
-        warn(plan.warnings)
-        print_plan(plan)
+        dry_run(cfg, opts, args.allow_all_same)
         return 0
     done = pipeline.run(cfg, args.out_dir, opts, push_to=args.push_to, private=args.private,
                         create_pr=args.create_pr, license_id=args.license,
