@@ -120,6 +120,10 @@ CONFIGS = {
              "parameters:\n  t: [0, 0.5, 1]\n",
     "dare_ties": "models:\n  - model: {base}\n  - model: {a}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
                  "  - model: {b}\n    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: dare_ties\nbase_model: {base}\n",
+    "ties": "models:\n  - model: {base}\n  - model: {a}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+            "  - model: {b}\n    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: ties\nbase_model: {base}\n",
+    "della": "models:\n  - model: {base}\n  - model: {a}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+             "  - model: {b}\n    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: della\nbase_model: {base}\n",
 }
 
 
@@ -142,7 +146,7 @@ def main() -> None:
     for name in args.methods.split(","):
         cfg = scratch / f"{name}.yml"
         cfg.write_text(CONFIGS[name].format(base=base, a=a, b=b))
-        inputs = [a, b] if name == "linear" else [base, a] if name == "slerp" else [base, a, b]
+        inputs = [a, b] if name == "linear" else [base, a] if name == "slerp" else [base, a, b]  # what it reads
         in_bytes = sum(f.stat().st_size for d in inputs for f in d.glob("*.safetensors"))
         bounds, runs = [], []
         for _ in range(args.repeat):  # alternate bound and merge: both see the same disk and page-cache state

@@ -91,11 +91,18 @@ class Stream32:
     def args(self) -> tuple[int, int, int, int | None]:
         return self.lo, self.key, self.hi, self.cut
 
+    def tensors(self, device: torch.device | str) -> tuple:
+        """The same constants as 0-d int32 tensors, for compiled kernels: Inductor's Triton code takes Python
+        ints as 64-bit kernel arguments without narrowing them, which silently turns the hash into 64-bit
+        arithmetic (wrong bits on CUDA; found on an H100). Tensors keep their dtype, and need no recompiles."""
+        vals = torch.tensor([self.lo, self.key, self.hi, self.cut or 0], dtype=torch.int32, device=device)
+        return vals[0], vals[1], vals[2], (None if self.cut is None else vals[3])
 
-def keep32(idx: torch.Tensor, lo: int, key: int, hi: int, cut: int | None) -> torch.Tensor:
+
+def keep32(idx: torch.Tensor, lo, key, hi, cut) -> torch.Tensor:
     """The keep mask `hash_u32(start + idx, key) < thr` for int32 offsets idx = 0..count-1, bit for bit;
-    (lo, key, hi, cut) are a Stream32's fields, passed as plain ints so compiled kernels take them as
-    dynamic values instead of recompiling per tensor."""
+    (lo, key, hi, cut) are a Stream32's fields: `args()` (ints) for eager code, `tensors()` in compiled
+    kernels."""
     if cut is None:
         return torch.ones_like(idx, dtype=torch.bool)
     h = _mix32((idx + lo) ^ key)

@@ -398,9 +398,10 @@ def test_int32_keep_mask_compiled_and_chunk_boundary():
     if not fuse.compiler_available():
         pytest.skip("no C compiler")
     n, start, key = 5000, (1 << 31) - 2000, 12345
-    args = rng.Stream32.of(key, start, n, rng.threshold(0.4)).args()
+    stream = rng.Stream32.of(key, start, n, rng.threshold(0.4))
     compiled = torch.compile(lambda i, a: rng.keep32(i, *a), dynamic=True)
     ref = rng.hash_u32(torch.arange(n, dtype=torch.int64) + start, key) < rng.threshold(0.4)
-    assert torch.equal(compiled(torch.arange(n, dtype=torch.int32), args), ref)
+    assert torch.equal(compiled(torch.arange(n, dtype=torch.int32), stream.tensors("cpu")), ref)
+    assert torch.equal(rng.keep32(torch.arange(n, dtype=torch.int32), *stream.tensors("cpu")), ref)
     with pytest.raises(ValueError, match="2\\*\\*32"):
         rng.Stream32.of(key, (1 << 32) - 10, 11, 5)

@@ -2,27 +2,33 @@
 
 Keeping the k = max(1, int(density·n)) largest |δ| needs the k-th largest magnitude of the whole tensor. A
 plain top-k over a large embedding allocates gigabytes (values + int64 indices); instead the exact threshold
-is found by a two-level radix selection over the float32 bit patterns of |δ| (non-negative floats order like
-their bits), one chunk at a time: a histogram of the high 16 bits, then of the low 16 bits inside the one
-bucket that holds the k-th value. Ties at the threshold (common with bf16 checkpoints, whose deltas repeat)
-are broken by element order, so exactly k entries survive, as in mergekit, and deterministically.
+is found by radix selection over the bit patterns of non-negative floats (which order like their bits), one
+chunk at a time, 16 bits per pass: a histogram of the high 16 bits, then of the next 16 bits inside the one
+bucket that holds the k-th value, and so on (two passes for float32, four for float64). Ties at the threshold
+(common with bf16 checkpoints, whose deltas repeat) are broken by element order, so exactly k entries
+survive, as in mergekit, and deterministically.
+
+`top_k_cuts` serves any such selection: TIES' |δ| (`magnitude_cut`), breadcrumbs' outlier band (two cuts
+on the same |δ|, §2.7) and SCE's variance top-k (§2.8).
 
 The random (DARE) sparsifier needs nothing here: its mask is a hash of the element index (bot.rng).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-CHUNK = 1 << 22
+CHUNK = 1 << 20  # elements per pass step: 4 MB float32 buffers; a TIES chunk's temporaries stay near 60 MB
+
+BitsOf = Callable[[int, int], torch.Tensor]  # (start, end) -> bit patterns of that chunk (int32 or int64)
 
 
 @dataclass
 class MagnitudeCut:
-    """Keep |δ| bits > `above`, plus the first `ties` elements (in element order) whose bits == `above`."""
+    """Keep bits > `above`, plus the first `ties` elements (in element order) whose bits == `above`."""
 
     above: int
     ties: int
@@ -43,26 +49,58 @@ def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
     return delta.abs().to(torch.float32).view(torch.int32)
 
 
-def magnitude_cut(bits_of: Callable[[int, int], torch.Tensor], n: int, density: float) -> MagnitudeCut | None:
+def top_histogram(bits: torch.Tensor) -> torch.Tensor:
+    """Counts of the highest 16 bits of one chunk: the first pass of `top_k_cuts`, for callers that need to
+    see the values before they know k (SCE counts nonzeros in the same pass)."""
+    return _histogram(bits.reshape(-1), torch.iinfo(bits.dtype).bits - 16)
+
+
+def _histogram(bits: torch.Tensor, shift: int) -> torch.Tensor:
+    return torch.bincount((bits >> shift) & 0xFFFF, minlength=1 << 16).cpu()
+
+
+def top_k_cuts(bits_of: BitsOf, n: int, ks: Sequence[int], dtype: torch.dtype = torch.int32,
+               top: torch.Tensor | None = None) -> list[MagnitudeCut]:
+    """Exact cuts keeping the k largest of the n non-negative patterns of `dtype` (int32: float32 values,
+    int64: float64), one per k in `ks`; the cuts share their passes over the chunks. `top`: the summed
+    `top_histogram` of every chunk, when the caller already made that pass."""
+    width = torch.iinfo(dtype).bits
+    cuts: list[MagnitudeCut | None] = [None] * len(ks)
+    state: dict[int, list[int]] = {}  # pending cut -> [prefix of its k-th pattern so far, rank inside prefix]
+    for j, k in enumerate(ks):
+        if k <= 0:
+            cuts[j] = MagnitudeCut(above=torch.iinfo(dtype).max, ties=0)  # no pattern is above this
+        elif k >= n:
+            cuts[j] = MagnitudeCut(above=-1, ties=0)
+        else:
+            state[j] = [0, k]
+    for shift in range(width - 16, -1, -16) if state else ():
+        prefixes = {p for p, _ in state.values()}
+        hists = {p: torch.zeros(1 << 16, dtype=torch.int64) for p in prefixes}
+        if shift == width - 16 and top is not None:
+            hists[0] = top
+        else:
+            for s in range(0, n, CHUNK):
+                b = bits_of(s, min(n, s + CHUNK)).reshape(-1)
+                for p in prefixes:
+                    inside = b if shift == width - 16 else b[(b >> (shift + 16)) == p]
+                    if inside.numel():
+                        hists[p] += _histogram(inside, shift)
+        for st in state.values():
+            h = hists[st[0]]
+            at_least = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])  # at_least[d]: count with digit >= d
+            digit = int((at_least >= st[1]).nonzero().max())
+            st[1] -= int(at_least[digit + 1]) if digit + 1 < h.numel() else 0
+            st[0] = (st[0] << 16) | digit
+    for j, (above, ties) in state.items():
+        cuts[j] = MagnitudeCut(above=above, ties=ties)
+    return cuts  # type: ignore[return-value]
+
+
+def magnitude_cut(bits_of: BitsOf, n: int, density: float) -> MagnitudeCut | None:
     """The exact cut keeping k entries; None: keep everything. `bits_of(start, end)` gives a chunk's bits."""
     if density >= 1:
         return None
     if density <= 0 or n == 0:
         return MagnitudeCut(above=(1 << 31) - 1, ties=0)  # no float32 bit pattern is above this
-    k = max(1, int(density * n))
-    hi = torch.zeros(1 << 15, dtype=torch.int64)
-    for s in range(0, n, CHUNK):
-        hi += torch.bincount((bits_of(s, min(n, s + CHUNK)) >> 16).reshape(-1), minlength=1 << 15)[: 1 << 15].cpu()
-    above = torch.flip(torch.cumsum(torch.flip(hi, [0]), 0), [0])  # above[b] = count with high bits >= b
-    bucket = int((above >= k).nonzero().max())
-    need = k - (int(above[bucket + 1]) if bucket + 1 < hi.numel() else 0)
-    lo = torch.zeros(1 << 16, dtype=torch.int64)
-    for s in range(0, n, CHUNK):
-        b = bits_of(s, min(n, s + CHUNK)).reshape(-1)
-        inside = b[(b >> 16) == bucket]
-        if inside.numel():
-            lo += torch.bincount((inside & 0xFFFF).long(), minlength=1 << 16).cpu()
-    lo_above = torch.flip(torch.cumsum(torch.flip(lo, [0]), 0), [0])
-    low = int((lo_above >= need).nonzero().max())
-    strictly = int(lo_above[low + 1]) if low + 1 < lo.numel() else 0
-    return MagnitudeCut(above=(bucket << 16) | low, ties=need - strictly)
+    return top_k_cuts(bits_of, n, [max(1, int(density * n))])[0]

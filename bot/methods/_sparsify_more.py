@@ -1,9 +1,7 @@
 """Whole-tensor helpers for the methods of issue 3 (merge-semantics.md §2.3–§2.12).
 
-* `outlier_mask`: breadcrumbs' `magnitude_outliers` sparsifier (§2.7).
 * `della_keep`: DELLA's `della_magprune` sparsifier (§2.7), drawn from the hash RNG (bot.rng).
 * `l1_rescale`: the L1 rescale every sparsifier uses when `rescale: true` (§2.7, not the paper's 1/p).
-* `topk_mask`: exactly k largest entries (SCE's variance selection, §2.8).
 * `tensor_label`: names the tensor in error messages when the call carries its name.
 * `gram64`, `lincomb`: float64 Gram matrices of flattened tensors and linear combinations of them. Methods
   whose result is a linear combination of their inputs with coefficients that depend only on norms and dot
@@ -11,8 +9,8 @@
   (additive over chunks) and an elementwise `apply`, so they stream tensors of any size.
 
 Magnitude orders are taken on |δ| in float32 as mergekit does (§2.0). Ties are broken by element order, the
-earlier element counting as the larger (as `_sparsify.magnitude_cut` does for TIES), so results are
-deterministic where mergekit's unstable sorts are not.
+earlier element counting as the larger (as `_sparsify.top_k_cuts` does for TIES, breadcrumbs and SCE, in
+bounded memory), so results are deterministic where mergekit's unstable sorts are not.
 """
 
 from __future__ import annotations
@@ -23,29 +21,6 @@ from .. import rng
 
 RESCALE_EPS = 1e-7
 GRAM_BLOCK = 1 << 20  # elements per float64 block when accumulating a Gram matrix
-
-
-def outlier_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
-    """magnitude_outliers (§2.7, 0.1.5): drop the n_top largest and the n_bot smallest |δ|.
-
-    target = int(density·n), n_top = int(gamma·n), n_bot = max(0, n − target − n_top); ascending sort by
-    |δ|, keep sorted positions [n_bot, n_bot + target). None means keep everything (density ≥ 1).
-    (The 0.1.4 bug `[n_bot:-n_top]`, which kept nothing when int(gamma·n) == 0, is not reproduced.)
-    """
-    if density >= 1:
-        return None
-    flat = delta.reshape(-1)
-    n = flat.numel()
-    target = max(0, int(density * n))
-    n_top = int(gamma * n)
-    n_bot = max(0, n - target - n_top)
-    keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
-    if target > 0:
-        # ascending positions [n_bot, n_bot + target) are descending positions [skip, skip + target)
-        skip = n - n_bot - target
-        order = torch.sort(flat.abs().float(), descending=True, stable=True).indices
-        keep[order[skip:skip + target]] = True
-    return keep
 
 
 def della_probabilities(delta: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float) -> torch.Tensor:
@@ -59,22 +34,34 @@ def della_probabilities(delta: torch.Tensor, shape: tuple[int, ...], density: fl
     x = x.movedim(1, -1)  # rank along dim 1 (the last dim of a matrix)
     n = x.shape[-1]
     order = torch.sort(x.abs().float(), dim=-1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order)  # ascending rank: n − 1 − position in the descending order
-    ranks.scatter_(-1, order, torch.arange(n - 1, -1, -1, device=order.device).expand_as(order))
+    # ascending rank (n − 1 − position in the descending order), exact in float64; then in place (fewer
+    # buffers per element: della.py calls this block by block) r̂ = rank/(n−1) and p = (density − ε) + r̂·2·ε
+    p = torch.empty(order.shape, dtype=torch.float64, device=order.device)
+    p.scatter_(-1, order, torch.arange(n - 1, -1, -1, dtype=torch.float64, device=order.device).expand_as(order))
+    del order
     if n > 1:
-        rhat = ranks.to(torch.float64) / (n - 1)
+        p.div_(n - 1)
     else:
-        rhat = torch.full(ranks.shape, 0.5, dtype=torch.float64, device=ranks.device)
-    p = (density - epsilon) + rhat * 2 * epsilon
+        p.fill_(0.5)
+    p.mul_(2).mul_(epsilon).add_(density - epsilon)
     return p.movedim(-1, 1).reshape(-1)
 
 
 def della_keep(delta: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float, key: int,
                start: int = 0) -> torch.Tensor:
-    """Bernoulli(p) keep mask of della_magprune, p per element, drawn from the hash stream `key`."""
-    p = della_probabilities(delta, shape, density, epsilon)
-    idx = torch.arange(p.numel(), dtype=torch.int64, device=p.device) + start
-    return rng.hash_u32(idx, key) < (p * 4294967296.0).long()
+    """Bernoulli(p) keep mask of della_magprune, p per element, drawn from the hash stream `key` for elements
+    start.. of the flattened tensor: `hash_u32(start + j, key) < ⌊p·2³²⌋`, computed in int32 lanes (rng.keep32,
+    the same bits, ~3× faster: DELLA with rescale draws every mask twice, see della.py)."""
+    thr = della_probabilities(delta, shape, density, epsilon).mul_(4294967296.0).long()
+    n = thr.numel()
+    # the int64 form where the block crosses a 2³² index boundary, or where p may round up to 1 (thr = 2³²
+    # does not fit keep32's int32 cut; the checked ε keeps p < 1 up to rounding)
+    if (start & rng.M32) + n > 1 << 32 or density + epsilon > 1 - 1e-9:
+        return rng.hash_u32(torch.arange(n, dtype=torch.int64, device=thr.device) + start, key) < thr
+    s = rng.Stream32.of(key, start, n, 0)
+    cut = thr.sub_(1 << 31).to(torch.int32)  # keep32 compares unsigned values as signed ones
+    del thr
+    return rng.keep32(torch.arange(n, dtype=torch.int32, device=cut.device), s.lo, s.key, s.hi, cut)
 
 
 def l1_rescale(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
@@ -87,20 +74,6 @@ def l1_rescale(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.
     if before < RESCALE_EPS or after < RESCALE_EPS:
         return masked
     return masked * (before / after)
-
-
-def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Exactly the k largest entries of `values` (flat bool); ties at the k-th value go to earlier elements."""
-    flat = values.reshape(-1)
-    n = flat.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=flat.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=flat.device)
-    order = torch.sort(flat, descending=True, stable=True).indices
-    keep = torch.zeros(n, dtype=torch.bool, device=flat.device)
-    keep[order[:k]] = True
-    return keep
 
 
 def gram64(vectors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

@@ -17,7 +17,10 @@ Randomness (deliberate difference, see the table at the top of merge-semantics.m
 element j of model position k is `hash_u32(j, stream_key(seed, tensor, k)) < ⌊p·2³²⌋` (bot.rng), so the
 result depends only on `--random-seed`, the tensor name and the model's position, never on execution order,
 thread count or device. mergekit draws from the global torch RNG in sorted-tensor order; its bits are not
-reproduced. Ranks are per row, so a tensor is chunked only when nothing is sampled.
+reproduced. Ranks are per row, so a tensor is chunked only when nothing is sampled; otherwise the method gets
+the whole tensor and walks it in blocks of whole rows (`_rows`): with `rescale` a first pass sums ‖δᵢ‖₁ and
+‖δᵢ⊙maskᵢ‖₁ in float64, a second draws the masks again (same ranks, same hash) and merges, so memory stays
+near one block whatever the tensor size.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
-from ._sparsify_more import della_keep, l1_rescale, tensor_label
+from ._rows import map_rows, row_blocks
+from ._sparsify_more import RESCALE_EPS, della_keep, tensor_label
 from .base import MergeCall, MergeMethod, Param
 from .task_arithmetic import _combine, family_params
 
@@ -53,29 +57,62 @@ def validate(name: str, shared: dict[str, Any], per_input: list[dict[str, Any]],
             check_epsilon(float(p["density"]), float(p.get("epsilon", 0.15)), f" (tensor {name!r}{who})")
 
 
+def _masked(call: MergeCall, xs: list[torch.Tensor], base: torch.Tensor, i: int, shape: tuple[int, ...],
+            s: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(δᵢ, keepᵢ) of one row block starting at flat offset s; keep None: no sampling (density ≥ 1 or ≤ 0)."""
+    p = call.per_input[i]
+    density, epsilon = float(p["density"]), float(p["epsilon"])
+    d = xs[i].to(call.dtype) - base
+    if density <= 0:
+        return torch.zeros_like(d), None
+    if density >= 1:
+        return d, None
+    return d, della_keep(d, shape, density, epsilon, call.keys[i], call.start + s)
+
+
+def _l1_scales(call: MergeCall, sampled: list[int]) -> dict[int, float]:
+    """‖δᵢ‖₁/‖δᵢ⊙keepᵢ‖₁ over the whole tensor (§2.7), 1 where either norm is below 1e-7: the first pass."""
+    l1 = dict.fromkeys(sampled, 0.0)
+    kept = dict.fromkeys(sampled, 0.0)
+    xs = [x.reshape(-1) for x in call.xs]
+    for s, e, shape in row_blocks(call.shape, xs[0].numel(), xs[0].device):
+        block = [x[s:e] for x in xs]
+        base = block[call.base].to(call.dtype)
+        for i in sampled:
+            d, keep = _masked(call, block, base, i, shape, s)
+            l1[i] += float(d.abs().sum(dtype=torch.float64))
+            kept[i] += float(torch.where(keep, d, 0.0).abs().sum(dtype=torch.float64))
+    return {i: l1[i] / kept[i] if l1[i] >= RESCALE_EPS and kept[i] >= RESCALE_EPS else 1.0 for i in sampled}
+
+
 def _make_apply(consensus: bool):
     def apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
-        b = call.xs[call.base].reshape(-1).to(call.dtype)
         others = call.others
         if not others:
-            return b
-        rescale = bool(call.shared["rescale"])
-        shape = call.shape if len(call.shape) else (1,)
-        deltas, weights = [], []
+            return call.xs[call.base].reshape(-1).to(call.dtype)
+        sampled = []
         for i in others:
-            p = call.per_input[i]
-            density, epsilon = float(p["density"]), float(p["epsilon"])
-            d = call.xs[i].reshape(-1).to(call.dtype) - b
-            if density <= 0:
-                d = torch.zeros_like(d)
-            elif density < 1:
+            density, epsilon = float(call.per_input[i]["density"]), float(call.per_input[i]["epsilon"])
+            if 0 < density < 1:
                 check_epsilon(density, epsilon, f"{tensor_label(call)} (input #{i}, the base being #0)")
-                keep = della_keep(d, shape, density, epsilon, call.keys[i], call.start)
-                d = l1_rescale(d, keep, rescale)
-            deltas.append(d)
-            weights.append(float(p["weight"]))
-        return _combine(b, deltas, weights, consensus, bool(call.shared["normalize"]), float(call.shared["lambda"]),
-                        call.dtype)
+                sampled.append(i)
+        scales = _l1_scales(call, sampled) if sampled and call.shared["rescale"] else {}
+        weights = [float(call.per_input[i]["weight"]) for i in others]
+        normalize, lam = bool(call.shared["normalize"]), float(call.shared["lambda"])
+
+        def block(xs: list[torch.Tensor], shape: tuple[int, ...], s: int) -> torch.Tensor:
+            base = xs[call.base].to(call.dtype)
+            deltas = []
+            for i in others:
+                d, keep = _masked(call, xs, base, i, shape, s)
+                if keep is not None:
+                    d = torch.where(keep, d, 0.0)
+                    if scales.get(i, 1.0) != 1.0:
+                        d = d * scales[i]
+                deltas.append(d)
+            return _combine(base, deltas, weights, consensus, normalize, lam, call.out_dtype)
+
+        return map_rows(call, block)
     return apply
 
 

@@ -6,8 +6,9 @@ t = N·cos/(1+(N−1)·cos) with N the number of non-base models, and t = 0 when
 
 * Default: vectors are the whole flattened tensors; `reduce` sums the offsets' Gram matrix in float64 over
   chunks, `apply` is elementwise, so tensors of any size stream.
-* `filter_wise: true`: one t per row (vectors along the last dim; a 1-D tensor is one row), which needs the
-  whole tensor (not chunkable).
+* `filter_wise: true`: one t per row (vectors along the last dim; a 1-D tensor is one row), which needs whole
+  rows (not chunkable): the method gets the whole tensor and merges it block by block of whole dim-0 slices
+  (`_rows`), so memory stays near one block whatever the tensor size.
 
 Optional tensors follow §2.0 BASE_OR_SKIP (extra["optional_policy"]): with fewer than 3 inputs the base is
 copied when only the base has the tensor, otherwise the tensor is dropped with a warning (the planner's job).
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ._rows import map_rows
 from ._sparsify_more import gram64
 from .base import MergeCall, MergeMethod, Param
 
@@ -44,9 +46,10 @@ def _pairs(n: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(i + 1, n)]
 
 
-def _split(call: MergeCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    w0 = call.xs[call.base].reshape(-1).to(call.dtype)
-    return w0, [call.xs[i].reshape(-1).to(call.dtype) for i in call.others]
+def _split(call: MergeCall, xs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The base and the fine-tunes, flat in the compute dtype, of `xs` (flat slices; by default the whole call)."""
+    xs = call.xs if xs is None else xs
+    return xs[call.base].reshape(-1).to(call.dtype), [xs[i].reshape(-1).to(call.dtype) for i in call.others]
 
 
 def _reduce(call: MergeCall) -> torch.Tensor:
@@ -56,32 +59,39 @@ def _reduce(call: MergeCall) -> torch.Tensor:
     return gram64([w - w0 for w in ws], call.dtype)
 
 
-def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
-    w0, ws = _split(call)
-    n = len(ws)
-    if n == 0:
-        return w0
+def _mean(ws: list[torch.Tensor]) -> torch.Tensor:
     mean = ws[0]
     for w in ws[1:]:
         mean = mean + w
-    mean = mean / n
+    return mean / len(ws)
+
+
+def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
+    if call.shared["filter_wise"] and len(call.others) >= 2:
+        return map_rows(call, lambda xs, shape, s: _filter_wise(call, xs, shape))
+    w0, ws = _split(call)
+    n = len(ws)
     pairs = _pairs(n)
-    if not call.shared["filter_wise"]:
-        g = totals if totals is not None and totals.numel() else gram64([w - w0 for w in ws], call.dtype)
-        if not pairs:  # a single fine-tune (the contract asks for two): cos is undefined, keep the base
-            return w0
-        cos = mean_cos({(i, j): g[i, j] for i, j in pairs}, [g[i, i] for i in range(n)])
-        t = float(stock_t(cos, n))
-        return mean * t + w0 * (1.0 - t)
-    shape = call.shape if len(call.shape) >= 2 else (1, -1)
+    if not pairs:  # no fine-tune, or a single one (the contract asks for two): cos is undefined, keep the base
+        return w0
+    g = totals if totals is not None and totals.numel() else gram64([w - w0 for w in ws], call.dtype)
+    cos = mean_cos({(i, j): g[i, j] for i, j in pairs}, [g[i, i] for i in range(n)])
+    t = float(stock_t(cos, n))
+    return _mean(ws) * t + w0 * (1.0 - t)
+
+
+def _filter_wise(call: MergeCall, xs: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+    """filter_wise on one block of whole rows (vectors along the last dim; below 2-D the block is one row)."""
+    w0, ws = _split(call, xs)
+    n = len(ws)
+    shape = shape if len(shape) >= 2 else (1, -1)
     rows0 = w0.reshape(shape)
     offs = [(w.reshape(shape) - rows0).to(torch.float64) for w in ws]
-    if not pairs:
-        return w0
+    pairs = _pairs(n)
     dots = {(i, j): (offs[i] * offs[j]).sum(-1) for i, j in pairs}
     sq = [(o * o).sum(-1) for o in offs]
     t = stock_t(mean_cos(dots, sq), n).to(call.dtype).unsqueeze(-1)
-    return (mean.reshape(shape) * t + rows0 * (1.0 - t)).reshape(-1)
+    return (_mean(ws).reshape(shape) * t + rows0 * (1.0 - t)).reshape(-1)
 
 
 def _chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:

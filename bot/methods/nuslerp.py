@@ -14,7 +14,10 @@ Vectors are, by mode:
   float64 by `reduce` (additive over chunks), so the method streams tensors of any size;
 * otherwise rows `W[i, :]` (along the last dim) when `nuslerp_row_wise: false`, and columns `W[:, j]`
   (along dim 0) when `nuslerp_row_wise: true`. The naming is inverted with respect to mergekit's docs;
-  this is what its code does (§2.3). These modes need the whole tensor (not chunkable).
+  this is what its code does (§2.3). These modes need whole vectors (not chunkable): the method gets the whole
+  tensor and walks it in blocks of whole dim-0 slices (`_rows`). Rows lie inside a block, so each block is
+  merged on its own; columns cross every block, so a first pass sums their float64 norms and dot products
+  over the blocks, and a second applies the coefficients. Memory stays near one block either way.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ._rows import map_rows, row_blocks
 from .base import MergeCall, MergeMethod, Param
 
 EPS = 1e-8
@@ -34,13 +38,17 @@ def interpolation_t(w1: float, w2: float) -> float:
     return 0.5 if abs(s) < 1e-6 else w2 / s
 
 
-def _vectors(call: MergeCall) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _vectors(call: MergeCall, xs: list[torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """v0, v1 (task vectors when there is a base) and the base, flat in the compute dtype, of `xs` (flat
+    slices of the inputs, by default the whole call)."""
+    xs = [x.reshape(-1) for x in call.xs] if xs is None else xs
     i1, i2 = call.others
-    v0 = call.xs[i1].reshape(-1).to(call.dtype)
-    v1 = call.xs[i2].reshape(-1).to(call.dtype)
+    v0 = xs[i1].to(call.dtype)
+    v1 = xs[i2].to(call.dtype)
     base = None
     if call.base is not None:
-        base = call.xs[call.base].reshape(-1).to(call.dtype)
+        base = xs[call.base].to(call.dtype)
         v0, v1 = v0 - base, v1 - base
     return v0, v1, base
 
@@ -76,26 +84,49 @@ def _reduce(call: MergeCall) -> torch.Tensor:
 
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     t = _t(call)
+    if not call.shared["nuslerp_flatten"] and len(call.shape) >= 2:
+        return _apply_vectors(call, t)
     v0, v1, base = _vectors(call)
-    if call.shared["nuslerp_flatten"] or len(call.shape) < 2:
-        if totals is None or not totals.numel():
-            totals = _reduce_flat(v0, v1)
-        c0, c1 = coefficients(t, totals[0], totals[1], totals[2])
-        out = v0 * float(c0) + v1 * float(c1)
-    else:
-        shape = call.shape
-        a = v0.reshape(shape)
-        b = v1.reshape(shape)
-        if call.shared["nuslerp_row_wise"]:  # columns: vectors along dim 0
-            a, b = a.transpose(0, -1), b.transpose(0, -1)
-        a64, b64 = a.to(torch.float64), b.to(torch.float64)
-        c0, c1 = coefficients(t, (a64 * a64).sum(-1, keepdim=True), (b64 * b64).sum(-1, keepdim=True),
-                              (a64 * b64).sum(-1, keepdim=True))
-        out = a * c0.to(call.dtype) + b * c1.to(call.dtype)
-        if call.shared["nuslerp_row_wise"]:
-            out = out.transpose(0, -1)
-        out = out.reshape(-1)
+    if totals is None or not totals.numel():
+        totals = _reduce_flat(v0, v1)
+    c0, c1 = coefficients(t, totals[0], totals[1], totals[2])
+    out = v0 * float(c0) + v1 * float(c1)
     return out if base is None else base + out
+
+
+def _sums(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float64 ‖a‖², ‖b‖², ⟨a,b⟩ along `dim` (kept)."""
+    a64, b64 = a.to(torch.float64), b.to(torch.float64)
+    return ((a64 * a64).sum(dim, keepdim=True), (b64 * b64).sum(dim, keepdim=True),
+            (a64 * b64).sum(dim, keepdim=True))
+
+
+def _apply_vectors(call: MergeCall, t: float) -> torch.Tensor:
+    """Non-flattened modes, block by block of whole dim-0 slices: rows (along the last dim) are merged per
+    block; columns (along dim 0, `nuslerp_row_wise`) need their sums over every block first."""
+    columns = bool(call.shared["nuslerp_row_wise"])
+    if columns:
+        totals = None
+        xs = [x.reshape(-1) for x in call.xs]
+        for s, e, shape in row_blocks(call.shape, xs[0].numel(), xs[0].device):
+            v0, v1, _ = _vectors(call, [x[s:e] for x in xs])
+            part = _sums(v0.reshape(shape), v1.reshape(shape), 0)
+            totals = part if totals is None else tuple(x + y for x, y in zip(totals, part))
+        c0, c1 = coefficients(t, *totals)
+        c0, c1 = c0.to(call.dtype), c1.to(call.dtype)
+
+    def block(xs: list[torch.Tensor], shape: tuple[int, ...], s: int) -> torch.Tensor:
+        v0, v1, base = _vectors(call, xs)
+        a, b = v0.reshape(shape), v1.reshape(shape)
+        if columns:
+            out = a * c0 + b * c1
+        else:
+            r0, r1 = coefficients(t, *_sums(a, b, -1))
+            out = a * r0.to(call.dtype) + b * r1.to(call.dtype)
+        out = out.reshape(-1)
+        return out if base is None else base + out
+
+    return map_rows(call, block)
 
 
 def _reduce_flat(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:

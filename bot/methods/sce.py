@@ -6,8 +6,12 @@ nothing). Matrix weights ωᵢ = mean(τᵢ²)/Σⱼ mean(τⱼ²) (uniform 1/N 
 mask = the TIES sign election on the unweighted τ (a sum ≥ 0 elects +1; zeros never vote);
 out = base + Σ τᵢωᵢmaskᵢ / clamp(Σ ωᵢmaskᵢ, min 1e-6). `int8_mask` has no numerical effect.
 
-With select_topk ≥ 1 the method streams: `reduce` sums Σ τᵢ² and the element count in float64 over chunks,
-`apply` is elementwise. The top-k selection is global, so select_topk < 1 needs the whole tensor.
+With select_topk ≥ 1 the executor streams the method: `reduce` sums Σ τᵢ² and the element count in float64
+over chunks, `apply` is elementwise. With select_topk < 1 the top-k selection is global (ties at the k-th
+variance go to earlier elements), so the method gets the whole tensor as zero-copy views and walks it in
+chunks itself, in bounded memory: the variance (elementwise, so the same bits per chunk as whole) is cut
+exactly by radix selection over its bit patterns (`_sparsify.top_k_cuts`: one pass that also counts the
+nonzeros, one per further 16 bits), then one pass sums Σ τᵢ² of the selected τ, then one writes the output.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._sparsify_more import topk_mask
+from . import _sparsify
 from .base import MergeCall, MergeMethod, Param
 
 UNIFORM_EPS = 1e-6
@@ -28,16 +32,20 @@ def _deltas(call: MergeCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return base, [call.xs[i].reshape(-1).to(call.dtype) - base for i in call.others]
 
 
-def _select(taus: list[torch.Tensor], topk: float) -> list[torch.Tensor]:
-    if topk >= 1:
-        return taus
-    if topk <= 0:
-        return [torch.zeros_like(t) for t in taus]
-    var = torch.var(torch.stack(taus), dim=0, unbiased=False)
-    # count·topk as mergekit evaluates it (an int64 0-d tensor times a Python float: float32), so k matches
-    k = int(torch.count_nonzero(var).cpu() * topk)
-    keep = topk_mask(var.abs(), k)
-    return [torch.where(keep, t, 0.0) for t in taus]
+def _variance_bits(taus: list[torch.Tensor]) -> torch.Tensor:
+    """Bit patterns of the population variance across the τᵢ, elementwise, in the compute dtype (int32 or
+    int64 patterns). The formula is torch.var's on CPU (Welford, float64 accumulators, one division at the
+    end: the same bits as `torch.var(stack, 0, unbiased=False)`, so the selection is the whole-tensor one),
+    written out with elementwise ops so that any chunk, and any device, gives the same bits."""
+    mean = torch.zeros(taus[0].shape, dtype=torch.float64, device=taus[0].device)
+    m2 = torch.zeros_like(mean)
+    for i, t in enumerate(taus):
+        x = t.to(torch.float64)
+        d = x - mean
+        mean = mean + d / (i + 1)
+        m2 = m2 + d * (x - mean)
+    var = (m2 / len(taus)).to(taus[0].dtype).abs()
+    return var.view(torch.int64 if var.dtype == torch.float64 else torch.int32)
 
 
 def _sums(taus: list[torch.Tensor]) -> torch.Tensor:
@@ -60,19 +68,12 @@ def matrix_weights(sums: list[float], numel: float) -> list[float]:
     return [m / total for m in means]
 
 
-def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
-    base, taus = _deltas(call)
-    if not taus:
-        return base
-    topk = float(call.shared["select_topk"])
-    taus = _select(taus, topk)
-    if totals is None or not totals.numel():
-        totals = _sums(taus)
-    weights = matrix_weights([float(v) for v in totals[:-1]], float(totals[-1]))
+def _merge(base: torch.Tensor, taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Sign election on the unweighted τ, then the ω-weighted mean of the agreeing τ (§2.8)."""
     total = taus[0]
     for t in taus[1:]:
         total = total + t
-    sign = torch.where(total >= 0, 1.0, -1.0).to(call.dtype)
+    sign = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
     mixed = torch.zeros_like(base)
     div = torch.zeros_like(base)
     for t, w in zip(taus, weights):
@@ -80,6 +81,66 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
         mixed = mixed + torch.where(agree, t * w, 0.0)
         div = div + torch.where(agree, w, 0.0)
     return base + mixed / div.clamp(min=DIV_EPS)
+
+
+def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
+    if call.others and float(call.shared["select_topk"]) < 1:
+        return _apply_selected(call)
+    base, taus = _deltas(call)
+    if not taus:
+        return base
+    if totals is None or not totals.numel():
+        totals = _sums(taus)
+    return _merge(base, taus, matrix_weights([float(v) for v in totals[:-1]], float(totals[-1])))
+
+
+def _apply_selected(call: MergeCall) -> torch.Tensor:
+    """select_topk < 1 over the whole tensor, chunk by chunk (see the module docstring)."""
+    topk = float(call.shared["select_topk"])
+    base = call.xs[call.base].reshape(-1)
+    xs = [call.xs[i].reshape(-1) for i in call.others]
+    n = base.numel()
+    step = _sparsify.CHUNK
+    bits_dtype = torch.int64 if call.dtype == torch.float64 else torch.int32
+
+    def deltas(s: int, e: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        b = base[s:e].to(call.dtype)
+        return b, [x[s:e].to(call.dtype) - b for x in xs]
+
+    def var_bits(s: int, e: int) -> torch.Tensor:
+        return _variance_bits(deltas(s, e)[1])
+
+    if topk <= 0:
+        cut = _sparsify.top_k_cuts(var_bits, n, [0], bits_dtype)[0]  # keeps nothing, without a pass
+    else:
+        top = torch.zeros(1 << 16, dtype=torch.int64)
+        nonzero = 0
+        for s in range(0, n, step):
+            bits = var_bits(s, min(n, s + step))
+            top += _sparsify.top_histogram(bits)
+            nonzero += int(torch.count_nonzero(bits))
+        # count·topk as mergekit evaluates it (an int64 0-d tensor times a Python float: float32), so k matches
+        k = int(torch.tensor(nonzero, dtype=torch.int64) * topk)
+        cut = _sparsify.top_k_cuts(var_bits, n, [k], bits_dtype, top=top)[0]
+
+    def selected(s: int, e: int, seen: int) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        b, taus = deltas(s, e)
+        keep, seen = cut.mask(_variance_bits(taus), seen)
+        return b, [torch.where(keep, t, 0.0) for t in taus], seen
+
+    sums = torch.zeros(len(xs) + 1, dtype=torch.float64)
+    seen = 0
+    for s in range(0, n, step):
+        _, taus, seen = selected(s, min(n, s + step), seen)
+        sums += _sums(taus)  # Σ τᵢ² per model, then the element count
+    weights = matrix_weights([float(v) for v in sums[:-1]], float(sums[-1]))
+    out = call.out if call.out is not None else torch.empty(n, dtype=call.out_dtype, device=base.device)
+    seen = 0
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        b, taus, seen = selected(s, e, seen)
+        out[s:e] = _merge(b, taus, weights)
+    return out
 
 
 def _chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:

@@ -33,7 +33,7 @@ class Preset:
     rescale: bool
 
 
-Streams = list[tuple[int, int, int, int | None]]  # rng.Stream32.args() per non-base model
+Streams = list[tuple]  # rng.Stream32.tensors() per non-base model (0-d int32 tensors)
 
 
 @fusable
@@ -154,9 +154,10 @@ def _magnitude_apply(call: MergeCall, others: list[int], weights: list[float], c
 
 def _make(preset: Preset):
     def streams(call: MergeCall) -> Streams:
-        n = call.xs[call.base].numel()
-        return [rng.Stream32.of(call.keys[i], call.start, n, rng.threshold(float(call.per_input[i]["density"])))
-                .args() for i in call.others]
+        base = call.xs[call.base]
+        return [rng.Stream32.of(call.keys[i], call.start, base.numel(),
+                                rng.threshold(float(call.per_input[i]["density"]))).tensors(base.device)
+                for i in call.others]
 
     def reduce(call: MergeCall) -> torch.Tensor:
         if preset.sparsifier != "random" or not call.shared["rescale"] or not call.others:
