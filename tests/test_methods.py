@@ -405,3 +405,18 @@ def test_int32_keep_mask_compiled_and_chunk_boundary():
     assert torch.equal(rng.keep32(torch.arange(n, dtype=torch.int32), *stream.tensors("cpu")), ref)
     with pytest.raises(ValueError, match="2\\*\\*32"):
         rng.Stream32.of(key, (1 << 32) - 10, 11, 5)
+
+
+@pytest.mark.parametrize("chunk", [64, 1000])
+def test_ties_chunked_with_ties_at_the_cut_equals_whole_tensor(family_bf16, tmp_path, monkeypatch, chunk):
+    """bf16 deltas repeat, so the magnitude cut has many tied entries spread over chunks: the fused pass
+    (bits > cut, or == cut before the last kept tie) keeps exactly the entries the whole-tensor mask keeps."""
+    from bot.methods import _sparsify
+    base, a, b = family_bf16
+    text = (f"models:\n  - model: {base}\n  - model: {a}\n    parameters: {{weight: 0.6, density: 0.37}}\n"
+            f"  - model: {b}\n    parameters: {{weight: 0.4, density: 0.61}}\nmerge_method: ties\n"
+            f"base_model: {base}\ndtype: float32\n")
+    whole = merge_yaml(tmp_path, text, name="whole")
+    monkeypatch.setattr(_sparsify, "CHUNK", chunk)
+    chunked = merge_yaml(tmp_path, text, name="chunked")
+    assert all(torch.equal(whole[k], chunked[k]) for k in whole)

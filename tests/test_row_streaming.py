@@ -125,6 +125,8 @@ from pathlib import Path
 import torch
 from bot.config import load_config
 from bot.merge import MergeOptions, run_merge
+from bot.methods import della
+della.MASK_CACHE_BYTES = 0  # the streaming bound itself; the mask cache trades up to 256 MB for half the time
 torch.ones(1) + 1
 
 def anon():
@@ -171,3 +173,15 @@ def test_memory_stays_near_a_row_block_for_a_big_tensor(tmp_path):
     print({name: round(g / 2**20, 1) for name, g in growth.items()})
     for name, g in growth.items():
         assert g < 1.5 * size, (name, g / 2**20)
+
+
+def test_della_mask_cache_changes_no_bit(family, tmp_path, monkeypatch):
+    """DELLA keeps the first pass's masks for the second while they fit (della.MASK_CACHE_BYTES); without the
+    cache it draws them again: the same bytes either way."""
+    from bot.methods import della
+    base, a, b, _ = family
+    text = _configs(base, a, b)["della"]
+    cached = merge_yaml(tmp_path, text, name="cached", random_seed=3)
+    monkeypatch.setattr(della, "MASK_CACHE_BYTES", 0)
+    drawn = merge_yaml(tmp_path, text, name="drawn", random_seed=3)
+    assert all(torch.equal(cached[k], drawn[k]) for k in cached)

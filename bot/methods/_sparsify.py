@@ -37,11 +37,15 @@ class MagnitudeCut:
         """Mask for one chunk, given how many ties earlier chunks kept; returns (mask, ties seen after)."""
         keep = bits > self.above
         if self.ties > ties_seen:
-            eq = bits == self.above
-            rank = torch.cumsum(eq, 0, dtype=torch.int64) + ties_seen  # 1-based rank of each tie
-            keep |= eq & (rank <= self.ties)
-            ties_seen += int(eq.sum())
+            tie, ties_seen = self.tie_mask(bits, ties_seen)
+            keep |= tie
         return keep, ties_seen
+
+    def tie_mask(self, bits: torch.Tensor, ties_seen: int) -> tuple[torch.Tensor, int]:
+        """The entries equal to the cut that this chunk keeps (the first `ties` in element order overall)."""
+        eq = bits == self.above
+        rank = torch.cumsum(eq, 0, dtype=torch.int64) + ties_seen  # 1-based rank of each tie
+        return eq & (rank <= self.ties), ties_seen + int(eq.sum())
 
 
 def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:

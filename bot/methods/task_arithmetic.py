@@ -108,6 +108,36 @@ def _kernel_masked(base: torch.Tensor, xs: list[torch.Tensor], masks: list[torch
     return _combine(b, deltas, weights, consensus, normalize, lam, out_dtype)
 
 
+def _bits(x: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (x.reshape(-1).to(dtype) - b).abs().to(torch.float32).view(torch.int32)  # _sparsify.magnitude_bits
+
+
+@fusable
+def _count_equal(base: torch.Tensor, x: torch.Tensor, above: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (_bits(x, base.reshape(-1).to(dtype), dtype) == above).sum()
+
+
+@fusable
+def _kernel_magnitude(base: torch.Tensor, xs: list[torch.Tensor], aboves: list[torch.Tensor | None],
+                      tie_ends: list[torch.Tensor], scales: list[float], weights: list[float], consensus: bool,
+                      normalize: bool, lam: float, dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """TIES in one fused pass: δᵢ kept where the float32 bits of |δᵢ| exceed its cut (`aboves`: 0-d int32
+    tensors, None keeps all), or equal it before chunk offset `tie_ends` (the cut's ties go to the earliest
+    elements, _sparsify.MagnitudeCut); then the common tail."""
+    b = base.reshape(-1).to(dtype)
+    idx = torch.arange(b.numel(), dtype=torch.int32, device=b.device)
+    deltas = []
+    for x, above, end, s in zip(xs, aboves, tie_ends, scales):
+        d = x.reshape(-1).to(dtype) - b
+        if above is not None:
+            bits = d.abs().to(torch.float32).view(torch.int32)
+            d = torch.where((bits > above) | ((bits == above) & (idx < end)), d, 0.0)
+        if s != 1.0:
+            d = d * s
+        deltas.append(d)
+    return _combine(b, deltas, weights, consensus, normalize, lam, out_dtype)
+
+
 def _magnitude_apply(call: MergeCall, others: list[int], weights: list[float], consensus: bool, normalize: bool,
                      lam: float) -> torch.Tensor:
     """TIES-style magnitude pruning over the whole tensor, in chunks: exact cut per model first (two
@@ -137,19 +167,33 @@ def _magnitude_apply(call: MergeCall, others: list[int], weights: list[float], c
             if l1 >= RESCALE_EPS and kept >= RESCALE_EPS:
                 scales[j] = l1 / kept
     out = call.out if call.out is not None else torch.empty(n, dtype=call.out_dtype, device=base.device)
-    seen = [0] * len(xs)
+    # the cut's bit pattern as a tensor (see rng.Stream32.tensors: no 64-bit widening in compiled kernels)
+    aboves = [None if cut is None or cut.above < 0 else torch.tensor(cut.above, dtype=torch.int32, device=base.device)
+              for cut in cuts]
+    ends = [_tie_end(base, x, cut, above, n, step, call.dtype) for x, cut, above in zip(xs, cuts, aboves)]
     for s in range(0, n, step):
         e = min(n, s + step)
-        masks: list[torch.Tensor | None] = []
-        for j, (x, cut) in enumerate(zip(xs, cuts)):
-            if cut is None:
-                masks.append(None)
-            else:
-                m, seen[j] = cut.mask(_sparsify.magnitude_bits(delta(x, s, e)), seen[j])
-                masks.append(m)
-        _kernel_masked(base[s:e], [x[s:e] for x in xs], masks, scales, weights, consensus, normalize, lam,
-                       call.dtype, call.out_dtype, out=out[s:e])
+        _kernel_magnitude(base[s:e], [x[s:e] for x in xs], aboves,
+                          [torch.tensor(min(max(end - s, 0), e - s), dtype=torch.int32) for end in ends],
+                          scales, weights, consensus, normalize, lam, call.dtype, call.out_dtype, out=out[s:e])
     return out
+
+
+def _tie_end(base: torch.Tensor, x: torch.Tensor, cut: _sparsify.MagnitudeCut | None, above: torch.Tensor | None,
+             n: int, step: int, dtype: torch.dtype) -> int:
+    """The flat index after the last tie the cut keeps: its `ties` entries equal to the cut are the earliest
+    ones. Counted chunk by chunk (fused) up to the chunk where they run out, then located in it."""
+    if cut is None or above is None or cut.ties <= 0:
+        return 0
+    need = cut.ties
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        count = int(_count_equal(base[s:e], x[s:e], above, dtype))
+        if count >= need:
+            eq = _bits(x[s:e], base[s:e].to(dtype), dtype) == above
+            return s + int(eq.nonzero()[need - 1]) + 1
+        need -= count
+    return n
 
 
 def _make(preset: Preset):
