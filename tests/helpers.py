@@ -57,3 +57,13 @@ def ties64(base, xs, ws, normalize=True, lam=1.0, densities=None):
     if normalize:
         mixed = mixed / div
     return base + lam * mixed
+
+
+def models_yaml(*entries: tuple[Path, str | None]) -> str:
+    """A `models:` list: one entry per (path, inline parameters or None)."""
+    lines = ["models:"]
+    for path, params in entries:
+        lines.append(f"  - model: {path}")
+        if params:
+            lines.append(f"    parameters: {params}")
+    return "\n".join(lines) + "\n"

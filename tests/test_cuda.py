@@ -15,19 +15,13 @@ import torch
 
 from bot import executor
 from tests.conftest import run_cli
-from tests.helpers import merge_yaml
+from tests.helpers import merge_yaml, models_yaml
 from tests.tiny import load_tensors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
 
 
-def _models(*entries: tuple[Path, str | None]) -> str:
-    lines = ["models:"]
-    for path, params in entries:
-        lines.append(f"  - model: {path}")
-        if params:
-            lines.append(f"    parameters: {params}")
-    return "\n".join(lines) + "\n"
+_models = models_yaml
 
 
 def _configs(family: list[Path]) -> dict[str, str]:

@@ -18,7 +18,7 @@ from bot.config import parse_config
 from bot.errors import ConfigError, ModelError
 from bot.methods import METHODS
 from bot.methods.base import MergeCall
-from tests.helpers import f64, merge_yaml
+from tests.helpers import f64, merge_yaml, models_yaml
 from tests.tiny import llama_config, llama_tensors, load_tensors, make_family, save_model
 
 ATOL = 2e-6
@@ -43,13 +43,7 @@ def _save(root: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
     return save_model(root / name, llama_config(), tensors)
 
 
-def _models(*entries: tuple[Path, str | None]) -> str:
-    lines = ["models:"]
-    for path, params in entries:
-        lines.append(f"  - model: {path}")
-        if params:
-            lines.append(f"    parameters: {params}")
-    return "\n".join(lines) + "\n"
+_models = models_yaml
 
 
 # --------------------------------------------------------------------------------------------------- metadata

@@ -14,20 +14,14 @@ import torch
 from bot.methods import METHODS, _rows
 from bot.methods.base import MergeCall
 from tests.conftest import ROOT
-from tests.helpers import merge_yaml
+from tests.helpers import merge_yaml, models_yaml
 from tests.tiny import make_family
 
 TINY = 100  # elements per block: 3 rows of the tiny models' 32-wide matrices, 2 of their 48-wide ones
 WHOLE = 1 << 40
 
 
-def _models(*entries: tuple[Path, str | None]) -> str:
-    lines = ["models:"]
-    for path, params in entries:
-        lines.append(f"  - model: {path}")
-        if params:
-            lines.append(f"    parameters: {params}")
-    return "\n".join(lines) + "\n"
+_models = models_yaml
 
 
 def _configs(base: Path, a: Path, b: Path, c: Path | None = None) -> dict[str, str]:
