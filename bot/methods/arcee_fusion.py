@@ -4,7 +4,9 @@
 q = softmax(base) + 1e-8 and KL_row = Σ p·log(p/q); importance = |Δ|·KL_row. The threshold is
 median + 1.5·(Q3 − Q1) of the importance values, with *lower order statistics*: Q(q) = sorted[⌊q·(n−1)⌋]
 for q = ¼, ½, ¾ (no interpolation, unlike torch.quantile). out = base + Δ·[importance ≥ threshold].
-Rows need the whole tensor, so the method is not chunkable.
+Rows need the whole tensor, so the method is not chunkable: it gets the whole tensor as views of the mapped
+inputs and, above QUANTILE_SAMPLE_SIZE elements, streams it in blocks of whole rows (`_rows`): one pass for
+the per-row KL (a vector of rows), the sampled statistics read at their indices, a second pass to merge.
 
 Above 1,000,000 elements the three statistics come from 1,000,000 values sampled with replacement, as in
 mergekit 0.1.5. mergebot draws the sample indices from its counter-based hash RNG (bot.rng, keyed by the
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .. import rng
+from ._rows import map_rows, row_blocks
 from .base import MergeCall, MergeMethod
 
 QUANTILE_SAMPLE_SIZE = 1_000_000
@@ -25,14 +28,20 @@ KL_EPS = 1e-8
 _SECOND_STREAM = 1 << 40  # index offset of the second 32-bit draw per sample (disjoint from the first)
 
 
-def importance(x: torch.Tensor, base: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """|Δ|·KL_row, flat; rows along the last dim of `shape`."""
+def row_kl(x: torch.Tensor, base: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """KL(softmax(x) ‖ softmax(base)) per row (rows along the last dim of `shape`), shape (rows, 1)."""
     rows_x = x.reshape(shape) if len(shape) >= 1 else x.reshape(-1)
     rows_b = base.reshape(rows_x.shape)
     p = torch.softmax(rows_x, dim=-1) + KL_EPS
     q = torch.softmax(rows_b, dim=-1) + KL_EPS
-    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
-    return ((rows_x - rows_b).abs() * kl).reshape(-1)
+    return (p * torch.log(p / q)).sum(dim=-1, keepdim=True).reshape(-1, 1)
+
+
+def importance(x: torch.Tensor, base: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """|Δ|·KL_row, flat; rows along the last dim of `shape`."""
+    kl = row_kl(x, base, shape)
+    width = x.numel() // kl.shape[0] if kl.shape[0] else 0
+    return ((x.reshape(-1, width) - base.reshape(-1, width)).abs() * kl).reshape(-1)
 
 
 def sample_indices(n: int, count: int, key: int, device: torch.device) -> torch.Tensor:
@@ -57,14 +66,41 @@ def threshold(values: torch.Tensor, key: int | None) -> torch.Tensor:
 
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     other = call.others[0]
+    key = call.keys[other] if call.keys else None
+    n = call.xs[call.base].numel()
+    if n > QUANTILE_SAMPLE_SIZE and len(call.shape) >= 2:
+        return _streamed(call, other, key)
+    return _whole(call, other, key)
+
+
+def _whole(call: MergeCall, other: int, key: int | None) -> torch.Tensor:
     base = call.xs[call.base].reshape(-1).to(call.dtype)
     x = call.xs[other].reshape(-1).to(call.dtype)
     if x.numel() == 0:
         return base
     imp = importance(x, base, call.shape)
-    key = call.keys[other] if call.keys else None
     keep = imp >= threshold(imp, key)
     return base + torch.where(keep, x - base, 0.0)
+
+
+def _streamed(call: MergeCall, other: int, key: int | None) -> torch.Tensor:
+    """The same result in bounded memory: per-row KL by row blocks, the sampled importances gathered at their
+    indices (|Δⱼ|·KL of j's row), then base + Δ·[importance ≥ threshold] block by block."""
+    xv, bv = call.xs[other].reshape(-1), call.xs[call.base].reshape(-1)
+    n, width = xv.numel(), call.shape[-1]
+    kl = torch.cat([row_kl(xv[s:e].to(call.dtype), bv[s:e].to(call.dtype), shape)
+                    for s, e, shape in row_blocks(call.shape, n, xv.device)])
+    j = sample_indices(n, QUANTILE_SAMPLE_SIZE, key or 0, xv.device)
+    sampled = (xv[j].to(call.dtype) - bv[j].to(call.dtype)).abs() * kl.reshape(-1)[j // width]
+    cut = threshold(sampled, None)
+
+    def block(xs: list[torch.Tensor], shape: tuple[int, ...], s: int) -> torch.Tensor:
+        b, x = xs[call.base].to(call.dtype), xs[other].to(call.dtype)
+        rows = kl[s // width:(s + b.numel()) // width]
+        imp = ((x.reshape(-1, width) - b.reshape(-1, width)).abs() * rows).reshape(-1)
+        return (b + torch.where(imp >= cut, x - b, 0.0)).to(call.out_dtype)
+
+    return map_rows(call, block)
 
 
 METHOD = MergeMethod(
