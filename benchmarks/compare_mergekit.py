@@ -66,14 +66,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mergekit", required=True, help="path to mergekit-yaml (mergekit 0.1.5)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--config-dtype", default=None, choices=["float32", "float64"],
+                    help="append `dtype: X` to every config: bf16-valued models merged in float32 by both tools, "
+                         "where equal magnitudes at cuts are common (the tie-order check)")
+    ap.add_argument("--only", nargs="*", default=None, help="config names to run (default: all)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="mb-vs-mk-"))
     dtype = getattr(torch, args.dtype)
     base, a, b = make_family(tmp / "models", 3, seed=11, dtype=dtype, layers=6, hidden=64, inter=96, vocab=128)
     print(f"{'config':26s} {'max |mergebot - mergekit|':>26s} {'max |value|':>12s}  tensors")
     for name, text in CONFIGS.items():
+        if args.only and name not in args.only:
+            continue
         cfg = tmp / f"{name}.yml"
-        cfg.write_text(text.format(base=base, a=a, b=b))
+        cfg.write_text(text.format(base=base, a=a, b=b) + (f"dtype: {args.config_dtype}\n" if args.config_dtype else ""))
         mk, mb = tmp / f"mk-{name}", tmp / f"mb-{name}"
         r1 = subprocess.run([args.mergekit, str(cfg), str(mk), "--random-seed", "1"], capture_output=True, text=True)
         r2 = subprocess.run([sys.executable, "-m", "bot.cli.main", "merge", str(cfg), str(mb), "--quiet"],
@@ -86,8 +92,9 @@ def main() -> None:
             print(f"{name:26s} tensor names differ: {sorted(set(x) ^ set(y))[:4]}")
             continue
         diff = max(float((x[k].double() - y[k].double()).abs().max()) for k in x)
+        same = sum(torch.equal(x[k], y[k]) for k in x)
         mag = max(float(x[k].double().abs().max()) for k in x)
-        print(f"{name:26s} {diff:26.3g} {mag:12.3g}  {len(x)}")
+        print(f"{name:26s} {diff:26.3g} {mag:12.3g}  {same}/{len(x)} bit-identical")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

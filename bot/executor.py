@@ -9,13 +9,14 @@ few chunks whatever the model or shard size.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from . import fuse
+from . import exact, fuse
 from .errors import ModelError
 from .methods.base import MergeCall, MergeMethod
 from .plan import Plan, TensorJob
@@ -29,6 +30,8 @@ EAGER_CHUNK = 1 << 20  # eager kernels: 4 MB float32 buffers that stay in cache 
 # math runs at device-memory speed: chunks as big as a 1B model's embedding (256 MB in float32), so most
 # tensors go over once, whole. dare_ties of three 1.1B models on an H100: engine 5.8 s with 1M chunks, 3.6 s.
 CUDA_CHUNK = 1 << 26
+# chunks are whole blocks of the exact sums, so a reduce gives the same integers whatever the chunking
+assert CHUNK % exact.BLOCK == EAGER_CHUNK % exact.BLOCK == CUDA_CHUNK % exact.BLOCK == 0
 
 
 @dataclass
@@ -107,6 +110,21 @@ def _store(result: torch.Tensor, dest: torch.Tensor, start: int, count: int) -> 
         target.copy_(result.reshape(-1))
 
 
+def chunk_override() -> int | None:
+    """MERGEBOT_CHUNK_ELEMS: elements per chunk instead of the defaults (a tuning and testing knob; the
+    result's bytes never depend on it). A positive multiple of the exact sums' block."""
+    raw = os.environ.get("MERGEBOT_CHUNK_ELEMS")
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0 or value % exact.BLOCK:
+        raise ModelError(f"MERGEBOT_CHUNK_ELEMS={raw[:40]!r}: must be a positive multiple of {exact.BLOCK}")
+    return value
+
+
 def _merge(method: MergeMethod, job: TensorJob, xs: list[torch.Tensor], dest: torch.Tensor, seed: int,
            device: torch.device, rng: str = "hash") -> None:
     n = job.numel
@@ -114,15 +132,18 @@ def _merge(method: MergeMethod, job: TensorJob, xs: list[torch.Tensor], dest: to
         chunk = CUDA_CHUNK
     else:
         chunk = CHUNK if fuse.enabled() or not method.chunkable_for(job.shared, job.per_input) else EAGER_CHUNK
+    chunk = chunk_override() or chunk
     whole = not method.chunkable_for(job.shared, job.per_input) or (rng == "mergekit" and method.uses_rng)
-    if n <= chunk or whole:
+    if n <= max(chunk, method.whole_max) or whole:
         _store(method.merge(_call(job, xs, dest, 0, n, seed, method, device, rng)), dest, 0, n)
         return
     bounds = [(s, min(chunk, n - s)) for s in range(0, n, chunk)]
     totals = None
     if method.reduce is not None:
+        sums = None
         for s, c in bounds:
             part = method.reduce(_call(job, xs, dest, s, c, seed, method, device))
-            totals = part if totals is None else totals + part
+            sums = part if sums is None else sums + part
+        totals = sums.values() if sums is not None else None
     for s, c in bounds:
         _store(method.apply(_call(job, xs, dest, s, c, seed, method, device), totals), dest, s, c)

@@ -28,19 +28,26 @@ def compiler_available() -> bool:
 def configure(mode: str, total_elements: int, benefits: bool = True, device: str = "cpu") -> bool:
     """mode: on | off | auto. Returns whether kernels will be compiled. `benefits`: the method's eager form
     is slow (many passes, e.g. DARE's hash RNG); methods with a fast in-place eager form say False, since
-    loading compiled kernels costs seconds per process even with a warm cache.
+    loading compiled kernels costs seconds per process even with a warm cache, and stay eager in every mode.
 
     `auto` never compiles for CUDA: on a GPU the eager passes run at device-memory speed, far above the
     host-to-device copies that bound the merge. Measured on an H100, dare_ties of three 1.1B-parameter
     models: engine 5.8 s eager, 11 s compiled with a warm Triton cache, 50 s with a cold one (every fresh
     runner or container)."""
-    if mode == "off":
+    if mode == "off" or not benefits:
+        # a method without the benefit has one in-place eager form (linear, slerp: fused multiply-adds, as
+        # mergekit computes them) and keeps it even with --compile on, so its bytes never depend on the mode
         on = False
     elif mode == "on":
         on = True
     else:
-        on = (benefits and device == "cpu" and total_elements >= AUTO_MIN_ELEMENTS and compiler_available())
+        on = device == "cpu" and total_elements >= AUTO_MIN_ELEMENTS and compiler_available()
     _state["on"] = on
+    if on:
+        # Triton fuses a*b + c into an FMA unless told to emulate eager's roundings: compiled CUDA kernels
+        # must give the eager bytes (the C++ backend already builds with -ffp-contract=off)
+        import torch._inductor.config as inductor_config
+        inductor_config.emulate_precision_casts = True
     return on
 
 

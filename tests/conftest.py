@@ -12,9 +12,9 @@ from tests.tiny import make_family
 pytest_plugins = ["tests.conftest_hub"]
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-if not SHARED.exists():  # CI runs on a clone with shared/ beside it
-    SHARED = ROOT / ".." / "shared"
+DATA = ROOT / "tests" / "data"
+SEED_CONFIGS = ROOT / "examples" / "merges"  # the five published merges' configs, byte for byte
+CORPUS = DATA / "mergekit-examples"  # mergekit's own example configs (tests/data/README.md)
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,7 @@ from bot.licenses import LicensePolicy, analyze
 from bot.parents import ParentInfo
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-CONFIGS = SHARED / "seeds" / "configs"
+CONFIGS = ROOT / "examples" / "merges"  # the seed configs, byte for byte
 NO_GITHUB = {}  # card env without GITHUB_* variables
 
 IMPACT = ("other", "ai2-impact-license-low-risk", "https://allenai.org/impact-license")
@@ -105,7 +104,6 @@ def seed_card(tmp: Path, key: str, policy: LicensePolicy = LicensePolicy(allow_c
     return seed, config_text, out, ctx, render_card(ctx)
 
 
-@pytest.mark.skipif(not CONFIGS.is_dir(), reason="shared/seeds not present beside the repo")
 @pytest.mark.parametrize("key", sorted(SEEDS))
 def test_dense_seed_cards(tmp_path: Path, key: str) -> None:
     seed, config_text, out, ctx, text = seed_card(tmp_path, key)
@@ -139,7 +137,6 @@ def test_dense_seed_cards(tmp_path: Path, key: str) -> None:
         assert f"using [{seed.base}](https://huggingface.co/{seed.base}) as a base" in text
 
 
-@pytest.mark.skipif(not CONFIGS.is_dir(), reason="shared/seeds not present beside the repo")
 def test_seed_license_sections(tmp_path: Path) -> None:
     _, _, _, _, text000 = seed_card(tmp_path / "a", "000")
     assert "**Built with Meta Llama 3**" in text000
@@ -187,7 +184,6 @@ def test_all_local_parents_omit_base_model_keys(tmp_path: Path) -> None:
     assert "language" not in data and data["license"] == "mit"
 
 
-@pytest.mark.skipif(not CONFIGS.is_dir(), reason="shared/seeds not present beside the repo")
 def test_moe_card_from_seed_002(tmp_path: Path) -> None:
     config_text = (CONFIGS / "002_moe_random.yml").read_text()
     parents = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SHARED, run_cli
+from tests.conftest import SEED_CONFIGS, run_cli
 
 GOOD_MODELS = "models:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
 
@@ -121,7 +121,7 @@ def test_bad_moe_configs(tmp_path, name, text, fragment):
 
 
 def test_seed_moe_config_is_valid_language_and_merge_names_the_missing_model(tmp_path):
-    seed = SHARED / "seeds" / "configs" / "002_moe_random.yml"
+    seed = SEED_CONFIGS / "002_moe_random.yml"
     r = run_cli("validate", str(seed))
     assert r.returncode == 0 and "moe (random gates)" in r.stdout and "not supported yet" not in r.stdout
     r = run_cli("merge", str(seed), str(tmp_path / "out"), cwd=tmp_path)

@@ -24,8 +24,7 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED_002 = next(p for p in (ROOT.parent / "shared/seeds/configs/002_moe_random.yml",
-                            ROOT / "examples/merges/002_moe_random.yml") if p.exists())
+SEED_002 = ROOT / "examples/merges/002_moe_random.yml"
 DIMS = {"vocab": 64, "hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "inter": 48}
 I, H, NL = DIMS["inter"], DIMS["hidden"], DIMS["layers"]
 

@@ -14,11 +14,10 @@ from bot.errors import ConfigError, MergebotError
 from bot.merge import MergeOptions
 from bot.multimerge import MultiConfig
 from bot.pipeline import run as pipeline_run
-from tests.conftest import SHARED, run_cli
+from tests.conftest import CORPUS, run_cli
 from tests.helpers import merge_yaml
 from tests.tiny import load_tensors
 
-CORPUS = SHARED / "corpus" / "mergekit-examples"
 
 
 def stages_text(base: Path, a: Path, b: Path, c: Path) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bot import exact
 from bot.methods import METHODS, _rows
 from bot.methods.base import MergeCall
 from tests.conftest import ROOT
@@ -46,6 +47,7 @@ def _configs(base: Path, a: Path, b: Path, c: Path | None = None) -> dict[str, s
 
 
 def _streamed_and_whole(tmp_path: Path, monkeypatch, text: str) -> tuple[dict, dict]:
+    monkeypatch.setattr(exact, "BLOCK", 16)  # exact sums' blocks small enough for tiny row blocks to align
     monkeypatch.setattr(_rows, "ROW_BLOCK_ELEMS", TINY)
     small = merge_yaml(tmp_path, text, name="small", random_seed=11)
     monkeypatch.setattr(_rows, "ROW_BLOCK_ELEMS", WHOLE)
@@ -70,12 +72,23 @@ def test_della_bf16_row_blocks_give_the_whole_tensor_result(family_bf16, tmp_pat
 
 
 def test_row_blocks_cut_whole_dim0_slices(monkeypatch):
-    cpu = torch.device("cpu")
+    cpu, gpu = torch.device("cpu"), torch.device("meta")  # any non-CPU device takes the GPU block size
     monkeypatch.setattr(_rows, "ROW_BLOCK_ELEMS", 100)
+    monkeypatch.setattr(exact, "BLOCK", 32)
     blocks = _rows.row_blocks((64, 32), 64 * 32, cpu)
     assert [(s, e) for s, e, _ in blocks[:2]] == [(0, 96), (96, 192)] and blocks[-1] == (2016, 2048, (1, 32))
     assert all(shape == ((e - s) // 32, 32) for s, e, shape in blocks)
-    assert _rows.row_blocks((4, 300), 1200, cpu)[1] == (300, 600, (1, 300))  # a row wider than a block: one row
+    # rows of 300: 8 of them make a whole number of exact-sum blocks (2400 = 75 x 32), so blocks are 8 rows
+    assert _rows.row_blocks((16, 300), 4800, cpu)[:2] == [(0, 2400, (8, 300)), (2400, 4800, (8, 300))]
+    # the exact sums' blocks therefore never straddle a row block, on any device
+    for shape in [(64, 32), (16, 300), (40, 24)]:
+        n = shape[0] * shape[1]
+        for dev in (cpu, gpu):
+            assert all(s % 32 == 0 for s, _, _ in _rows.row_blocks(shape, n, dev)), (shape, dev)
+    # rows that need too many slices to align (odd widths): the CPU's blocks on every device
+    monkeypatch.setattr(_rows, "ALIGNED_MAX_ELEMS", 1000)
+    assert _rows.row_blocks((4, 301), 1204, cpu) == _rows.row_blocks((4, 301), 1204, gpu)
+    assert _rows.row_blocks((4, 301), 1204, cpu)[1] == (301, 602, (1, 301))  # a row wider than a block: one row
     assert _rows.row_blocks((5, 4, 6), 120, cpu) == [(0, 96, (4, 4, 6)), (96, 120, (1, 4, 6))]
     assert _rows.row_blocks((1000,), 1000, cpu) == [(0, 1000, (1000,))]  # below 2-D: one row, never cut
     assert _rows.row_blocks((), 1, cpu) == [(0, 1, (1,))]
@@ -99,6 +112,8 @@ def test_row_blocks_of_any_rank_with_and_without_a_destination(monkeypatch, case
     xs = [torch.randn(shape, generator=g).reshape(-1) for _ in range(3)]
     shared, per_input = CALLS[case]
     method = METHODS[case.removesuffix("_columns")]
+
+    monkeypatch.setattr(exact, "BLOCK", 2)  # row blocks of one or two rows still align with the exact sums
 
     def run(limit: int, out: torch.Tensor | None) -> torch.Tensor:
         monkeypatch.setattr(_rows, "ROW_BLOCK_ELEMS", limit)

@@ -10,10 +10,10 @@ import torch
 
 from bot.config import parse_config
 from bot.merge import MergeOptions, run_merge
-from tests.conftest import SHARED
+from tests.conftest import SEED_CONFIGS
 from tests.tiny import make_family
 
-SEEDS = SHARED / "seeds" / "configs"
+SEEDS = SEED_CONFIGS
 
 
 def repoint(text: str, mapping: dict[str, Path]) -> str:

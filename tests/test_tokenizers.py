@@ -20,7 +20,7 @@ import torch
 from bot.config import parse_config
 from bot.errors import ModelError
 from bot.merge import MergeOptions, run_merge
-from tests.conftest import SHARED
+from tests.conftest import SEED_CONFIGS
 from tests.tiny import llama_config, llama_tensors, load_tensors, save_model
 
 SPECIAL = ["<unk>", "<s>", "</s>"]
@@ -319,7 +319,7 @@ def test_seed_dare_ties_gradients_with_differing_vocabularies(tmp_path):
         other[k] = torch.cat([other[k], 0.1 * torch.randn(3, other[k].shape[1], generator=g)])
     a = make_model(tmp_path / "swallow", A_TOKENS, [], base_t, dtype=torch.bfloat16, layers=5)
     b = make_model(tmp_path / "tulu", B_TOKENS, B_ADDED, other, dtype=torch.bfloat16, layers=5)
-    text = (SHARED / "seeds" / "configs" / "001_dare_ties_gradients.yml").read_text()
+    text = (SEED_CONFIGS / "001_dare_ties_gradients.yml").read_text()
     for name, path in {"tokyotech-llm/Swallow-70b-instruct-hf": a, "allenai/tulu-2-dpo-70b": b}.items():
         text = re.sub(rf"(?<![\w/.-]){re.escape(name)}(?![\w/.-])", str(path), text)
     assert "tokenizer_source: union" in text

@@ -8,10 +8,12 @@ block of each input to the compute dtype at a time, so memory stays near one blo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 
+from .. import exact
 from .base import MergeCall
 
 # Elements per block, rounded down to whole dim-0 slices (at least one). DELLA, the heaviest, holds ~100 bytes
@@ -21,16 +23,26 @@ from .base import MergeCall
 # the whole tensor over, so blocks there are only big enough to keep kernel launches few.
 ROW_BLOCK_ELEMS = 1 << 18
 CUDA_ROW_BLOCK_ELEMS = 1 << 24
+ALIGNED_MAX_ELEMS = 1 << 20  # largest block taken to align rows with the exact sums' blocks
 
 Block = tuple[int, int, tuple[int, ...]]  # flat [start, end) and the block's shape
 
 
 def row_blocks(shape: tuple[int, ...], n: int, device: torch.device) -> list[Block]:
-    """Blocks of whole dim-0 slices of a tensor of `shape` (n elements); below 2-D the tensor is one block."""
+    """Blocks of whole dim-0 slices of a tensor of `shape` (n elements); below 2-D the tensor is one block.
+
+    Exact sums over the blocks (bot.exact) must not depend on the device: blocks are whole multiples of the
+    sums' aligned BLOCK when a few slices make one (the usual power-of-two-rich shapes), and otherwise are
+    the CPU's size on every device."""
     if len(shape) < 2 or n == 0:
         return [(0, n, (n,))]
     row = n // shape[0]
-    step = max(1, (ROW_BLOCK_ELEMS if device.type == "cpu" else CUDA_ROW_BLOCK_ELEMS) // row) * row
+    aligned = exact.BLOCK // math.gcd(row, exact.BLOCK)  # slices per whole number of BLOCKs
+    want = ROW_BLOCK_ELEMS if device.type == "cpu" else CUDA_ROW_BLOCK_ELEMS
+    if aligned * row <= ALIGNED_MAX_ELEMS:
+        step = max(aligned, want // row // aligned * aligned) * row
+    else:
+        step = max(1, ROW_BLOCK_ELEMS // row) * row
     return [(s, min(n, s + step), ((min(n, s + step) - s) // row, *shape[1:])) for s in range(0, n, step)]
 
 

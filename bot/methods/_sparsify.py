@@ -16,6 +16,7 @@ The random (DARE) sparsifier needs nothing here: its mask is a hash of the eleme
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -28,10 +29,17 @@ BitsOf = Callable[[int, int], torch.Tensor]  # (start, end) -> bit patterns of t
 
 @dataclass
 class MagnitudeCut:
-    """Keep bits > `above`, plus the first `ties` elements (in element order) whose bits == `above`."""
+    """Keep bits > `above`, plus the first `ties` elements (in element order) whose bits == `above`; `equal`
+    counts every element whose bits == `above` (more than `ties`: the cut has to choose among equals)."""
 
     above: int
     ties: int
+    equal: int = 0
+
+    @property
+    def chooses(self) -> bool:
+        """Whether equal magnitudes straddle the cut (a nonzero value: dropping a zero changes nothing)."""
+        return self.equal > self.ties > -1 and self.above > 0
 
     def mask(self, bits: torch.Tensor, ties_seen: int) -> tuple[torch.Tensor, int]:
         """Mask for one chunk, given how many ties earlier chunks kept; returns (mask, ties seen after)."""
@@ -78,6 +86,7 @@ def top_k_cuts(bits_of: BitsOf, n: int, ks: Sequence[int], dtype: torch.dtype = 
             cuts[j] = MagnitudeCut(above=-1, ties=0)
         else:
             state[j] = [0, k]
+    equal: dict[int, int] = {}
     for shift in range(width - 16, -1, -16) if state else ():
         prefixes = {p for p, _ in state.values()}
         hists = {p: torch.zeros(1 << 16, dtype=torch.int64) for p in prefixes}
@@ -90,14 +99,15 @@ def top_k_cuts(bits_of: BitsOf, n: int, ks: Sequence[int], dtype: torch.dtype = 
                     inside = b if shift == width - 16 else b[(b >> (shift + 16)) == p]
                     if inside.numel():
                         hists[p] += _histogram(inside, shift)
-        for st in state.values():
+        for j, st in state.items():
             h = hists[st[0]]
             at_least = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])  # at_least[d]: count with digit >= d
             digit = int((at_least >= st[1]).nonzero().max())
             st[1] -= int(at_least[digit + 1]) if digit + 1 < h.numel() else 0
             st[0] = (st[0] << 16) | digit
+            equal[j] = int(h[digit])  # at the last level: the elements whose whole pattern is the cut's
     for j, (above, ties) in state.items():
-        cuts[j] = MagnitudeCut(above=above, ties=ties)
+        cuts[j] = MagnitudeCut(above=above, ties=ties, equal=equal[j])
     return cuts  # type: ignore[return-value]
 
 
@@ -108,3 +118,40 @@ def magnitude_cut(bits_of: BitsOf, n: int, density: float) -> MagnitudeCut | Non
     if density <= 0 or n == 0:
         return MagnitudeCut(above=(1 << 31) - 1, ties=0)  # no float32 bit pattern is above this
     return top_k_cuts(bits_of, n, [max(1, int(density * n))])[0]
+
+
+# Equal magnitudes at a cut: mergekit 0.1.5 keeps whichever its unstable torch sort puts first. That order is
+# deterministic for a torch build but is no simple rule: measured on torch 2.13 CPU, `argsort(descending=True)`
+# keeps the earliest equals for n <= 16 and, above, an arrangement that depends on every value of the tensor
+# (its introsort's partitions), neither the first nor the last ones. So where mergekit computes in the same
+# precision as mergebot (float32/float64 inputs; in bf16/fp16 its rounded deltas differ anyway), a cut that
+# must choose among equal nonzero magnitudes asks torch for the same whole-tensor sort mergekit does, up to
+# PARITY_MAX_ELEMS elements (~28 bytes each while it sorts, once per such tensor; large float32 tensors meet
+# equal magnitudes often: 16M values share few mantissas); larger tensors keep element order, and so does every
+# tensor with MERGEBOT_TIE_SORT_MAX=0 (streaming memory, no sort).
+PARITY_MAX_ELEMS = int(os.environ.get("MERGEBOT_TIE_SORT_MAX", 1 << 24))
+
+
+def gather_float32(values_of: Callable[[int, int], torch.Tensor], n: int) -> torch.Tensor:
+    """The whole tensor of float32 magnitudes, assembled chunk by chunk."""
+    out = torch.empty(n, dtype=torch.float32)
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        out[s:e] = values_of(s, e).reshape(-1).to(torch.float32).cpu()
+    return out
+
+
+def mergekit_selection(w: torch.Tensor, how: str, a: int, b: int = 0) -> torch.Tensor:
+    """mergekit 0.1.5's selection on the float32 magnitudes `w` (flat, CPU), as a bool mask, made by the very
+    torch call it makes: 'top' keeps argsort(w, descending=True)[:a] (`magnitude`), 'band' keeps
+    sort(w).indices[a:b] (`magnitude_outliers`), 'topk' keeps topk(w, a).indices (SCE's variance)."""
+    keep = torch.zeros(w.numel(), dtype=torch.bool)
+    if how == "top":
+        keep[torch.argsort(w, descending=True)[:a]] = True
+    elif how == "band":
+        keep[torch.sort(w, descending=False).indices[a:b]] = True
+    elif how == "topk":
+        keep[torch.topk(w, k=a, largest=True).indices] = True
+    else:
+        raise ValueError(how)
+    return keep

@@ -1,9 +1,8 @@
 """Whole-tensor helpers for the methods of issue 3 (merge-semantics.md §2.3–§2.12).
 
 * `della_keep`: DELLA's `della_magprune` sparsifier (§2.7), drawn from the hash RNG (bot.rng).
-* `l1_rescale`: the L1 rescale every sparsifier uses when `rescale: true` (§2.7, not the paper's 1/p).
 * `tensor_label`: names the tensor in error messages when the call carries its name.
-* `gram64`, `lincomb`: float64 Gram matrices of flattened tensors and linear combinations of them. Methods
+* `gram`, `lincomb`: exact Gram matrices of flattened tensors and linear combinations of them. Methods
   whose result is a linear combination of their inputs with coefficients that depend only on norms and dot
   products (nuslerp's flattened mode, multislerp, karcher, model_stock) use them to split into `reduce`
   (additive over chunks) and an elementwise `apply`, so they stream tensors of any size.
@@ -18,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from .. import rng
+from ..exact import Sums, partials
+from ..fuse import fusable
 
-RESCALE_EPS = 1e-7
 GRAM_BLOCK = 1 << 20  # elements per float64 block when accumulating a Gram matrix
 
 
@@ -64,28 +64,26 @@ def della_keep(delta: torch.Tensor, shape: tuple[int, ...], density: float, epsi
     return rng.keep32(torch.arange(n, dtype=torch.int32, device=cut.device), s.lo, s.key, s.hi, cut)
 
 
-def l1_rescale(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
-    """δ⊙keep, times ‖δ‖₁/‖δ⊙keep‖₁ when `rescale` and both norms are ≥ 1e-7 (§2.7)."""
-    masked = torch.where(keep, delta, 0.0)
-    if not rescale:
-        return masked
-    before = float(delta.abs().sum(dtype=torch.float64))
-    after = float(masked.abs().sum(dtype=torch.float64))
-    if before < RESCALE_EPS or after < RESCALE_EPS:
-        return masked
-    return masked * (before / after)
+@fusable
+def _gram_partials(flats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """Exact partial sums of vᵢ·vⱼ (i ≤ j, row-major) over one aligned block, products in `dtype`."""
+    vs = [f.to(dtype) for f in flats]
+    return partials([vs[i] * vs[j] for i in range(len(vs)) for j in range(i, len(vs))])
 
 
-def gram64(vectors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """G[i, j] = ⟨vᵢ, vⱼ⟩ of flattened tensors, each taken in `dtype` and accumulated in float64 (CPU)."""
+def gram(vectors: list[torch.Tensor], dtype: torch.dtype) -> Sums:
+    """G[i, j] = ⟨vᵢ, vⱼ⟩ of flattened tensors taken in `dtype`: exact sums (bot.exact) of the products, so
+    the matrix, and every coefficient derived from it, is the same however the tensor is chunked."""
     flats = [v.reshape(-1) for v in vectors]
     k = len(flats)
     n = flats[0].numel() if flats else 0
-    g = torch.zeros(k, k, dtype=torch.float64, device=flats[0].device if flats else "cpu")
+    upper = [(i, j) for i in range(k) for j in range(i, k)]
+    where = {p: m for m, p in enumerate(upper)}
+    order = torch.tensor([where[(min(i, j), max(i, j))] for i in range(k) for j in range(k)], dtype=torch.long)
+    g = Sums(k * k, (k, k))
     for s in range(0, n, GRAM_BLOCK):
-        block = torch.stack([f[s:s + GRAM_BLOCK].to(dtype).to(torch.float64) for f in flats])
-        g += block @ block.T
-    return g.cpu()
+        g.add(_gram_partials([f[s:s + GRAM_BLOCK] for f in flats], dtype).cpu().index_select(0, order))
+    return g
 
 
 def tensor_label(call) -> str:

@@ -3,7 +3,8 @@
 A method sees one output tensor's inputs (or a contiguous chunk of them, all flattened the same way),
 already in the compute dtype and on the compute device. Chunkable methods are either elementwise or
 split into `reduce` (additive float64 sums over chunks) and `apply` (elementwise, given the totals), which
-lets the executor stream tensors of any size through bounded memory (merge-semantics.md §2.0).
+lets the executor stream tensors of any size through bounded memory (merge-semantics.md §2.0). The sums
+are exact (bot.exact), so a result never depends on how the tensor was chunked.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
+
+from ..exact import Sums
 
 REQUIRED = object()  # sentinel: parameter has no default
 
@@ -67,7 +70,7 @@ class MergeMethod:
     params: tuple[Param, ...]
     base: BasePolicy
     apply: Callable[[MergeCall, torch.Tensor | None], torch.Tensor]
-    reduce: Callable[[MergeCall], torch.Tensor] | None = None
+    reduce: Callable[[MergeCall], Sums] | None = None  # exact sums, added over chunks (bot.exact)
     chunkable: bool = True  # False: needs the whole tensor at once
     uses_rng: bool = False
     min_inputs: int = 1
@@ -76,6 +79,7 @@ class MergeMethod:
     max_non_base: int | None = None
     singleton_passthrough: bool = False  # §2.0 PASSTHROUGH_SINGLETON for optional tensors
     fuse: bool = True  # benefits from torch.compile (False: a fast in-place eager form exists)
+    whole_max: int = 0  # tensors up to this many elements always come whole, never in chunks
     extra: dict[str, Any] = field(default_factory=dict)
 
     def param(self, name: str) -> Param | None:
@@ -88,5 +92,4 @@ class MergeMethod:
 
     def merge(self, call: MergeCall) -> torch.Tensor:
         """The whole-tensor result: reduce over the single chunk, then apply."""
-        totals = self.reduce(call) if self.reduce else None
-        return self.apply(call, totals)
+        return self.apply(call, self.reduce(call).values() if self.reduce else None)

@@ -3,11 +3,10 @@
 Presets of the generalised task-arithmetic family, sharing its tail (`task_arithmetic._kernel_masked`:
 weighted deltas, optional TIES sign election, normalisation, λ). Each δᵢ = xᵢ − base is sparsified by
 `magnitude_outliers`: with target = int(densityᵢ·n), n_top = int(gammaᵢ·n) and
-n_bot = max(0, n − target − n_top), sort |δ| ascending (in float32, ties by element order, the earlier
-element counting as the larger) and keep sorted positions [n_bot, n_bot + target): the n_top largest and the
+n_bot = max(0, n − target − n_top), sort |δ| ascending (in float32) and keep sorted positions [n_bot, n_bot + target): the n_top largest and the
 n_bot smallest are dropped (fewer top outliers when gamma is too large). 0.1.5 semantics: a tensor with
 fewer than 1/gamma elements (int(gamma·n) == 0) keeps its `target` largest entries; 0.1.4's bug zeroed it.
-`rescale: true` multiplies each pruned δᵢ by ‖δᵢ‖₁/‖δᵢ⊙maskᵢ‖₁ (whole tensor, float64 sums).
+`rescale: true` multiplies each pruned δᵢ by ‖δᵢ‖₁/‖δᵢ⊙maskᵢ‖₁ (whole tensor, exact sums).
 
 | name | consensus | normalize | rescale |
 |---|---|---|---|
@@ -17,6 +16,8 @@ fewer than 1/gamma elements (int(gamma·n) == 0) keeps its `target` largest entr
 The outlier order is global over the tensor, so a pruned tensor comes whole (as zero-copy views) and is
 walked in chunks here, in bounded memory: in descending order the kept band is the top (n − n_bot) minus
 the top (n − n_bot − target), two exact cuts found by radix selection in shared passes (`_sparsify`).
+Equal magnitudes at a cut go to the earlier element, except where mergekit computes in our precision
+(float32/float64 inputs): there its own sort decides (`_sparsify.mergekit_selection`).
 """
 
 from __future__ import annotations
@@ -25,20 +26,26 @@ from typing import Any
 
 import torch
 
+from ..exact import Sums, partials
 from . import _sparsify
 from ._sparsify import MagnitudeCut, magnitude_bits
 from .base import MergeCall, MergeMethod, Param
-from .task_arithmetic import RESCALE_EPS, _kernel_masked, family_params
+from .task_arithmetic import _kernel_masked, family_params, mergekit_precision, rescale_factor
 
 Band = tuple[MagnitudeCut, MagnitudeCut]  # keep the top `upper`, minus the top `lower`
+
+
+def band_bounds(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """(target, n_bot): magnitude_outliers keeps ascending sorted positions [n_bot, n_bot + target)."""
+    target = max(0, int(density * n))
+    return target, max(0, n - target - int(gamma * n))
 
 
 def outlier_band(bits_of: _sparsify.BitsOf, n: int, density: float, gamma: float) -> Band | None:
     """magnitude_outliers' kept band as two cuts; None: keep everything (density ≥ 1)."""
     if density >= 1:
         return None
-    target = max(0, int(density * n))
-    n_bot = max(0, n - target - int(gamma * n))
+    target, n_bot = band_bounds(n, density, gamma)
     upper, lower = _sparsify.top_k_cuts(bits_of, n, [n - n_bot, n - n_bot - target])
     return upper, lower
 
@@ -63,29 +70,40 @@ def _make_apply(consensus: bool):
         def bits(x: torch.Tensor, s: int, e: int) -> torch.Tensor:
             return magnitude_bits(x[s:e].to(call.dtype) - base[s:e].to(call.dtype))
 
-        bands = [outlier_band(lambda s, e, x=x: bits(x, s, e), n, float(call.per_input[i]["density"]),
-                              float(call.per_input[i]["gamma"])) for x, i in zip(xs, others)]
+        params = [(float(call.per_input[i]["density"]), float(call.per_input[i]["gamma"])) for i in others]
+        bands = [outlier_band(lambda s, e, x=x: bits(x, s, e), n, density, gamma)
+                 for x, (density, gamma) in zip(xs, params)]
+        chosen = [None] * len(xs)  # mergekit's own sort where a cut must choose among equal magnitudes
+        if mergekit_precision(call) and n <= _sparsify.PARITY_MAX_ELEMS:
+            for j, (x, band) in enumerate(zip(xs, bands)):
+                if band is not None and (band[0].chooses or band[1].chooses):
+                    target, n_bot = band_bounds(n, *params[j])
+                    w = _sparsify.gather_float32(
+                        lambda s, e, x=x: x[s:e].to(call.dtype) - base[s:e].to(call.dtype), n).abs_()
+                    chosen[j] = _sparsify.mergekit_selection(w, "band", n_bot, n_bot + target).to(base.device)
+
+        def mask(j: int, s: int, e: int, seen: list[int]) -> torch.Tensor | None:
+            if chosen[j] is not None:
+                return chosen[j][s:e]
+            return None if bands[j] is None else _band_mask(bands[j], bits(xs[j], s, e), seen)
+
         scales = [1.0] * len(xs)
         if call.shared["rescale"]:
             for j, (x, band) in enumerate(zip(xs, bands)):
                 if band is None:
                     continue
-                l1 = kept = 0.0
+                sums = Sums(2)
                 seen = [0, 0]
                 for s in range(0, n, step):
                     d = x[s:s + step].to(call.dtype) - base[s:s + step].to(call.dtype)
-                    m = _band_mask(band, magnitude_bits(d), seen)
-                    l1 += float(d.abs().sum(dtype=torch.float64))
-                    kept += float(torch.where(m, d, 0.0).abs().sum(dtype=torch.float64))
-                if l1 >= RESCALE_EPS and kept >= RESCALE_EPS:
-                    scales[j] = l1 / kept
+                    sums.add(partials([d.abs(), torch.where(mask(j, s, min(n, s + step), seen), d, 0.0).abs()]))
+                scales[j] = rescale_factor(*sums.values().tolist())
         weights = [float(call.per_input[i]["weight"]) for i in others]
         out = call.out if call.out is not None else torch.empty(n, dtype=call.out_dtype, device=base.device)
         seens = [[0, 0] for _ in xs]
         for s in range(0, n, step):
             e = min(n, s + step)
-            masks = [None if band is None else _band_mask(band, bits(x, s, e), seen)
-                     for x, band, seen in zip(xs, bands, seens)]
+            masks = [mask(j, s, e, seen) for j, seen in enumerate(seens)]
             _kernel_masked(base[s:e], [x[s:e] for x in xs], masks, scales, weights, consensus,
                            bool(call.shared["normalize"]), float(call.shared["lambda"]), call.dtype, call.out_dtype,
                            out=out[s:e])

@@ -19,7 +19,7 @@ result depends only on `--random-seed`, the tensor name and the model's position
 thread count or device. mergekit draws from the global torch RNG in sorted-tensor order; its bits are not
 reproduced. Ranks are per row, so a tensor is chunked only when nothing is sampled; otherwise the method gets
 the whole tensor and walks it in blocks of whole rows (`_rows`): with `rescale` a first pass sums ‖δᵢ‖₁ and
-‖δᵢ⊙maskᵢ‖₁ in float64, a second draws the masks again (same ranks, same hash) and merges, so memory stays
+‖δᵢ⊙maskᵢ‖₁ exactly (bot.exact), a second draws the masks again (same ranks, same hash) and merges, so memory stays
 near one block whatever the tensor size.
 """
 
@@ -30,10 +30,11 @@ from typing import Any
 import torch
 
 from ..errors import ModelError
+from ..exact import Sums, partials
 from ._rows import map_rows, row_blocks
-from ._sparsify_more import RESCALE_EPS, della_keep, tensor_label
+from ._sparsify_more import della_keep, tensor_label
 from .base import MergeCall, MergeMethod, Param
-from .task_arithmetic import _combine, family_params
+from .task_arithmetic import _combine, family_params, rescale_factor
 
 
 def check_epsilon(density: float, epsilon: float, where: str = "") -> None:
@@ -80,8 +81,7 @@ def _masked(call: MergeCall, xs: list[torch.Tensor], base: torch.Tensor, i: int,
 def _l1_scales(call: MergeCall, sampled: list[int],
                cache: dict[tuple[int, int], torch.Tensor] | None = None) -> dict[int, float]:
     """‖δᵢ‖₁/‖δᵢ⊙keepᵢ‖₁ over the whole tensor (§2.7), 1 where either norm is below 1e-7: the first pass."""
-    l1 = dict.fromkeys(sampled, 0.0)
-    kept = dict.fromkeys(sampled, 0.0)
+    sums = {i: Sums(2) for i in sampled}
     xs = [x.reshape(-1) for x in call.xs]
     for s, e, shape in row_blocks(call.shape, xs[0].numel(), xs[0].device):
         block = [x[s:e] for x in xs]
@@ -90,9 +90,8 @@ def _l1_scales(call: MergeCall, sampled: list[int],
             d, keep = _masked(call, block, base, i, shape, s)
             if cache is not None:
                 cache[(s, i)] = keep
-            l1[i] += float(d.abs().sum(dtype=torch.float64))
-            kept[i] += float(torch.where(keep, d, 0.0).abs().sum(dtype=torch.float64))
-    return {i: l1[i] / kept[i] if l1[i] >= RESCALE_EPS and kept[i] >= RESCALE_EPS else 1.0 for i in sampled}
+            sums[i].add(partials([d.abs(), torch.where(keep, d, 0.0).abs()]))
+    return {i: rescale_factor(*sums[i].values().tolist()) for i in sampled}
 
 
 def _make_apply(consensus: bool):

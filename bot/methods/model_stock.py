@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from ._rows import map_rows
-from ._sparsify_more import gram64
+from ._sparsify_more import gram
+from ..exact import Sums
 from .base import MergeCall, MergeMethod, Param
 
 NORM_EPS = 1e-6
@@ -52,11 +53,11 @@ def _split(call: MergeCall, xs: list[torch.Tensor] | None = None) -> tuple[torch
     return xs[call.base].reshape(-1).to(call.dtype), [xs[i].reshape(-1).to(call.dtype) for i in call.others]
 
 
-def _reduce(call: MergeCall) -> torch.Tensor:
+def _reduce(call: MergeCall) -> Sums:
     if call.shared["filter_wise"]:
-        return torch.zeros(0, dtype=torch.float64)
+        return Sums(0)
     w0, ws = _split(call)
-    return gram64([w - w0 for w in ws], call.dtype)
+    return gram([w - w0 for w in ws], call.dtype)
 
 
 def _mean(ws: list[torch.Tensor]) -> torch.Tensor:
@@ -74,7 +75,7 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     pairs = _pairs(n)
     if not pairs:  # no fine-tune, or a single one (the contract asks for two): cos is undefined, keep the base
         return w0
-    g = totals if totals is not None and totals.numel() else gram64([w - w0 for w in ws], call.dtype)
+    g = totals if totals is not None and totals.numel() else gram([w - w0 for w in ws], call.dtype).values()
     cos = mean_cos({(i, j): g[i, j] for i, j in pairs}, [g[i, i] for i in range(n)])
     t = float(stock_t(cos, n))
     return _mean(ws) * t + w0 * (1.0 - t)

@@ -18,7 +18,8 @@ import math
 import torch
 
 from ..errors import ModelError
-from ._sparsify_more import gram64, lincomb, tensor_label
+from ._sparsify_more import gram, lincomb, tensor_label
+from ..exact import Sums
 from .base import MergeCall, MergeMethod, Param
 
 
@@ -30,11 +31,11 @@ def _vectors(call: MergeCall) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     return vs, base
 
 
-def _reduce(call: MergeCall) -> torch.Tensor:
+def _reduce(call: MergeCall) -> Sums:
     if len(call.others) < 2:
-        return torch.zeros(0, dtype=torch.float64)
+        return Sums(0)
     vs, _ = _vectors(call)
-    return gram64(vs, call.dtype)
+    return gram(vs, call.dtype)
 
 
 def coefficients(g: torch.Tensor, weights: list[float], normalize: bool, eps: float) -> list[float] | None:
@@ -63,7 +64,7 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     if len(call.others) == 1:
         return call.xs[call.others[0]].reshape(-1).to(call.dtype)
     vs, base = _vectors(call)
-    g = totals if totals is not None and totals.numel() else gram64(vs, call.dtype)
+    g = totals if totals is not None and totals.numel() else gram(vs, call.dtype).values()
     weights = [float(call.per_input[i]["weight"]) for i in call.others]
     beta = coefficients(g, weights, bool(call.shared["normalize_weights"]), float(call.shared["eps"]))
     if beta is None:

@@ -11,7 +11,7 @@ rounding; for exactly antipodal inputs it then gives either the lerp or the sler
 
 Vectors are, by mode:
 * `nuslerp_flatten: true` (default): the whole flattened tensor. Norms and the dot product are summed in
-  float64 by `reduce` (additive over chunks), so the method streams tensors of any size;
+  exactly by `reduce` (bot.exact, additive over chunks), so the method streams tensors of any size;
 * otherwise rows `W[i, :]` (along the last dim) when `nuslerp_row_wise: false`, and columns `W[:, j]`
   (along dim 0) when `nuslerp_row_wise: true`. The naming is inverted with respect to mergekit's docs;
   this is what its code does (§2.3). These modes need whole vectors (not chunkable): the method gets the whole
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ._rows import map_rows, row_blocks
+from ..exact import Sums
 from .base import MergeCall, MergeMethod, Param
 
 EPS = 1e-8
@@ -75,9 +76,9 @@ def coefficients(t: float, aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor)
     return c0, c1
 
 
-def _reduce(call: MergeCall) -> torch.Tensor:
+def _reduce(call: MergeCall) -> Sums:
     if not call.shared["nuslerp_flatten"]:
-        return torch.zeros(0, dtype=torch.float64)
+        return Sums(0)
     v0, v1, _ = _vectors(call)
     return _reduce_flat(v0, v1)
 
@@ -88,7 +89,7 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
         return _apply_vectors(call, t)
     v0, v1, base = _vectors(call)
     if totals is None or not totals.numel():
-        totals = _reduce_flat(v0, v1)
+        totals = _reduce_flat(v0, v1).values()
     c0, c1 = coefficients(t, totals[0], totals[1], totals[2])
     out = v0 * float(c0) + v1 * float(c1)
     return out if base is None else base + out
@@ -129,9 +130,8 @@ def _apply_vectors(call: MergeCall, t: float) -> torch.Tensor:
     return map_rows(call, block)
 
 
-def _reduce_flat(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    a, b = v0.to(torch.float64), v1.to(torch.float64)
-    return torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()]).cpu()
+def _reduce_flat(v0: torch.Tensor, v1: torch.Tensor) -> Sums:
+    return Sums.of_terms([v0 * v0, v1 * v1, v0 * v1])
 
 
 def _chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:

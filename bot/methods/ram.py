@@ -6,7 +6,7 @@
     ramplus_tl: unique terms are scaled by λᵢ = 1 + r·clamp(ρᵢ, 0, alpha),
                 ρᵢ = #(aᵢ ∧ shared) / max(#(aᵢ ∧ unique), epsilon), counted over the whole tensor.
 
-`ram` is elementwise. `ramplus_tl`'s counts are global: `reduce` sums them (float64, exact) over chunks and
+`ram` is elementwise. `ramplus_tl`'s counts are global: `reduce` sums them (exact integers) over chunks and
 `apply` is elementwise, so both stream tensors of any size.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..exact import Sums
 from .base import MergeCall, MergeMethod, Param
 
 
@@ -47,16 +48,16 @@ def _apply_ram(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     return _merge(base, taus, active, count, [1.0] * len(taus), call.dtype)
 
 
-def _counts(active: list[torch.Tensor], count: torch.Tensor) -> torch.Tensor:
+def _counts(active: list[torch.Tensor], count: torch.Tensor) -> Sums:
     unique, shared = count == 1, count > 1
     vals = []
     for a in active:
-        vals.append((a & shared).sum().to(torch.float64))
-        vals.append((a & unique).sum().to(torch.float64))
-    return torch.stack(vals).cpu() if vals else torch.zeros(0, dtype=torch.float64)
+        vals.append((a & shared).sum())
+        vals.append((a & unique).sum())
+    return Sums.of_counts(torch.stack(vals).tolist() if vals else [])
 
 
-def _reduce_plus(call: MergeCall) -> torch.Tensor:
+def _reduce_plus(call: MergeCall) -> Sums:
     _, _, active, count = _parts(call)
     return _counts(active, count)
 
@@ -73,7 +74,7 @@ def lambdas_plus(counts: list[float], r: float, alpha: float, eps: float) -> lis
 def _apply_plus(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     base, taus, active, count = _parts(call)
     if totals is None or not totals.numel():
-        totals = _counts(active, count)
+        totals = _counts(active, count).values()
     lams = lambdas_plus([float(v) for v in totals], float(call.shared["r"]), float(call.shared["alpha"]),
                         float(call.shared["epsilon"]))
     return _merge(base, taus, active, count, lams, call.dtype)

@@ -6,9 +6,9 @@ nothing). Matrix weights ωᵢ = mean(τᵢ²)/Σⱼ mean(τⱼ²) (uniform 1/N 
 mask = the TIES sign election on the unweighted τ (a sum ≥ 0 elects +1; zeros never vote);
 out = base + Σ τᵢωᵢmaskᵢ / clamp(Σ ωᵢmaskᵢ, min 1e-6). `int8_mask` has no numerical effect.
 
-With select_topk ≥ 1 the executor streams the method: `reduce` sums Σ τᵢ² and the element count in float64
+With select_topk ≥ 1 the executor streams the method: `reduce` sums Σ τᵢ² and the element count exactly
 over chunks, `apply` is elementwise. With select_topk < 1 the top-k selection is global (ties at the k-th
-variance go to earlier elements), so the method gets the whole tensor as zero-copy views and walks it in
+variance go to earlier elements, or where mergekit computes in our precision, to those its own topk picks), so the method gets the whole tensor as zero-copy views and walks it in
 chunks itself, in bounded memory: the variance (elementwise, so the same bits per chunk as whole) is cut
 exactly by radix selection over its bit patterns (`_sparsify.top_k_cuts`: one pass that also counts the
 nonzeros, one per further 16 bits), then one pass sums Σ τᵢ² of the selected τ, then one writes the output.
@@ -21,7 +21,9 @@ from typing import Any
 import torch
 
 from . import _sparsify
+from ..exact import Sums
 from .base import MergeCall, MergeMethod, Param
+from .task_arithmetic import mergekit_precision
 
 UNIFORM_EPS = 1e-6
 DIV_EPS = 1e-6
@@ -48,15 +50,15 @@ def _variance_bits(taus: list[torch.Tensor]) -> torch.Tensor:
     return var.view(torch.int64 if var.dtype == torch.float64 else torch.int32)
 
 
-def _sums(taus: list[torch.Tensor]) -> torch.Tensor:
-    n = taus[0].numel() if taus else 0
-    return torch.stack([t.to(torch.float64).square().sum() for t in taus]
-                       + [torch.tensor(float(n), dtype=torch.float64, device=taus[0].device)]).cpu()
+def _sums(taus: list[torch.Tensor]) -> Sums:
+    """Σ τᵢ² per model (exact, bot.exact), then the element count."""
+    squares = [t.to(torch.float64).square() for t in taus]  # exact squares (rare method: no need for speed)
+    return Sums.cat(Sums.of_terms(squares), Sums.of_counts([taus[0].numel() if taus else 0]))
 
 
-def _reduce(call: MergeCall) -> torch.Tensor:
+def _reduce(call: MergeCall) -> Sums:
     if not call.others or float(call.shared["select_topk"]) < 1:
-        return torch.zeros(0, dtype=torch.float64)
+        return Sums(0)
     return _sums(_deltas(call)[1])
 
 
@@ -90,7 +92,7 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     if not taus:
         return base
     if totals is None or not totals.numel():
-        totals = _sums(taus)
+        totals = _sums(taus).values()
     return _merge(base, taus, matrix_weights([float(v) for v in totals[:-1]], float(totals[-1])))
 
 
@@ -122,18 +124,27 @@ def _apply_selected(call: MergeCall) -> torch.Tensor:
         # count·topk as mergekit evaluates it (an int64 0-d tensor times a Python float: float32), so k matches
         k = int(torch.tensor(nonzero, dtype=torch.int64) * topk)
         cut = _sparsify.top_k_cuts(var_bits, n, [k], bits_dtype, top=top)[0]
+    chosen = None  # mergekit's topk where the cut must choose among equal variances (_sparsify)
+    if topk > 0 and cut.chooses and mergekit_precision(call) and n <= _sparsify.PARITY_MAX_ELEMS:
+        var = torch.cat([var_bits(s, min(n, s + step)).view(call.dtype).cpu() for s in range(0, n, step)])
+        chosen = _sparsify.mergekit_selection(var, "topk", k).to(base.device)
 
     def selected(s: int, e: int, seen: int) -> tuple[torch.Tensor, list[torch.Tensor], int]:
         b, taus = deltas(s, e)
-        keep, seen = cut.mask(_variance_bits(taus), seen)
+        if chosen is not None:
+            keep = chosen[s:e]
+        else:
+            keep, seen = cut.mask(_variance_bits(taus), seen)
         return b, [torch.where(keep, t, 0.0) for t in taus], seen
 
-    sums = torch.zeros(len(xs) + 1, dtype=torch.float64)
+    sums = None
     seen = 0
     for s in range(0, n, step):
         _, taus, seen = selected(s, min(n, s + step), seen)
-        sums += _sums(taus)  # Σ τᵢ² per model, then the element count
-    weights = matrix_weights([float(v) for v in sums[:-1]], float(sums[-1]))
+        part = _sums(taus)  # Σ τᵢ² per model, then the element count
+        sums = part if sums is None else sums + part
+    totals = sums.values()
+    weights = matrix_weights([float(v) for v in totals[:-1]], float(totals[-1]))
     out = call.out if call.out is not None else torch.empty(n, dtype=call.out_dtype, device=base.device)
     seen = 0
     for s in range(0, n, step):

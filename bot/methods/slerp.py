@@ -1,7 +1,8 @@
 """`slerp` (merge-semantics.md §2.2): spherical interpolation of the whole flattened tensor.
 
 t = 0 gives the base, t = 1 the other model. The angle needs global norms and a dot product, so the
-method is split into `reduce` (Σa², Σb², Σab in float64, additive over chunks) and an elementwise `apply`.
+method is split into `reduce` (Σa², Σb², Σab as exact sums over chunks, bot.exact) and an elementwise
+`apply`: the coefficients, so the bytes, do not depend on chunking, threads or device.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import math
 
 import torch
 
+from ..exact import Sums, partials
 from ..fuse import enabled, fusable, scratch
 from .base import MergeCall, MergeMethod, Param
 
@@ -18,10 +20,10 @@ EPS = 1e-8
 
 
 @fusable
-def _sums(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a = a.reshape(-1).to(torch.float64)
-    b = b.reshape(-1).to(torch.float64)
-    return torch.stack([(a * a).sum(), (b * b).sum(), (a * b).sum()])
+def _sums(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    a = a.reshape(-1).to(dtype)
+    b = b.reshape(-1).to(dtype)
+    return partials([a * a, b * b, a * b])
 
 
 @fusable
@@ -34,13 +36,9 @@ def _pair(call: MergeCall) -> tuple[torch.Tensor, torch.Tensor]:
     return call.xs[call.base], call.xs[call.others[0]]
 
 
-def _reduce(call: MergeCall) -> torch.Tensor:
+def _reduce(call: MergeCall) -> Sums:
     a, b = _pair(call)
-    if enabled():
-        return _sums(a, b).cpu()
-    x = scratch("slerp_a64", a.numel(), torch.float64, a.device).copy_(a.reshape(-1))
-    y = scratch("slerp_b64", b.numel(), torch.float64, b.device).copy_(b.reshape(-1))
-    return torch.stack([torch.dot(x, x), torch.dot(y, y), torch.dot(x, y)]).cpu()
+    return Sums.of(_sums(a, b, call.dtype))
 
 
 def coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float, float]:

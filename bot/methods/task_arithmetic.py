@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 
 from .. import rng
+from ..exact import Sums, partials
 from ..fuse import fusable
 from . import _sparsify
 from .base import MergeCall, MergeMethod, Param
@@ -38,17 +39,22 @@ Streams = list[tuple]  # rng.Stream32.tensors() per non-base model (0-d int32 te
 
 @fusable
 def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], streams: Streams, dtype: torch.dtype) -> torch.Tensor:
-    """[‖δᵢ‖₁, ‖δᵢ⊙keepᵢ‖₁ for each i] over this chunk, accumulated in the compute dtype (the executor adds
-    chunks in float64). Float64 accumulators made this pass 18× slower compiled on CPU; float32 ones
-    (vectorised, multi-lane) stay within 2e-7 relative of a float64 sum on 16M-element chunks."""
+    """Exact partial sums (bot.exact) of [‖δᵢ‖₁, ‖δᵢ⊙keepᵢ‖₁ for each i] over this chunk: integers, so the
+    totals do not depend on how a compiled reduction splits the chunk over threads (float32 accumulators
+    did: 58 of 147 tensors of a dare_ties merge changed between 1 and 2 threads)."""
     b = base.reshape(-1).to(dtype)
     idx = torch.arange(b.numel(), dtype=torch.int32, device=b.device)
-    sums = []
+    terms = []
     for x, stream in zip(xs, streams):
         d = (x.reshape(-1).to(dtype) - b).abs()
-        sums.append(d.sum())
-        sums.append(torch.where(rng.keep32(idx, *stream), d, 0.0).sum())
-    return torch.stack(sums)
+        terms.append(d)
+        terms.append(torch.where(rng.keep32(idx, *stream), d, 0.0))
+    return partials(terms)
+
+
+def rescale_factor(l1: float, kept: float) -> float:
+    """‖δ‖₁/‖δ⊙mask‖₁, or 1 when either norm is below 1e-7 (§2.7)."""
+    return l1 / kept if l1 >= RESCALE_EPS and kept >= RESCALE_EPS else 1.0
 
 
 def _combine(b: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], consensus: bool,
@@ -141,7 +147,11 @@ def _kernel_magnitude(base: torch.Tensor, xs: list[torch.Tensor], aboves: list[t
 def _magnitude_apply(call: MergeCall, others: list[int], weights: list[float], consensus: bool, normalize: bool,
                      lam: float) -> torch.Tensor:
     """TIES-style magnitude pruning over the whole tensor, in chunks: exact cut per model first (two
-    histogram passes), then, if `rescale`, the kept L1 norm (one pass), then the merge chunk by chunk."""
+    histogram passes), then, if `rescale`, the kept L1 norm (one pass), then the merge chunk by chunk.
+
+    Where a cut must choose among equal magnitudes and mergekit computes in our precision, the choice is
+    mergekit's (its whole-tensor argsort, `_sparsify.mergekit_selection`); otherwise ties go to the earliest
+    elements, which the fused kernel encodes as a count (`_tie_end`)."""
     base = call.xs[call.base].reshape(-1)
     xs = [call.xs[i].reshape(-1) for i in others]
     n = base.numel()
@@ -150,23 +160,46 @@ def _magnitude_apply(call: MergeCall, others: list[int], weights: list[float], c
     def delta(x: torch.Tensor, s: int, e: int) -> torch.Tensor:
         return x[s:e].to(call.dtype) - base[s:e].to(call.dtype)
 
-    cuts = [_sparsify.magnitude_cut(lambda s, e, x=x: _sparsify.magnitude_bits(delta(x, s, e)), n,
-                                    float(call.per_input[i]["density"])) for x, i in zip(xs, others)]
+    densities = [float(call.per_input[i]["density"]) for i in others]
+    cuts = [_sparsify.magnitude_cut(lambda s, e, x=x: _sparsify.magnitude_bits(delta(x, s, e)), n, density)
+            for x, density in zip(xs, densities)]
+    chosen: list[torch.Tensor | None] = [None] * len(xs)  # mergekit's whole-tensor selection, where it differs
+    if mergekit_precision(call) and n <= _sparsify.PARITY_MAX_ELEMS:
+        for j, (x, cut) in enumerate(zip(xs, cuts)):
+            if cut is not None and cut.chooses:
+                w = _sparsify.gather_float32(lambda s, e, x=x: delta(x, s, e).abs(), n)
+                chosen[j] = _sparsify.mergekit_selection(w, "top", max(1, int(densities[j] * n))).to(base.device)
+    seen = [0] * len(xs)
+
+    def mask(j: int, d: torch.Tensor, s: int, e: int) -> torch.Tensor | None:
+        """Model j's keep mask over [s, e) (chunks in order; `seen` carries the ties met so far)."""
+        if chosen[j] is not None:
+            return chosen[j][s:e]
+        if cuts[j] is None:
+            return None
+        m, seen[j] = cuts[j].mask(_sparsify.magnitude_bits(d), seen[j])
+        return m
+
     scales = [1.0] * len(xs)
     if call.shared["rescale"]:
-        for j, (x, cut) in enumerate(zip(xs, cuts)):
-            if cut is None:
+        for j, x in enumerate(xs):
+            if cuts[j] is None:
                 continue
-            l1 = kept = 0.0
-            seen = 0
+            sums = Sums(2)
+            seen[j] = 0
             for s in range(0, n, step):
                 d = delta(x, s, min(n, s + step))
-                m, seen = cut.mask(_sparsify.magnitude_bits(d), seen)
-                l1 += float(d.abs().sum(dtype=torch.float64))
-                kept += float(torch.where(m, d, 0.0).abs().sum(dtype=torch.float64))
-            if l1 >= RESCALE_EPS and kept >= RESCALE_EPS:
-                scales[j] = l1 / kept
+                sums.add(partials([d.abs(), torch.where(mask(j, d, s, min(n, s + step)), d, 0.0).abs()]))
+            scales[j] = rescale_factor(*sums.values().tolist())
     out = call.out if call.out is not None else torch.empty(n, dtype=call.out_dtype, device=base.device)
+    if any(m is not None for m in chosen):
+        seen = [0] * len(xs)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            masks = [mask(j, delta(x, s, e), s, e) for j, x in enumerate(xs)]
+            _kernel_masked(base[s:e], [x[s:e] for x in xs], masks, scales, weights, consensus, normalize, lam,
+                           call.dtype, call.out_dtype, out=out[s:e])
+        return out
     # the cut's bit pattern as a tensor (see rng.Stream32.tensors: no 64-bit widening in compiled kernels)
     aboves = [None if cut is None or cut.above < 0 else torch.tensor(cut.above, dtype=torch.int32, device=base.device)
               for cut in cuts]
@@ -177,6 +210,12 @@ def _magnitude_apply(call: MergeCall, others: list[int], weights: list[float], c
                           [torch.tensor(min(max(end - s, 0), e - s), dtype=torch.int32) for end in ends],
                           scales, weights, consensus, normalize, lam, call.dtype, call.out_dtype, out=out[s:e])
     return out
+
+
+def mergekit_precision(call: MergeCall) -> bool:
+    """Whether mergekit 0.1.5 computes this call in mergebot's precision: it works in the inputs' dtype, so
+    only float32/float64 inputs (after `dtype:`) give it the same deltas, hence the same equal magnitudes."""
+    return all(x.dtype == call.dtype for x in call.xs)
 
 
 def _tie_end(base: torch.Tensor, x: torch.Tensor, cut: _sparsify.MagnitudeCut | None, above: torch.Tensor | None,
@@ -203,11 +242,11 @@ def _make(preset: Preset):
                                 rng.threshold(float(call.per_input[i]["density"]))).tensors(base.device)
                 for i in call.others]
 
-    def reduce(call: MergeCall) -> torch.Tensor:
+    def reduce(call: MergeCall) -> Sums:
         if preset.sparsifier != "random" or not call.shared["rescale"] or not call.others:
-            return torch.zeros(0, dtype=torch.float64)
+            return Sums(0)
         xs = [call.xs[i] for i in call.others]
-        return _l1_sums(call.xs[call.base], xs, streams(call), call.dtype).cpu().to(torch.float64)
+        return Sums.of(_l1_sums(call.xs[call.base], xs, streams(call), call.dtype))
 
     def apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
         base = call.xs[call.base]
@@ -225,14 +264,8 @@ def _make(preset: Preset):
             out = _kernel_masked(base, xs, masks, scales, weights, consensus, normalize, lam, call.dtype,
                                  call.out_dtype, out=call.out)
         elif preset.sparsifier == "random":
-            scales = []
-            for j, w in enumerate(weights):
-                factor = 1.0
-                if totals is not None and totals.numel():
-                    l1, kept = float(totals[2 * j]), float(totals[2 * j + 1])
-                    if l1 >= RESCALE_EPS and kept >= RESCALE_EPS:
-                        factor = l1 / kept
-                scales.append(factor)
+            scales = [rescale_factor(float(totals[2 * j]), float(totals[2 * j + 1]))
+                      if totals is not None and totals.numel() else 1.0 for j in range(len(weights))]
             out = _kernel_random(base, xs, streams(call), scales, weights, consensus, normalize, lam, call.dtype,
                                  call.out_dtype, out=call.out)
         elif preset.sparsifier == "magnitude":
@@ -265,10 +298,7 @@ def _mergekit_order_masks(call: MergeCall, others: list[int]) -> tuple[list[torc
         scale = 1.0
         if call.shared["rescale"]:
             d = x.to(call.dtype) - base.to(call.dtype)
-            l1 = float(d.abs().sum(dtype=torch.float64))
-            kept = float(torch.where(keep, d, 0.0).abs().sum(dtype=torch.float64))
-            if l1 >= RESCALE_EPS and kept >= RESCALE_EPS:
-                scale = l1 / kept
+            scale = rescale_factor(*Sums.of_terms([d.abs(), torch.where(keep, d, 0.0).abs()]).values().tolist())
         masks.append(keep)
         scales.append(scale)
     return masks, scales
