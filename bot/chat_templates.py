@@ -10,6 +10,9 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from . import confine
+from .errors import ModelError
+
 BUILTIN: dict[str, str] = {
     "alpaca": (
         "{{ bos_token }}"
@@ -67,21 +70,16 @@ def is_builtin_name(value: str) -> bool:
 def read_template(directory: Path) -> str | None:
     """A model's chat template: chat_template.jinja (what transformers reads first), chat_template.json,
     then tokenizer_config.json `chat_template` (a string, or a list of named templates: the "default")."""
-    f = directory / "chat_template.jinja"
-    if f.is_file():
-        try:
-            return f.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError):
-            pass
+    label = f"model {directory.name}"
+    try:
+        text = confine.read_text(directory, "chat_template.jinja", label)
+    except ModelError:
+        text = None  # not UTF-8: as if absent (an escaping link was refused when the model was resolved)
+    if text is not None:
+        return text
     for name in ("chat_template.json", "tokenizer_config.json"):
-        f = directory / name
-        if not f.is_file():
-            continue
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        t = data.get("chat_template") if isinstance(data, dict) else None
+        data = confine.json_object(directory, name, label)
+        t = data.get("chat_template") if data is not None else None
         if isinstance(t, list):
             named = {e.get("name"): e.get("template") for e in t if isinstance(e, dict)}
             t = named.get("default")

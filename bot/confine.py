@@ -12,6 +12,7 @@ folder. In Action mode a workspace root also bounds every local model and config
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from contextvars import ContextVar
@@ -119,3 +120,40 @@ def local_reference(path: str, label: str) -> None:
                          "paths relative to the repository")
     if not is_inside((root / path).resolve(), root):
         raise ModelError(f"{label}: {path[:200]!r} leads outside the workspace")
+
+
+def json_object(directory: Path, name: str, label: str) -> dict | None:
+    """A model's optional JSON object file (tokenizer_config.json, ...): None when absent or not a JSON object
+    (a broken optional file is treated as missing); confined as `inside` says."""
+    text = read_text(directory, name, label)
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def audit(directory: Path, label: str) -> None:
+    """Refuse a model directory any of whose entries escapes it: a symlink whose target lies outside the
+    directory's root, or a file that is not regular (FIFO, device, socket). Run once when a model is resolved,
+    so that libraries reading the directory themselves (tokenizers, transformers) read only what lies inside."""
+    root = root_of(directory)
+    try:
+        entries = list(os.scandir(directory))
+    except OSError as e:
+        raise ModelError(f"{label}: cannot list the model directory: {e.strerror}") from None
+    for entry in entries:
+        if entry.is_symlink():
+            target = Path(entry.path).resolve()
+            if not is_inside(target, root):
+                raise ModelError(f"{label}: refusing {entry.name[:120]!r}: a symlink that points outside the model "
+                                 "directory")
+            if not target.exists():
+                continue
+            mode = os.stat(target).st_mode
+        else:
+            mode = entry.stat(follow_symlinks=False).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise ModelError(f"{label}: refusing {entry.name[:120]!r}: not a regular file")

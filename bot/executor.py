@@ -82,6 +82,7 @@ def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | Non
             dest.copy_(xs[0].reshape(-1))
         else:
             _merge(method, job, xs, dest, seed, device, rng)
+            _check_finite(job, dest, xs)
         writer.done(job.name)
         for inp in job.inputs:
             plan.models[inp.model].release(inp.tensor)
@@ -91,6 +92,21 @@ def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | Non
             progress(job.nbytes)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[s:s + CHUNK]).all()) for s in range(0, flat.numel(), CHUNK))
+
+
+def _check_finite(job: TensorJob, dest: torch.Tensor, xs: list[torch.Tensor]) -> None:
+    """A merge of finite inputs must be finite: inf/NaN out of finite weights means a config that divides by
+    a zero weight sum or overflows the output dtype, and such a model must never be written or published."""
+    if not dest.is_floating_point() or _all_finite(dest):
+        return
+    if all(_all_finite(x) for x in xs if x.is_floating_point()):
+        raise ModelError(f"tensor {job.name!r}: the merge produced inf or NaN from finite inputs (weights summing "
+                         "to zero, or values beyond the output dtype's range?); nothing was written")
 
 
 def _call(job: TensorJob, xs: list[torch.Tensor], dest: torch.Tensor, start: int, count: int, seed: int,

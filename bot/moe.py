@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, confine
 from . import moe_layout as L
 from .config import DTYPES, ModelRef, parse_ref
 from .errors import ConfigError, ModelError, NotSupportedYet
@@ -165,10 +165,9 @@ def _tokenizer_ref(cfg: MoeConfig) -> tuple[str, ModelRef | None]:
 
 
 def _tokenizer_identity(directory: Path) -> str | None:
-    f = directory / "tokenizer.json"
-    if not f.is_file():
+    data = confine.json_object(directory, "tokenizer.json", f"model {directory.name}")
+    if data is None:
         return None
-    data = json.loads(f.read_text(encoding="utf-8"))
     return json.dumps([data.get("model"), data.get("added_tokens")], sort_keys=True)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import confine
 from .errors import MergebotError, ModelError
 from .loader import ModelWeights
 from .moe_config import Expert
@@ -90,14 +91,10 @@ def _token_text(value: object) -> str | None:
 def special_token(directory: Path, name: str) -> str | None:
     """`bos_token` / `eos_token` text from tokenizer_config.json, else special_tokens_map.json."""
     for f in ("tokenizer_config.json", "special_tokens_map.json"):
-        p = directory / f
-        if p.is_file():
-            try:
-                tok = _token_text(json.loads(p.read_text(encoding="utf-8")).get(name))
-            except ValueError:
-                continue
-            if tok:
-                return tok
+        data = confine.json_object(directory, f, f"model {directory.name}")
+        tok = _token_text(data.get(name)) if data is not None else None
+        if tok:
+            return tok
     return None
 
 
@@ -120,14 +117,8 @@ def load_tokenizer(directory: Path, label: str):
         raise ModelError(f"{label}: gate_mode cheap_embed needs the base's tokenizer.json (not found in {directory})")
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(f))
-    cfg: dict = {}
-    p = directory / "tokenizer_config.json"
-    if p.is_file():
-        try:
-            cfg = json.loads(p.read_text(encoding="utf-8"))
-        except ValueError:
-            cfg = {}
+    tok = Tokenizer.from_str(confine.read_text(directory, "tokenizer.json", label) or "")
+    cfg: dict = confine.json_object(directory, "tokenizer_config.json", label) or {}
     extra = [_added_token(v) for v in (cfg.get("added_tokens_decoder") or {}).values()]
     specials = [cfg.get(k) for k in ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                                      "mask_token")] + list(cfg.get("additional_special_tokens") or [])
@@ -173,10 +164,7 @@ def prompt_encoder(directory: Path, label: str) -> PromptEncoder:
     tok = load_tokenizer(directory, label)
     bos = special_token(directory, "bos_token") or ""
     warning = None
-    try:
-        cls = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
-    except (OSError, ValueError):
-        cls = None
+    cls = (confine.json_object(directory, "tokenizer_config.json", label) or {}).get("tokenizer_class")
     if cls not in GENERIC_TOKENIZERS:
         warning = (f"{label}: cheap_embed prompts were tokenized with the raw tokenizer.json; transformers' {cls} "
                    "(which mergekit uses) may split them differently: pip install mergebot[moe] for identical gates")

@@ -7,6 +7,7 @@ complete (merge-semantics.md §5.4, §5.6 for the files copied from the donor).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from . import confine
 from .errors import OutputError
 from .sources import TOKENIZER_FILES
 
@@ -30,26 +32,47 @@ def check_target(out_dir: Path, force: bool) -> None:
         raise OutputError(f"{out_dir} exists and is not a directory")
 
 
+# errors that can only come from writing the output: each becomes one line naming OUT_DIR
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _write_error(out_dir: Path, e: OSError) -> OutputError:
+    return OutputError(f"{out_dir}: cannot write the output: {e.strerror or e}")
+
+
 @contextmanager
 def staged_output(out_dir: Path, force: bool) -> Iterator[Path]:
-    """Yield a work directory beside out_dir; on success it atomically becomes out_dir."""
+    """Yield a work directory beside out_dir; on success it atomically becomes out_dir. Any failure, a full
+    disk, Ctrl-C or SIGTERM included, removes the work directory: nothing half-made stays behind."""
     out_dir = out_dir.resolve()
     check_target(out_dir, force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.mergebot-", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.mergebot-", dir=out_dir.parent))
+    except OSError as e:
+        raise _write_error(out_dir, e) from None
     try:
         yield work
+    except OSError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        if e.errno in WRITE_ERRNOS or (e.filename and str(e.filename).startswith(str(work))):
+            raise _write_error(out_dir, e) from None
+        raise
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    _fsync_dir(work)
-    if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.rename(out_dir, trash / "old")
-        os.rename(work, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(work, out_dir)
+    try:
+        _fsync_dir(work)
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.rename(out_dir, trash / "old")
+            os.rename(work, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(work, out_dir)
+    except OSError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        raise _write_error(out_dir, e) from None
     _fsync_dir(out_dir.parent)
 
 
@@ -67,12 +90,11 @@ def _fsync_dir(d: Path) -> None:
 
 
 def copy_donor_files(donor_dir: Path, work: Path, only: tuple[str, ...] | None = None) -> list[str]:
-    """Tokenizer and generation files copied verbatim from the donor (§5.6)."""
+    """Tokenizer and generation files copied verbatim from the donor (§5.6), regular files inside its
+    directory only (bot.confine)."""
     copied = []
     for name in only or DONOR_FILES:
-        src = donor_dir / name
-        if src.is_file():
-            shutil.copyfile(src, work / name)
+        if confine.copy_file(donor_dir, name, work / name, f"tokenizer donor {donor_dir.name}"):
             copied.append(name)
     return copied
 
@@ -88,10 +110,14 @@ def copy_parent_licenses(parents: dict[str, Path], work: Path) -> list[str]:
         label = "".join(c if c.isalnum() or c in "-_." else "_" for c in ref.strip("./")) or "parent"
         for pattern in LICENSE_PATTERNS:
             for src in sorted(directory.glob(pattern)):
-                if src.is_file() and src.stat().st_size < 10_000_000:
+                if src.is_symlink() and not confine.is_inside(src.resolve(), confine.root_of(directory)):
+                    continue  # never publish what a parent links to outside itself (the audit refuses those)
+                big = not src.is_file() or src.stat().st_size >= 10_000_000
+                data = None if big else confine.read_bytes(directory, src.name, ref)
+                if data is not None:
                     dest = work / "licenses" / label / src.name
                     dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src, dest)
+                    dest.write_bytes(data)
                     copied.append(str(dest.relative_to(work)))
     return copied
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from . import confine
 from .config import ModelRef
 from .errors import ModelError
 
@@ -53,6 +54,8 @@ def is_local(ref: ModelRef, search: list[Path]) -> Path | None:
     named = _NAMED.get().get(ref.path)
     if named is not None:
         return named
+    if confine.workspace() is not None and not looks_like_repo_id(ref.path):
+        confine.local_reference(ref.path, str(ref))  # in the Action: inside the workspace, or refused
     p = Path(ref.path).expanduser()
     candidates = [p] if p.is_absolute() else [Path.cwd() / p] + [d / p for d in search]
     for c in candidates:
@@ -73,6 +76,7 @@ def resolve(ref: ModelRef, search: list[Path] | None = None, *, download: bool =
     if local is not None:
         if ref.revision:
             raise ModelError(f"{ref}: a revision (@{ref.revision}) only applies to Hub models; {local} is a local directory")
+        confine.audit(local, str(ref))
         return ResolvedModel(ref, local, False, None, _read_config(local, str(ref)))
     if not looks_like_repo_id(ref.path):
         raise ModelError(f"{ref}: no such local directory, and not a Hugging Face repo id")
@@ -81,13 +85,13 @@ def resolve(ref: ModelRef, search: list[Path] | None = None, *, download: bool =
 
 def read_json_object(directory: Path, name: str, label: str, missing_hint: str = "") -> dict:
     """A JSON object file of a model or adapter directory; every problem names the model and the file."""
-    f = directory / name
-    if not f.exists():
+    text = confine.read_text(directory, name, label)
+    if text is None:
         raise ModelError(f"{label}: no {name} in {directory}{missing_hint}")
     try:
-        data = json.loads(f.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise ModelError(f"{label}: {name} is not valid JSON: {e}") from None
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ModelError(f"{label}: {name} is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise ModelError(f"{label}: {name} is not a JSON object")
     return data
@@ -128,4 +132,5 @@ def _from_hub(ref: ModelRef, *, download: bool, token: str | None) -> ResolvedMo
     except (HfHubHTTPError, OSError) as e:
         raise ModelError(f"{ref}: download failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
     d = Path(directory)
+    confine.audit(d, str(ref))
     return ResolvedModel(ref, d, True, sha, _read_config(d, str(ref)))

@@ -13,9 +13,9 @@ Then `chat_template:` is applied. A failure to apply it is a warning; the merge 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
+from . import confine
 from .chat_templates import apply_template, resolve_template
 from .config import MergeConfig
 from .output import copy_donor_files, write_json
@@ -35,22 +35,13 @@ def added_tokens_decoder(tok) -> dict[str, dict]:
 def write_built_tokenizer(ov: OutputVocab, work: Path) -> list[str]:
     ov.tokenizer.save(str(work / "tokenizer.json"))
     written = ["tokenizer.json"]
-    cfg: dict = {}
-    f = ov.donor_dir / "tokenizer_config.json"
-    if f.is_file():
-        try:
-            loaded = json.loads(f.read_text(encoding="utf-8"))
-            cfg = loaded if isinstance(loaded, dict) else {}
-        except (OSError, ValueError):
-            cfg = {}
+    cfg: dict = confine.json_object(ov.donor_dir, "tokenizer_config.json", "tokenizer donor") or {}
     cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     cfg["added_tokens_decoder"] = added_tokens_decoder(ov.tokenizer)
     write_json(work / "tokenizer_config.json", cfg)
     written.append("tokenizer_config.json")
     for name in KEEP_FROM_DONOR:
-        src = ov.donor_dir / name
-        if src.is_file():
-            shutil.copyfile(src, work / name)
+        if confine.copy_file(ov.donor_dir, name, work / name, "tokenizer donor"):
             written.append(name)
     return written
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from . import architecture as arch
+from . import confine
 from .config import MergeConfig, ModelRef, parse_ref_string
 from .errors import ModelError
 from .sources import ResolvedModel, is_local, resolve
@@ -97,16 +98,11 @@ def _tokenizers():
 
 
 def _read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return confine.json_object(path.parent, path.name, f"model {path.parent.name}")
 
 
 def load_tokenizer_json(directory: Path) -> dict | None:
-    f = directory / "tokenizer.json"
-    return _read_json(f) if f.is_file() else None
+    return confine.json_object(directory, "tokenizer.json", f"model {directory.name}")
 
 
 def _from_json(data: dict, label: str):

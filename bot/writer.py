@@ -9,8 +9,9 @@ be written back), so resident memory does not grow with the output.
 
 from __future__ import annotations
 
-import math
+import errno
 import json
+import math
 import mmap
 import os
 import struct
@@ -74,6 +75,32 @@ def _header(shard: Shard) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _check_free_space(directory: Path, need: int) -> None:
+    """A clean error before any data is written when the output cannot fit (instead of a SIGBUS when a
+    mapped page finds the disk full half-way)."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise OSError(errno.ENOSPC, f"no space left on device: the output needs {need / 1e9:.2f} GB, "
+                                    f"{free / 1e9:.2f} GB free", str(directory))
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the shard's blocks now (posix_fallocate): writes through the mapping can then never hit a
+    full disk. Filesystems without fallocate keep the sparse file."""
+    if size <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            return
+        raise
+
+
 @dataclass
 class _Slot:
     shard: int
@@ -92,13 +119,16 @@ class ShardedWriter:
         self.slots: dict[str, _Slot] = {}
         self._fds: list[int] = []
         self._maps: list[mmap.mmap | None] = []
-        for si, (name, shard) in enumerate(zip(self.names, self.shards)):
-            header = _header(shard)
+        headers = [_header(shard) for shard in self.shards]
+        need = sum(len(h) + s.nbytes for h, s in zip(headers, self.shards))
+        _check_free_space(directory, need)
+        for si, (name, shard, header) in enumerate(zip(self.names, self.shards, headers)):
             size = len(header) + shard.nbytes
             fd = os.open(directory / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.ftruncate(fd, size)
-            os.pwrite(fd, header, 0)
             self._fds.append(fd)
+            os.ftruncate(fd, size)
+            _reserve(fd, size)
+            os.pwrite(fd, header, 0)
             self._maps.append(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) if shard.nbytes else None)
             off = len(header)
             for e in shard.entries:
