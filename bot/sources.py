@@ -60,7 +60,11 @@ def is_local(ref: ModelRef, search: list[Path]) -> Path | None:
     candidates = [p] if p.is_absolute() else [Path.cwd() / p] + [d / p for d in search]
     for c in candidates:
         if c.is_dir():
-            return c.resolve()
+            real = c.resolve()
+            ws = confine.workspace()
+            if ws is not None and not confine.is_inside(real, ws):  # e.g. a symlinked folder in the checkout
+                raise ModelError(f"{ref}: this local directory leads outside the workspace")
+            return real
     return None
 
 

@@ -86,11 +86,13 @@ def test_a_fifo_in_a_parent_is_refused_not_read(tmp_path):
     assert "tokenizer.json" in line and "not a regular file" in line
 
 
-@pytest.mark.parametrize("ref", ["/etc", "~/models/x", "../outside-model", "fam/../../outside-model"])
+@pytest.mark.parametrize("ref", ["/etc", "~/models/x", "../outside-model", "fam/../../outside-model", "linked/model"])
 def test_in_the_action_local_models_stay_inside_the_workspace(tmp_path, ref):
     ws = tmp_path / "ws"
     a, b = make_family(ws / "fam", 2, seed=3)
     make_family(tmp_path / "outside-model-src", 1, seed=4)[0].rename(tmp_path / "outside-model")
+    (ws / "linked").mkdir()
+    (ws / "linked" / "model").symlink_to(tmp_path / "outside-model")  # a folder in the checkout linking out
     cfg = ws / "m.yml"
     cfg.write_text(_linear(Path("fam") / a.name, Path(ref)))
     token = confine.set_workspace(ws)
