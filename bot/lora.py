@@ -27,7 +27,7 @@ import torch
 
 from .config import ModelRef
 from .errors import ModelError
-from .loader import ST_DTYPES, ModelWeights, TensorInfo
+from .loader import ModelWeights, TensorInfo, load_bin_tensors
 from .sources import ResolvedModel, is_local, looks_like_repo_id, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -107,31 +107,15 @@ def _adapter_tensors(adapter: ResolvedModel, *, headers_only: bool, token: str |
     label = f"LoRA {adapter.ref}"
     w = ModelWeights(adapter.directory, label, discover=False)
     if adapter.is_hub and headers_only:  # dry run: the header via HTTP range requests, no tensor data
-        from huggingface_hub import HfApi
-
-        try:
-            meta = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token).parse_safetensors_file_metadata(
-                adapter.ref.path, ADAPTER_SAFETENSORS, revision=adapter.sha)
-        except Exception as e:  # noqa: BLE001 - any failure here means we cannot read the adapter
-            raise ModelError(f"{label}: cannot read {ADAPTER_SAFETENSORS}'s header from the Hub: "
-                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-        for name, ti in meta.tensors.items():
-            dtype = ST_DTYPES.get(ti.dtype)
-            if dtype is None:
-                raise ModelError(f"{label}: tensor {name!r} has unsupported dtype {ti.dtype!r}")
-            w.tensors[name] = TensorInfo(name, dtype, tuple(ti.shape), Path(ADAPTER_SAFETENSORS), *ti.data_offsets)
+        w.add_hub_safetensors(adapter.ref.path, ADAPTER_SAFETENSORS, adapter.sha, token, os.environ.get("HF_ENDPOINT"))
         return w
     st, binf = adapter.directory / ADAPTER_SAFETENSORS, adapter.directory / ADAPTER_BIN
     if st.exists():
         w._add_safetensors(st)
     elif binf.exists():
-        try:
-            sd = torch.load(binf, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
-            raise ModelError(f"{label}: cannot read {ADAPTER_BIN} safely (weights_only): {e}") from None
-        w._bin = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+        real, w._bin = load_bin_tensors(adapter.directory, ADAPTER_BIN, label)  # weights_only, flat dict only
         for k, v in w._bin.items():
-            w.tensors[k] = TensorInfo(k, v.dtype, tuple(v.shape), binf, 0, v.numel() * v.element_size())
+            w.tensors[k] = TensorInfo(k, v.dtype, tuple(v.shape), real, 0, v.numel() * v.element_size())
     else:
         raise ModelError(f"{label}: no {ADAPTER_SAFETENSORS} (or {ADAPTER_BIN}) in {adapter.directory}")
     return w
