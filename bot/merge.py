@@ -36,7 +36,7 @@ class MergeOptions:
     force: bool = False
     copy_tokenizer: bool = True
     progress: bool = True
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # never in a repr, hence never in a log or traceback
     threads: int | None = None
     compile: str = "auto"  # auto | on | off: fuse method kernels with torch.compile (bot.fuse)
     allow_all_same_experts: bool = False  # MoE: every expert the same model (only useful with training)

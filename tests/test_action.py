@@ -79,6 +79,16 @@ def checkout(tmp_path: Path) -> Checkout:
     return c
 
 
+def local_parents(checkout: Checkout, models: list[Path]) -> list[str]:
+    """The parents copied into the checkout, as the relative references a config names them by: in the
+    Action, local models are read only inside the workspace (bot.confine.set_workspace)."""
+    refs = []
+    for name, d in zip(PARENTS, models, strict=True):
+        shutil.copytree(d, checkout.path / "models" / name, dirs_exist_ok=True)
+        refs.append(f"./models/{name}")
+    return refs
+
+
 def upload_parents(hub: HubFixture, models: list[Path]) -> dict[str, str]:
     """The models as Hub repos mergebot-org/tiny-*; returns repo id -> head sha."""
     out = {}
@@ -166,7 +176,7 @@ def commits(hub: HubFixture, repo: str) -> int:
 # ---------------------------------------------------------------------------------------------- scenarios
 
 def test_push_merges_exactly_the_changed_config(hub, tiny_models, checkout, monkeypatch, capsys):
-    base, ft1, ft2 = (str(d) for d in tiny_models)
+    base, ft1, ft2 = local_parents(checkout, tiny_models)
     c1 = checkout.commit({"merges/a.yml": linear(base, ft1), "merges/b.yml": linear(base, ft2),
                           "merges/c.yml": linear(ft1, ft2), "README.md": "user repo\n"})
     c2 = checkout.commit({"merges/b.yml": linear(base, ft2, "# tweak\n"), "README.md": "docs\n"})
@@ -182,7 +192,7 @@ def test_push_merges_exactly_the_changed_config(hub, tiny_models, checkout, monk
     assert f"{hub.user}/a" not in hub.server.repos and f"{hub.user}/c" not in hub.server.repos
     files = hub.server.files(f"{hub.user}/b")
     assert {"mergebot.lock.json", "README.md", "model.safetensors", "mergekit_config.yml"} <= set(files)
-    assert "| `merges/b.yml` | `mergebot-test/b` | ✅ published |" in run.summary
+    assert "| <code>merges/b.yml</code> | <code>mergebot-test/b</code> | ✅ published |" in run.summary
     assert hub.token not in run.summary and hub.token not in run.outputs["results"]
     assert f"::add-mask::{hub.token}" in run.stdout
     assert run.stdout.count(hub.token) == 1  # only the mask command itself
@@ -252,7 +262,7 @@ def plan_json(capsys: pytest.CaptureFixture) -> list[dict]:
 
 
 def test_pull_request_is_a_dry_run_with_annotations(hub, tiny_models, checkout, monkeypatch, capsys):
-    base, ft1, ft2 = (str(d) for d in tiny_models)
+    base, ft1, ft2 = local_parents(checkout, tiny_models)
     c1 = checkout.commit({"merges/a.yml": linear(base, ft1), "merges/b.yml": linear(base, ft2)})
     checkout.git("checkout", "-q", "-b", "feature")
     bad = "models:\n  - model: x\nmerge_method: lineer\n"
@@ -277,12 +287,12 @@ def test_pull_request_is_a_dry_run_with_annotations(hub, tiny_models, checkout, 
 
 
 def test_bad_config_fails_alone_and_duplicates_are_refused(hub, tiny_models, checkout, monkeypatch, capsys):
-    base, ft1, ft2 = (str(d) for d in tiny_models)
-    unlicensed = shutil.copytree(tiny_models[2], checkout.path.parent / "unlicensed")
+    base, ft1, ft2 = local_parents(checkout, tiny_models)
+    unlicensed = shutil.copytree(tiny_models[2], checkout.path / "models" / "unlicensed")
     (unlicensed / "README.md").unlink()
     c1 = checkout.commit({
         "merges/good.yml": linear(base, ft1),
-        "merges/nolicense.yml": linear(base, str(unlicensed)),
+        "merges/nolicense.yml": linear(base, "./models/unlicensed"),
         "merges/bad.yaml": "models:\n  - model: x\nmerge_method: linear\ndtype: fp17\n",
         "merges/one.yml": linear(base, ft2, f"hub_repo: {hub.org}/same\n"),
         "merges/two.yml": linear(ft1, ft2, f"hub_repo: {hub.org}/same\n"),
@@ -307,7 +317,7 @@ def test_bad_config_fails_alone_and_duplicates_are_refused(hub, tiny_models, che
 
 def test_entrypoint_subprocess_dispatch_with_force(hub, tiny_models, checkout, monkeypatch, tmp_path):
     """The real entrypoint (`python -m bot.cli.main action`) in a child process, as the container runs it."""
-    base, ft1, _ = (str(d) for d in tiny_models)
+    base, ft1, _ = local_parents(checkout, tiny_models)
     checkout.commit({"merges/a.yml": linear(base, ft1), "merges/skip.yml": linear(base, ft1, "# other\n")})
     output, summary = github_env(monkeypatch, checkout.path, tmp_path / "gh", "workflow_dispatch",
                                  {"inputs": {"configs": "merges/a.yml"}}, namespace=hub.user, configs="merges/a.yml",
@@ -361,7 +371,10 @@ def test_outputs_annotations_and_summary_format():
         "::error file=m/x%2Cy.yml,line=3,title=t%3A u::a: b%0A100%25"
     md = summary_markdown([Result("m/a.yml", "o/a", "published", "c" * 40, "x | y", "ok (mit)", 1.25,
                                   "https://hub/o/a/commit/" + "c" * 40)], title="T", notes=["n"])
-    assert "| `m/a.yml` | `o/a` | ✅ published | x \\| y | ok (mit) | 1.2 s | [ccccccc](https://hub/o/a/commit/" in md
+    # user text is shown, never markup: `|` as a character reference, names in <code> (a backtick span
+    # cannot hold `|` nor show `<` escaped)
+    assert ("| <code>m/a.yml</code> | <code>o/a</code> | ✅ published | x &#124; y | ok (mit) | 1.2 s | "
+            "[ccccccc](https://hub/o/a/commit/") in md
     assert valid_repo_id("org/000_linear") and not valid_repo_id("org/a--b") and not valid_repo_id("a/b/c")
 
 
@@ -442,7 +455,8 @@ def test_multi_merge_file_publishes_its_result_and_tracks_every_stage_parent(hub
     run = act(monkeypatch, capsys, checkout.path, "pull_request", pr, namespace=hub.user)
     assert run.rc == 0, run.stdout
     assert run.results["merges/multi.yml"]["status"] == "planned"
-    assert "stage `inner` (linear)" in run.summary and "reads `inner` (built first)" in run.summary
+    assert "stage <code>inner</code> (linear)" in run.summary
+    assert "reads <code>inner</code> (built first)" in run.summary
     checkout.git("checkout", "-q", "main")
 
     run = act(monkeypatch, capsys, checkout.path, "push", push(ZERO, c1), namespace=hub.user, hf_token=hub.token)

@@ -3,6 +3,8 @@
 Parents' metadata is read (Hub: model info at the requested revision; local: README front matter) and the
 license analysis runs exactly as before a publish. The tensor-level plan needs the weights' headers, so it is
 built only when every parent is a local directory: Hub weights are downloaded by a real merge, never by a PR.
+The plan's lines are job-summary Markdown; every value in them that a config or a parent supplied (refs,
+licenses, stage names, warnings) is escaped with `runner_log.md_code`/`md_text` as the line is built.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from ..multimerge import MultiConfig, Stage
 from ..merge import MergeOptions, prepare
 from ..parents import ParentInfo, parent_from_hub, parent_from_local
 from ..sources import is_local
+from .runner_log import md_code, md_text
 
 
 @dataclass
 class DryRunPlan:
-    lines: list[str] = field(default_factory=list)  # Markdown list items for the summary
+    lines: list[str] = field(default_factory=list)  # Markdown list items for the summary (values escaped)
     report: LicenseReport | None = None
     problems: list[str] = field(default_factory=list)  # what would make the real merge fail
 
@@ -47,26 +50,28 @@ def read_parents(cfg: MergeConfig | MoeConfig | MultiConfig, *, endpoint: str,
 def dry_run(cfg: MergeConfig | MoeConfig | MultiConfig, repo: str, *, endpoint: str, token: str | None,
             device: str = "cpu") -> DryRunPlan:
     plan = DryRunPlan()
-    plan.lines.append(f"method `{cfg.method_name}` → `{repo}`")
+    plan.lines.append(f"method {md_code(cfg.method_name)} → {md_code(repo)}")
     try:
         parents = read_parents(cfg, endpoint=endpoint, token=token)
     except MergebotError as e:
         plan.problems.append(str(e))
         return plan
     for p in parents:
-        where = f"Hub @ `{p.sha[:12]}`" if p.is_hub and p.sha else "local directory"
-        plan.lines.append(f"parent `{p.ref}` ({p.role}): {where}, license `{p.license or 'missing'}`")
+        where = f"Hub @ {md_code(p.sha[:12])}" if p.is_hub and p.sha else "local directory"
+        plan.lines.append(f"parent {md_code(p.ref)} ({md_text(p.role)}): {where}, "
+                          f"license {md_code(p.license or 'missing')}")
     plan.report = analyze(parents, repo_name=repo.split("/")[-1], policy=LicensePolicy())
     r = plan.report
-    plan.lines.append(f"license: `{r.license}`" + (f" ({r.license_name})" if r.license_name else "")
-                      + f", verdict **{r.verdict}**")
-    plan.lines += [f"license: {reason}" for reason in r.reasons]
+    plan.lines.append(f"license: {md_code(r.license)}" + (f" ({md_text(r.license_name)})" if r.license_name else "")
+                      + f", verdict **{md_text(r.verdict)}**")
+    plan.lines += [f"license: {md_text(reason)}" for reason in r.reasons]
     try:
         stages = cfg.stages if isinstance(cfg, MultiConfig) else [Stage(None, cfg, [])]
         for stage in stages:
-            prefix = f"stage `{stage.name or 'result'}` ({stage.cfg.method_name}): " if len(stages) > 1 else ""
+            prefix = (f"stage {md_code(stage.name or 'result')} ({md_text(stage.cfg.method_name)}): "
+                      if len(stages) > 1 else "")
             if stage.needs:
-                plan.lines.append(prefix + "reads " + ", ".join(f"`{n}`" for n in stage.needs)
+                plan.lines.append(prefix + "reads " + ", ".join(md_code(n) for n in stage.needs)
                                   + " (built first); planned when the merge runs")
             else:
                 plan.lines += [prefix + line for line in _tensor_plan(stage.cfg, token, device)]
@@ -80,11 +85,11 @@ def _tensor_plan(cfg: MergeConfig | MoeConfig, token: str | None, device: str) -
     if isinstance(cfg, MoeConfig):
         from ..moe import prepare_moe
         moe_plan = prepare_moe(cfg, options)
-        return ([f"output: {moe_plan.arch.class_name} with {len(cfg.experts)} experts, "
-                 f"{human_bytes(moe_plan.total_bytes)}; device `{device}`"]
-                + [f"note: {w}" for w in moe_plan.warnings])
+        return ([f"output: {md_text(moe_plan.arch.class_name)} with {len(cfg.experts)} experts, "
+                 f"{human_bytes(moe_plan.total_bytes)}; device {md_code(device)}"]
+                + [f"note: {md_text(w)}" for w in moe_plan.warnings])
     # headers only: Hub parents are read with HTTP range requests, no tensor data is downloaded
     tensor_plan = prepare(cfg, options, headers_only=True)
     return ([f"output: {len(tensor_plan.jobs)} tensors, {human_bytes(tensor_plan.total_bytes)}; "
-             f"reads {human_bytes(tensor_plan.input_bytes)}; device `{device}`"]
-            + [f"note: {w}" for w in tensor_plan.warnings])
+             f"reads {human_bytes(tensor_plan.input_bytes)}; device {md_code(device)}"]
+            + [f"note: {md_text(w)}" for w in tensor_plan.warnings])

@@ -78,10 +78,13 @@ def read_event(env: Mapping[str, str] | None = None, *, name: str | None = None,
 
 
 def git(workspace: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """git in the workspace; safe.directory=* because the container's root does not own the mounted checkout."""
+    """git in the workspace; safe.directory=* because the container's root does not own the mounted checkout.
+    Output is decoded as the file system names are (surrogateescape), so a file name that is not UTF-8
+    matches the walk's name and is refused as a config, instead of stopping the run with a decode error."""
     try:
         return subprocess.run(["git", "-c", "safe.directory=*", "-C", str(workspace), *args],
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, encoding="utf-8", errors="surrogateescape",
+                              timeout=120)
     except FileNotFoundError:
         raise EventError("git is not installed; it is needed to find the configs an event changed") from None
 

@@ -1,23 +1,30 @@
-"""Talking to the runner: the job summary table, step outputs, annotations and secret masking.
+"""What a run reports: each config's `Result`, the job summary Markdown and the step outputs.
 
-Formats (GitHub "workflow commands"): `::add-mask::VALUE` hides VALUE in every later log line;
-`::error file=F,line=N,title=T::MESSAGE` annotates a file in the run and the PR diff; outputs are appended to
-the `$GITHUB_OUTPUT` file as `name=value`, or `name<<DELIM ... DELIM` for multiline values such as JSON; the
-Markdown appended to `$GITHUB_STEP_SUMMARY` is shown on the run's page.
+How text reaches the runner (workflow commands, escaping, the outputs file) is `runner_log`'s job; the names
+it exports are re-exported here for the callers that import them from `report`. The summary is appended to
+`$GITHUB_STEP_SUMMARY` and shown on the run's page; outputs are `results` (JSON) and `count`.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
+import re
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TextIO
+from urllib.parse import quote
+
+from .runner_log import (MAX_MESSAGE, RunnerLog, annotation, append_summary, format_output, md_code, md_text,
+                         write_outputs)
+
+__all__ = ["Result", "STATUS_ICON", "action_outputs", "annotation", "append_summary", "failure_markdown",
+           "format_output", "mask", "results_json", "scrub", "summary_markdown", "write_outputs"]
 
 STATUS_ICON = {"published": "✅", "unchanged": "✅", "up-to-date": "💤", "planned": "📝", "blocked": "⛔",
                "failed": "❌"}
 FAILED = ("failed", "blocked")
+_HEX = re.compile(r"[0-9a-f]{7,64}")
 
 
 @dataclass
@@ -43,63 +50,19 @@ class Result:
         return {"config": self.config, "repo": self.repo, "status": self.status, "commit": self.commit}
 
 
-# ------------------------------------------------------------------------------------------ workflow commands
-
-def _escape_data(text: str) -> str:
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _escape_property(text: str) -> str:
-    return _escape_data(text).replace(":", "%3A").replace(",", "%2C")
-
-
-def annotation(level: str, message: str, *, file: str | None = None, line: int | None = None,
-               title: str | None = None) -> str:
-    """`::error file=…,line=…,title=…::message` (level: error | warning | notice)."""
-    props = []
-    if file:
-        props.append(f"file={_escape_property(file)}")
-    if line:
-        props.append(f"line={int(line)}")
-    if title:
-        props.append(f"title={_escape_property(title)}")
-    return f"::{level}{' ' + ','.join(props) if props else ''}::{_escape_data(message)}"
-
+# ------------------------------------------------------------------------------------------ runner text
 
 def mask(value: str | None, out: TextIO | None = None) -> None:
     """Ask the runner to hide `value` in all later output (each line of a multiline secret separately)."""
-    if not value:
-        return
-    out = out or sys.stdout
-    for line in value.splitlines():
-        if line.strip():
-            print(f"::add-mask::{line}", file=out, flush=True)
+    RunnerLog(out or sys.stdout).mask(value)
 
 
 def scrub(text: str, secret: str | None) -> str:
     """`text` with the secret replaced: messages from libraries may echo request details."""
-    return text.replace(secret, "***") if secret else text
+    return RunnerLog(secrets=[secret]).redact(text)
 
 
 # ------------------------------------------------------------------------------------------------ outputs
-
-def format_output(name: str, value: str) -> str:
-    """One `$GITHUB_OUTPUT` entry; multiline values use a random delimiter that cannot occur in them."""
-    if "\n" not in value and "\r" not in value:
-        return f"{name}={value}\n"
-    delim = f"ghadelimiter_{secrets.token_hex(8)}"
-    while delim in value:
-        delim = f"ghadelimiter_{secrets.token_hex(8)}"
-    return f"{name}<<{delim}\n{value}\n{delim}\n"
-
-
-def write_outputs(path: str | Path | None, outputs: dict[str, str]) -> None:
-    if not path:
-        return
-    with open(path, "a", encoding="utf-8") as f:
-        for name, value in outputs.items():
-            f.write(format_output(name, value))
-
 
 def action_outputs(results: list[Result]) -> dict[str, str]:
     """`results`: JSON list of {config, repo, status, commit} (pretty, hence the multiline form);
@@ -110,45 +73,58 @@ def action_outputs(results: list[Result]) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------ summary
 
-def _cell(text: str | None) -> str:
-    if not text:
+def _link(r: Result) -> str:
+    """`[abc1234](url)` for a commit the Hub named; the URL is percent-encoded so it cannot leave `(...)`."""
+    if not r.link or not r.commit or not _HEX.fullmatch(r.commit):
         return "—"
-    return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+    return f"[{r.commit[:7]}]({quote(r.link, safe=':/?#=&%@+,;.-_~')})"
 
 
-def summary_markdown(results: list[Result], *, title: str, notes: list[str]) -> str:
+def summary_markdown(results: list[Result], *, title: str, notes: list[str],
+                     redact: Callable[[str], str] = lambda s: s) -> str:
+    """The job summary. Every user-derived value goes through `md_text`/`md_code` after `redact`, so file
+    names, Hub ids, licenses and error messages are shown as text and never become Markdown or HTML.
+    `Result.details` are Markdown that `dryrun` built with the same escaping."""
+
+    def text(value: str | None, limit: int = MAX_MESSAGE) -> str:
+        return md_text(redact(value), limit) if value else "—"
+
+    def code(value: str | None) -> str:
+        return md_code(redact(value)) if value else "—"
+
     counts: dict[str, int] = {}
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
-    tally = ", ".join(f"{n} {s}" for s, n in counts.items()) or "nothing to do"
-    lines = [f"## {title}", "", f"{len(results)} config(s): {tally}", ""]
-    lines += [f"> {_cell(n)}" for n in notes]
+    tally = ", ".join(f"{n} {text(s)}" for s, n in counts.items()) or "nothing to do"
+    lines = [f"## {text(title)}", "", f"{len(results)} config(s): {tally}", ""]
+    lines += [f"> {text(n)}" for n in notes]
     if notes:
         lines.append("")
     if results:
         lines += ["| Config | Target repo | Status | Parents changed | License | Time | Link |",
                   "|---|---|---|---|---|---|---|"]
         for r in results:
-            link = f"[{(r.commit or 'repo')[:7]}]({r.link})" if r.link else "—"
             lines.append(" | ".join([
-                f"| `{_cell(r.config)}`", f"`{r.repo}`" if r.repo else "—",
-                f"{STATUS_ICON.get(r.status, '')} {r.status}", _cell(r.parents_changed), _cell(r.license),
-                f"{r.seconds:.1f} s", link + " |"]))
+                f"| {code(r.config)}", code(r.repo), f"{STATUS_ICON.get(r.status, '')} {text(r.status)}",
+                text(r.parents_changed), text(r.license), f"{r.seconds:.1f} s", _link(r) + " |"]))
+        lines.append("")
+    errors = [r for r in results if r.error]
+    if errors:
+        lines += ["### Problems", ""]
+        lines += [f"- {code(r.config)} ({text(r.status)}): {text(r.error)}" for r in errors]
         lines.append("")
     for r in results:
-        if r.error:
-            lines += [f"**{_cell(r.config)}**: {r.status}", "", "```", r.error.replace("```", "'''"), "```", ""]
         if r.details:
-            lines += [f"<details open><summary>Plan for <code>{_cell(r.config)}</code></summary>", ""]
-            lines += [f"- {d}" for d in r.details] + ["", "</details>", ""]
+            lines += [f"<details open><summary>Plan for {code(r.config)}</summary>", ""]
+            lines += [f"- {redact(d)}" for d in r.details] + ["", "</details>", ""]
     return "\n".join(lines) + "\n"
 
 
-def append_summary(path: str | Path | None, markdown: str) -> None:
-    if not path:
-        return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(markdown)
+def failure_markdown(title: str, message: str, notes: Sequence[str] = ()) -> str:
+    """The summary of a run that stopped before its configs could be looked at (bad input, selection error)."""
+    lines = [f"## {md_text(title)}", "", f"❌ {md_text(message)}", ""]
+    lines += [f"> {md_text(n)}" for n in notes]
+    return "\n".join(lines) + "\n"
 
 
 def results_json(results: list[Result]) -> str:

@@ -1,45 +1,56 @@
 """The action's loop: for each selected config, check staleness, then merge+publish (or plan), and report.
 
-One config failing never stops the others; the exit code is 1 when any failed. The token is masked before
-anything else is printed and scrubbed from every message that reaches the log or the summary. Each merge
-goes to its own temporary directory (under RUNNER_TEMP when there is one) that is removed right after its
-publish, so a runner's disk holds one output at a time.
+One config failing never stops the others: any exception in one config (RecursionError and MemoryError from
+a hostile file included) is that config's `failed` result with a one-line message. The job summary and the
+`results`/`count` outputs are always written, also when the selection itself fails or the run is
+interrupted; the exit code is 1 when any config failed or the run could not look at its configs. The token
+is masked before anything else is printed and scrubbed from every message; on pull-request events it is
+not used at all (`credentials`). Config files and local model references are bounded by the workspace
+(`bot.confine.set_workspace`) for the whole run. Each merge goes to its own temporary directory (under
+RUNNER_TEMP when there is one) that is removed right after its publish, so a runner's disk holds one output
+at a time. Everything printed goes through `runner_log`.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
-import traceback
+import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TextIO
 
+from ..confine import reset_workspace, set_workspace
 from ..errors import MergebotError
 from ..licenses import LicensePolicy, analyze
 from ..merge import MergeOptions, seed_from_env
 from ..parents import resolve_endpoint
 from ..pipeline import run as pipeline_run
 from ..publish import LicenseGateError
+from .credentials import has_credentials, token_note, without_hub_credentials
 from .dryrun import dry_run, read_parents
 from .events import Event
 from .inputs import ActionInputs
-from .report import Result, action_outputs, annotation, append_summary, mask, scrub, summary_markdown, write_outputs
+from .report import Result, action_outputs, failure_markdown, summary_markdown
+from .runner_log import RunnerLog, append_summary, exception_message, one_line, write_outputs
 from .select import ConfigEntry, Selection, select
 from .staleness import Staleness, StalenessChecker, StalenessError
 
 
 @dataclass
 class ActionRun:
-    selection: Selection
-    results: list[Result]
+    selection: Selection | None  # None: the run stopped before its configs were known
+    results: list[Result] = field(default_factory=list)
+    error: str | None = None  # what stopped the run as a whole (the selection failed, a report not written)
+    notes: list[str] = field(default_factory=list)  # the run's own notes, before the selection's
 
     @property
     def exit_code(self) -> int:
-        return 1 if any(r.failed for r in self.results) else 0
+        return 1 if self.error is not None or any(r.failed for r in self.results) else 0
 
 
 @dataclass
@@ -72,22 +83,22 @@ def decide(entry: ConfigEntry, selection: Selection, checker: StalenessChecker) 
 
 
 class Runner:
-    """Holds what every config needs: inputs, endpoint, where to log."""
+    """Holds what every config needs: inputs, endpoint, the log."""
 
-    def __init__(self, inputs: ActionInputs, event: Event, out: TextIO, env: Mapping[str, str]):
-        self.inputs, self.event, self.out, self.env = inputs, event, out, env
+    def __init__(self, inputs: ActionInputs, event: Event, log: RunnerLog, env: Mapping[str, str]):
+        self.inputs, self.event, self.log, self.env = inputs, event, log, env
         self.endpoint = resolve_endpoint(None)
 
     def say(self, line: str) -> None:
-        print(self.clean(line), file=self.out, flush=True)
+        self.log.line(line)
 
     def clean(self, text: str) -> str:
-        """Token out; workspace paths shortened to what the repo shows."""
-        return scrub(text, self.inputs.token).replace(str(self.event.workspace) + os.sep, "")
+        """One line, token out, workspace paths shortened to what the repo shows: a result's message."""
+        return one_line(self.log.redact(text))
 
     def fail(self, result: Result, message: str, *, line: int | None = None, status: str = "failed") -> Result:
         result.status, result.error = status, self.clean(message)
-        self.say(annotation("error", result.error, file=result.config, line=line, title=f"mergebot: {status}"))
+        self.log.annotate("error", result.error, file=result.config, line=line, title=f"mergebot: {status}")
         return result
 
     def workdir(self) -> tempfile.TemporaryDirectory[str]:
@@ -101,7 +112,7 @@ class Runner:
             return self.fail(result, decision.error, line=entry.line)
         assert entry.cfg is not None and entry.repo is not None
         for w in entry.cfg.warnings:
-            self.say(annotation("warning", self.clean(w), file=entry.path))
+            self.log.annotate("warning", self.clean(w), file=entry.path)
         if not decision.run:
             result.status = "up-to-date"
             if decision.staleness and decision.staleness.license:
@@ -113,11 +124,11 @@ class Runner:
         if not selection.publish:
             plan = dry_run(entry.cfg, entry.repo, endpoint=self.endpoint, token=self.inputs.token,
                            device=self.inputs.device)
-            result.details = [self.clean(d) for d in plan.lines]
+            result.details = [self.log.redact(d) for d in plan.lines]
             if plan.report is not None:
                 result.license = f"{plan.report.verdict} ({plan.report.license})"
             if plan.problems:
-                return self.fail(result, "\n".join(plan.problems))
+                return self.fail(result, "; ".join(plan.problems))
             if plan.report is not None and plan.report.verdict == "block" and self.inputs.license_policy == "strict":
                 return self.fail(result, "license check would block publishing: " + "; ".join(plan.report.reasons),
                                  status="blocked")
@@ -147,8 +158,9 @@ class Runner:
                 return self.fail(result, str(e), status="blocked")
         result.license = f"{done.report.verdict} ({done.report.license})"
         if done.report.verdict == "block":
-            self.say(annotation("warning", "published although the license check says block "
-                                "(license_policy: warn): " + "; ".join(done.report.reasons), file=entry.path))
+            self.log.annotate("warning", self.clean("published although the license check says block "
+                                                    "(license_policy: warn): " + "; ".join(done.report.reasons)),
+                              file=entry.path)
         pub = done.published
         assert pub is not None
         result.status = "published" if pub.changed else "unchanged"
@@ -159,7 +171,7 @@ class Runner:
     def guarded(self, entry: ConfigEntry, selection: Selection, checker: StalenessChecker) -> Result:
         """`decide` + `one`, with every error turned into a failed result so the loop goes on."""
         start = time.monotonic()
-        self.say(f"::group::{entry.path} → {entry.repo or '?'}")
+        self.log.group(f"{entry.path} → {entry.repo or '?'}")
         note = ""
         try:
             decision = decide(entry, selection, checker)
@@ -167,33 +179,110 @@ class Runner:
             result = self.one(decision, selection)
         except MergebotError as e:
             result = self.fail(Result(entry.path, entry.repo, "failed", parents_changed=note), str(e))
-        except Exception as e:  # a bug or a library error: keep going, keep the traceback in the log
-            self.say(self.clean("".join(traceback.format_exception(e))))
+        except Exception as e:  # a bug, a library error or a hostile file: keep going, traceback in the log
+            self.log.traceback(e)
             result = self.fail(Result(entry.path, entry.repo, "failed", parents_changed=note),
-                               f"{type(e).__name__}: {e}")
+                               exception_message(e))
         result.seconds = time.monotonic() - start
         self.say(f"{result.status}: {entry.path}" + (f" → {result.repo}" if result.repo else "")
                  + (f" @ {result.commit}" if result.commit else ""))
-        self.say("::endgroup::")
+        self.log.endgroup()
         return result
 
 
 def run_action(inputs: ActionInputs, event: Event, *, out: TextIO | None = None,
                env: Mapping[str, str] | None = None) -> ActionRun:
-    """Select, decide, merge/publish or plan each config, then write the summary and the outputs."""
+    """Select, decide, merge/publish or plan each config; the summary and the outputs are written whatever
+    happened before (a failed selection, an interrupt)."""
     env = os.environ if env is None else env
-    out = out or sys.stdout
-    mask(inputs.token, out)
-    runner = Runner(inputs, event, out, env)
-    selection = select(event, inputs)
-    for note in selection.notes:
-        runner.say(annotation("notice", note))
-    checker = StalenessChecker(runner.endpoint, inputs.token)
-    results = [runner.guarded(e, selection, checker) for e in selection.entries]
+    log = RunnerLog(out, secrets=[inputs.token], workspace=event.workspace)
+    log.mask(inputs.token)
+    done = ActionRun(None)
+    credentials = nullcontext()
+    if event.is_pull_request:
+        if inputs.token or has_credentials(os.environ):
+            done.notes.append(token_note(event.name))
+        inputs = replace(inputs, token=None)
+        credentials = without_hub_credentials()
+    bound = set_workspace(event.workspace)
+    try:
+        with credentials, warnings.catch_warnings():
+            warnings.showwarning = partial(_show_warning, log)  # library warnings quote server and card text
+            _select_and_run(done, inputs, event, log, env)
+    finally:
+        reset_workspace(bound)
+        _report(done, event, log, env)
+    return done
 
-    what = "dry run" if not selection.publish else selection.which
-    title = f"mergebot: {selection.event} ({what})"
-    append_summary(env.get("GITHUB_STEP_SUMMARY"), runner.clean(summary_markdown(results, title=title,
-                                                                                 notes=selection.notes)))
-    write_outputs(env.get("GITHUB_OUTPUT"), action_outputs(results))
-    return ActionRun(selection, results)
+
+def _show_warning(log: RunnerLog, message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    log.line(f"warning: {category.__name__}: {message}")
+
+
+def _select_and_run(done: ActionRun, inputs: ActionInputs, event: Event, log: RunnerLog,
+                    env: Mapping[str, str]) -> None:
+    for note in done.notes:
+        log.annotate("notice", note)
+    try:
+        runner = Runner(inputs, event, log, env)
+        selection = select(event, inputs)
+    except Exception as e:  # noqa: BLE001 - a hostile file or a bug: say so in the summary, fail the step
+        _stopped(done, log, "selecting the configs failed", e)
+        return
+    done.selection = selection
+    for note in selection.notes:
+        log.annotate("notice", one_line(note))
+    try:
+        checker = StalenessChecker(runner.endpoint, inputs.token)
+    except Exception as e:  # noqa: BLE001
+        _stopped(done, log, "cannot talk to the Hub", e)
+        return
+    for entry in selection.entries:
+        try:
+            done.results.append(runner.guarded(entry, selection, checker))
+        except Exception as e:  # noqa: BLE001 - a fault in the guard itself: still only this config's failure
+            done.results.append(Result(entry.path, entry.repo, "failed", error=runner.clean(exception_message(e))))
+
+
+def _stopped(done: ActionRun, log: RunnerLog, what: str, e: Exception) -> None:
+    if not isinstance(e, MergebotError):
+        log.traceback(e)
+    done.error = one_line(log.redact(f"{what}: {e if isinstance(e, MergebotError) else exception_message(e)}"))
+    log.annotate("error", done.error, title="mergebot: run failed")
+
+
+def _report(done: ActionRun, event: Event, log: RunnerLog, env: Mapping[str, str]) -> None:
+    """The job summary and the outputs, each written even when the other cannot be."""
+    sel = done.selection
+    what = "stopped" if sel is None else ("dry run" if not sel.publish else sel.which)
+    title = f"mergebot: {sel.event if sel else event.name or 'local'} ({what})"
+    notes = done.notes + (sel.notes if sel else [])
+    try:
+        if sel is None:
+            markdown = failure_markdown(log.redact(title), done.error or "the run stopped before any config was "
+                                        "looked at", [log.redact(n) for n in notes])
+        else:
+            markdown = summary_markdown(done.results, title=title, redact=log.redact,
+                                        notes=notes + ([done.error] if done.error else []))
+        append_summary(env.get("GITHUB_STEP_SUMMARY"), log.redact(markdown))
+    except Exception as e:  # noqa: BLE001 - e.g. the summary file cannot be written
+        done.error = done.error or one_line(f"cannot write the job summary: {exception_message(e)}")
+        log.annotate("error", f"cannot write the job summary: {exception_message(e)}", title="mergebot: run failed")
+    try:
+        write_outputs(env.get("GITHUB_OUTPUT"), action_outputs(done.results))
+    except Exception as e:  # noqa: BLE001
+        done.error = done.error or one_line(f"cannot write the step outputs: {exception_message(e)}")
+        log.annotate("error", f"cannot write the step outputs: {exception_message(e)}", title="mergebot: run failed")
+
+
+def report_stopped(message: str, *, title: str, env: Mapping[str, str] | None = None,
+                   out: TextIO | None = None) -> None:
+    """A run that cannot start (a bad input, an unreadable event): annotation, summary and empty outputs,
+    so the workflow sees the same shape as after any other run."""
+    env = os.environ if env is None else env
+    log = RunnerLog(out, secrets=[env.get(k) for k in ("INPUT_HF_TOKEN", "INPUT_HF-TOKEN", "HF_TOKEN")])
+    message = one_line(log.redact(message))
+    log.annotate("error", message, title=title)
+    done = ActionRun(None, error=message)
+    _report(done, Event(env.get("GITHUB_EVENT_NAME", ""), {}, Path(".")), log, env)

@@ -10,19 +10,28 @@ Mode -> (which configs, publish?):
   stale     configs whose parents or config changed since the published lock (`force`: all of them)
   dry-run   what `auto` would pick, planned but not merged
 A pull_request event never publishes, whatever the mode (no secrets there, and a PR is not yet the truth).
+
+Configs are pushed by anyone, so a config file is read only when it is a regular file inside the workspace:
+patterns that are absolute or climb with `..`, links that lead out, file names with control characters
+(they would forge log lines) are refused as that entry's error, and symbolic links to directories are not
+walked. One unreadable or hostile file (YAML nested thousands deep, binary garbage) is its entry's error.
 """
 
 from __future__ import annotations
 
 import glob
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..configfile import AnyConfig, load
+from ..confine import is_inside
 from ..errors import ConfigError, MergebotError
 from .events import Event, changed_files
 from .inputs import ActionInputs
+from .runner_log import display_name, exception_message, has_control, one_line
 
 _REPO_NAME = re.compile(r"(?!.*(?:--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
 
@@ -105,35 +114,150 @@ def glob_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out))
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a merge config is a few KB; anything this big is not one
+MAX_WALK = 100_000  # directory entries looked at per pattern, so a huge or hostile tree cannot stall a run
+
+
+class PatternError(MergebotError):
+    """A `configs` input pattern that would read outside the workspace, or cannot be walked."""
+
+
 def _safe_pattern(pattern: str) -> str:
+    """The pattern relative to the workspace; PatternError when it is absolute, climbs or holds controls."""
     p = pattern.strip()
-    if p.startswith(("/", "~")) or ".." in Path(p).parts:
-        raise MergebotError(f"input configs: {pattern!r} must be a path or glob inside the workspace")
+    if has_control(p):
+        raise PatternError(f"input configs: '{display_name(p)}' holds control characters")
+    if p.startswith(("/", "~", "\\")) or ".." in Path(p).parts or re.match(r"[A-Za-z]:", p):
+        raise PatternError(f"input configs: '{display_name(p)}' is outside the workspace: configs are read only "
+                           "from paths and globs relative to the repository (no leading /, no ~, no ..)")
     return p.removeprefix("./")
 
 
+def _valid_patterns(patterns: list[str]) -> list[str]:
+    out = []
+    for raw in patterns:
+        try:
+            out.append(_safe_pattern(raw))
+        except PatternError:
+            continue
+    return out
+
+
+def _literal_prefix(pattern: str) -> str:
+    """The directories of `pattern` before its first segment with a wildcard (where the walk starts)."""
+    parts = pattern.split("/")[:-1]
+    lit: list[str] = []
+    for part in parts:
+        if glob.has_magic(part):
+            break
+        lit.append(part)
+    return "/".join(p for p in lit if p and p != ".")
+
+
+def _walk(workspace: Path, pattern: str) -> list[str]:
+    """Workspace paths (POSIX, relative) matching a glob pattern, like `glob(recursive=True)` (hidden names
+    only when the pattern names a hidden segment) but never following a symbolic link to a directory, so a
+    link to `/` or a link loop inside `merges/` is not walked. Symlinked files are returned: `check_file`
+    decides about them."""
+    regex = glob_regex(pattern)
+    hidden_ok = "/." in "/" + pattern
+    prefix = _literal_prefix(pattern)
+    top = workspace / prefix if prefix else workspace
+    if not top.is_dir():
+        return []
+    if not is_inside(top.resolve(), workspace.resolve()):
+        raise PatternError(f"input configs: '{display_name(pattern)}': {display_name(prefix)} leads outside the "
+                           "workspace (a symbolic link)")
+    depth = None if "**" in pattern else pattern.count("/")  # without `**`, no deeper than the pattern
+    hits: list[str] = []
+    seen = 0
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        seen += len(dirnames) + len(filenames)
+        if seen > MAX_WALK:
+            raise PatternError(f"input configs: '{display_name(pattern)}' walks more than {MAX_WALK} files; "
+                               "narrow the pattern")
+        rel = Path(dirpath).relative_to(workspace).as_posix()
+        rel = "" if rel == "." else rel + "/"
+        if depth is not None and rel.count("/") >= depth:
+            dirnames.clear()
+        dirnames[:] = sorted(d for d in dirnames if hidden_ok or not d.startswith("."))
+        for name in filenames:
+            if (hidden_ok or not name.startswith(".")) and regex.fullmatch(rel + name):
+                hits.append(rel + name)
+    return hits
+
+
 def discover(workspace: Path, patterns: list[str]) -> tuple[list[str], list[ConfigEntry], list[str]]:
-    """(matching config paths, entries for explicit paths that do not exist, notes for empty globs)."""
+    """(matching config paths, entries for bad patterns and explicit paths that do not exist, notes for
+    empty globs). A pattern that points outside the workspace is that pattern's error, not the run's."""
     found: dict[str, None] = {}
     missing: list[ConfigEntry] = []
     notes: list[str] = []
     for raw in patterns:
-        pattern = _safe_pattern(raw)
-        hits = sorted(Path(p) for p in glob.glob(pattern, root_dir=workspace, recursive=True))
-        hits = [h for h in hits if (workspace / h).is_file()]
+        try:
+            pattern = _safe_pattern(raw)
+            if glob.has_magic(pattern):
+                hits = _walk(workspace, pattern)
+            else:  # a link is listed (check_file refuses it if it leads out), a directory is not
+                here = workspace / pattern
+                hits = [pattern] if os.path.lexists(here) and not here.is_dir() else []
+        except (PatternError, OSError) as e:
+            missing.append(ConfigEntry(display_name(raw.strip()), workspace, error=one_line(e)))
+            continue
         if not hits:
             if glob.has_magic(pattern):
                 notes.append(f"input configs: {pattern!r} matches no file")
             else:
-                missing.append(ConfigEntry(pattern, workspace / pattern,
+                missing.append(ConfigEntry(display_name(pattern), workspace / pattern,
                                            error="no such file (named in the `configs` input)"))
         for h in hits:
-            found.setdefault(h.as_posix(), None)
+            found.setdefault(h, None)
     return sorted(found), missing, notes
 
 
+def check_file(workspace: Path, path: str) -> str | None:
+    """Why the config file `path` (relative to the workspace) may not be read, or None.
+
+    Refused: names with control characters or bytes that are not UTF-8 (they would forge log lines),
+    absolute or climbing paths, links whose target is outside the workspace, anything not a regular file
+    (a FIFO would block the run) and files far larger than a config. The message names the path as given,
+    never where a link points nor what it holds."""
+    shown = display_name(path)
+    if has_control(path):
+        return (f"{shown}: refusing this file name: it holds control characters or bytes that are not UTF-8; "
+                "rename the file")
+    if Path(path).is_absolute() or ".." in Path(path).parts:
+        return f"{shown}: refusing it: configs are read only from inside the workspace"
+    root = workspace.resolve()
+    full = root / path
+    if not is_inside(full.resolve(), root):
+        return f"{shown}: refusing it: it is a symbolic link that leads outside the workspace"
+    try:
+        st = os.stat(full)
+    except FileNotFoundError:
+        return f"{shown}: no such file (a dangling symbolic link?)"
+    except OSError as e:
+        return f"{shown}: cannot read it ({type(e).__name__})"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{shown}: refusing it: not a regular file"
+    if st.st_size > MAX_CONFIG_BYTES:
+        return f"{shown}: refusing it: {st.st_size} bytes is far more than a merge config ({MAX_CONFIG_BYTES} at most)"
+    return None
+
+
 def load_entry(workspace: Path, path: str, namespace: str | None) -> ConfigEntry:
-    """Parse one config and name its target; errors are kept on the entry, never raised."""
+    """Parse one config and name its target; every error (a hostile file can raise anything, RecursionError
+    and MemoryError included) is kept on the entry, never raised."""
+    refused = check_file(workspace, path)
+    if refused is not None:
+        return ConfigEntry(display_name(path), workspace / path, error=refused)
+    try:
+        return _load_entry(workspace, path, namespace)
+    except Exception as e:  # noqa: BLE001 - one file must not stop the run
+        return ConfigEntry(path, workspace / path, error=f"{path}: cannot load this config: {exception_message(e)}")
+
+
+def _load_entry(workspace: Path, path: str, namespace: str | None) -> ConfigEntry:
     entry = ConfigEntry(path, workspace / path)
     try:
         entry.cfg = load(entry.file)
@@ -212,8 +336,9 @@ def select(event: Event, inputs: ActionInputs) -> Selection:
             changed_set = set(changed)
             chosen = [entries[p] for p in paths if p in changed_set]
             reason = f"changed in this {event.name or 'range'}"
-            gone = [p for p in changed if p not in entries and not (event.workspace / p).exists()
-                    and any(glob_regex(_safe_pattern(g)).fullmatch(p) for g in inputs.configs)]
+            valid = _valid_patterns(inputs.configs)
+            gone = [p for p in changed if p not in entries and not os.path.lexists(event.workspace / p)
+                    and any(glob_regex(g).fullmatch(p) for g in valid)]
             notes += [f"{p}: deleted; its Hub repo is left as it is" for p in gone]
     else:
         chosen = list(entries.values())

@@ -1,4 +1,7 @@
-"""One place that turns library errors into one line on stderr and an exit code (no traceback)."""
+"""One place that turns library errors into one line on stderr and an exit code (no traceback).
+
+The line is made safe (`runner_log.safe_line`): messages carry file names and Hub ids from configs, and in a
+workflow a newline or a leading `::` in them would be read by the runner as a command."""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import sys
 import traceback
 from typing import Callable
 
+from ..action.runner_log import safe_line
 from ..errors import MergebotError
 
 
@@ -16,7 +20,7 @@ def run_guarded(fn: Callable[[], int], debug: bool) -> int:
     except MergebotError as e:
         if debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        print(safe_line(f"error: {e}"), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted: nothing was written to the output directory", file=sys.stderr)

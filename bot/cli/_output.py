@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import sys
 
+from ..action.runner_log import safe_line
+
 
 def warn(lines: list[str]) -> None:
+    """Each warning on one safe line: they quote config values, which may hold newlines or `::`."""
     for line in lines:
-        print(f"warning: {line}", file=sys.stderr)
+        print(safe_line(f"warning: {line}"), file=sys.stderr)
 
 
 def human_bytes(n: float) -> str:

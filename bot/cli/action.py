@@ -13,8 +13,8 @@ import sys
 
 from ..action.events import Event, read_event
 from ..action.inputs import LICENSE_POLICIES, MODES, ActionInputs, read_inputs
-from ..action.report import annotation
-from ..action.run import run_action
+from ..action.run import report_stopped, run_action
+from ..action.runner_log import RunnerLog
 from ..errors import MergebotError
 
 
@@ -63,16 +63,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         inputs, event = inputs_and_event(args)
-    except MergebotError as e:  # a bad input or event: annotate the run, then the usual one-line error
-        print(annotation("error", str(e), title="mergebot: bad input"), flush=True)
+    except MergebotError as e:  # a bad input or event: annotation, summary and outputs, then the one-line error
+        report_stopped(str(e), title="mergebot: bad input")
         raise
     done = run_action(inputs, event)
+    err = RunnerLog(sys.stderr, secrets=[inputs.token], workspace=event.workspace)
     if not os.environ.get("GITHUB_STEP_SUMMARY"):  # a local run: show the table on the terminal
         from ..action.report import summary_markdown
 
-        print(summary_markdown(done.results, title=f"mergebot: {done.selection.event}",
-                               notes=done.selection.notes).replace(inputs.token or "\0", "***"))
+        title = f"mergebot: {done.selection.event if done.selection else 'stopped'}"
+        notes = done.notes + (done.selection.notes if done.selection else []) + ([done.error] if done.error else [])
+        RunnerLog(sys.stdout, secrets=[inputs.token]).markdown(
+            summary_markdown(done.results, title=title, notes=notes, redact=err.redact))
     failed = [r.config for r in done.results if r.failed]
     if failed:
-        print(f"error: {len(failed)} config(s) failed: {', '.join(failed)}", file=sys.stderr)
+        err.line(f"error: {len(failed)} config(s) failed: {', '.join(failed)}")
+    if done.error:
+        err.line(f"error: {done.error}")
     return done.exit_code

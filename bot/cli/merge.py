@@ -46,7 +46,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="fuse each method's math into one loop with torch.compile: auto (default) does it for "
                         "merges of over 200M input elements when a C compiler or GPU is present")
     p.add_argument("-j", "--num-threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--token", default=None, help="Hugging Face token for private/gated parents (default: HF_TOKEN or login)")
+    p.add_argument("--token", default=None,
+                   help="deprecated: other processes can read a command line; set HF_TOKEN instead (default: "
+                        "HF_TOKEN or login)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--i-understand-this-is-not-useful-without-training", dest="allow_all_same", action="store_true",
                    help="MoE configs: allow every expert to be the same model (mergekit-moe's flag)")
@@ -109,7 +111,13 @@ def dry_run(cfg: MergeConfig | MoeConfig | MultiConfig, opts: MergeOptions, allo
         print_plan(plan)
 
 
+TOKEN_FLAG_WARNING = ("--token puts the token on the command line, where other processes and shell history can "
+                      "read it; set HF_TOKEN in the environment instead")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.token:  # still accepted, for scripts written against older versions
+        warn([TOKEN_FLAG_WARNING])
     cfg = load(args.config)
     warn(cfg.warnings)
     opts = options_from(args)
