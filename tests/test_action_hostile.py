@@ -329,3 +329,15 @@ def test_a_failed_selection_still_writes_the_report(hub, checkout, monkeypatch, 
     assert_no_forged_commands(log.out + log.err)
     assert "bad input" in log.out and "cannot read the event payload" in summary.read_text()
     assert parse_outputs(output.read_text()) == {"results": "[]", "count": "0"}
+
+
+def test_config_names_with_shell_metacharacters_are_refused(tmp_path):
+    """Names reach the `results` output, which a workflow may paste into a `run:` script."""
+    from bot.action.select import check_file
+
+    (tmp_path / "merges").mkdir()
+    for name in ("a$(id).yml", "b`x`.yml", "c;rm.yml", "d'q'.yml", "e|f.yml"):
+        (tmp_path / "merges" / name).write_text("merge_method: linear\n")
+        assert "refusing this file name" in check_file(tmp_path, f"merges/{name}"), name
+    (tmp_path / "merges" / "ok_name-1.0+v2.yml").write_text("merge_method: linear\n")
+    assert check_file(tmp_path, "merges/ok_name-1.0+v2.yml") is None

@@ -215,6 +215,10 @@ def discover(workspace: Path, patterns: list[str]) -> tuple[list[str], list[Conf
     return sorted(found), missing, notes
 
 
+# shell and expression metacharacters ($ ` ' " ; | & < > ( ) { } * ? ! \ #) never reach the outputs
+UNSAFE_NAME = re.compile(r"[^\w./+@=, -]")
+
+
 def check_file(workspace: Path, path: str) -> str | None:
     """Why the config file `path` (relative to the workspace) may not be read, or None.
 
@@ -226,6 +230,9 @@ def check_file(workspace: Path, path: str) -> str | None:
     if has_control(path):
         return (f"{shown}: refusing this file name: it holds control characters or bytes that are not UTF-8; "
                 "rename the file")
+    if UNSAFE_NAME.search(path):
+        return (f"{shown}: refusing this file name: use letters, digits and . _ - + @ = , / only (names reach "
+                "the `results` output, which workflows may paste into shell scripts)")
     if Path(path).is_absolute() or ".." in Path(path).parts:
         return f"{shown}: refusing it: configs are read only from inside the workspace"
     root = workspace.resolve()

@@ -118,6 +118,9 @@ TOKEN_FLAG_WARNING = ("--token puts the token on the command line, where other p
 def run(args: argparse.Namespace) -> int:
     if args.token:  # still accepted, for scripts written against older versions
         warn([TOKEN_FLAG_WARNING])
+    if args.quiet:  # huggingface_hub's own download bars too
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()
     cfg = load(args.config)
     warn(cfg.warnings)
     opts = options_from(args)

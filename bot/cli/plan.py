@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..action.hfjobs import submit
 from ..action.report import mask, write_outputs
+from ..action.runner_log import safe_line
 from ..errors import MergebotError
 from ..action.run import decide
 from ..action.select import select
@@ -60,7 +61,7 @@ def plan_items(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
 def run(args: argparse.Namespace) -> int:
     items, notes = plan_items(args)
     for n in notes:
-        print(f"note: {n}", file=sys.stderr)
+        print(f"note: {safe_line(n)}", file=sys.stderr)
     if args.github_output:
         write_outputs(os.environ.get("GITHUB_OUTPUT"), {"configs": json.dumps(items), "count": str(len(items))})
     if args.backend == "hf-jobs":
@@ -70,13 +71,13 @@ def run(args: argparse.Namespace) -> int:
         jobs = submit(items, Path(event.workspace), image=args.image, flavor=args.flavor, token=inputs.token,
                       endpoint=resolve_endpoint(None), timeout=args.job_timeout)
         for j in jobs:
-            print(f"submitted: {j.config} -> {j.repo}: job {j.job_id} {j.url}")
+            print(safe_line(f"submitted: {j.config} -> {j.repo}: job {j.job_id} {j.url}"))
         return 0
     if args.json:
         print(json.dumps(items))
     else:
         for it in items:
-            print(f"{it['config']}\t{it['repo'] or '?'}\t{it['reason']}")
+            print("\t".join(safe_line(v) for v in (it["config"], it["repo"] or "?", it["reason"])))
         if not items:
             print("nothing to merge", file=sys.stderr)
     return 0

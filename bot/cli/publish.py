@@ -11,6 +11,7 @@ from ..licenses import LICENSES, LicenseOverride, LicensePolicy, analyze
 from ..parents import parents_from_lock, read_lock, resolve_endpoint
 from ..publish import LicenseGateError, publish, resolve_token
 from ._output import warn
+from .merge import TOKEN_FLAG_WARNING
 
 _KNOWN_IDS = sorted({s.hub_id for s in LICENSES.values()} | {"other", "unknown"})
 
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
     repo_id: str = args.repo
     lock = read_lock(out_dir)
     endpoint = resolve_endpoint(args.endpoint)
+    if args.token:
+        warn([TOKEN_FLAG_WARNING])
     token = resolve_token(args.token)
 
     parents = parents_from_lock(lock, base_dir=args.models_dir, endpoint=endpoint, token=token or None)
