@@ -1,12 +1,23 @@
 # mergebot as a GitHub container action: `uses: owner/repo@<sha>` builds this image and runs
 # `mergebot action` in the checked-out workspace (/github/workspace), reading INPUT_* and GITHUB_*.
 #
-# torch from PyPI on linux/x86_64 is the CUDA build (it pulls the nvidia-* runtime wheels), so the image can
-# merge on a GPU when the runner's Docker exposes one (self-hosted runner with the NVIDIA container runtime as
-# Docker's default runtime; see examples/README-action.md). Without a GPU it merges on the CPU.
-FROM python:3.11-slim-bookworm
-
-ARG TORCH_VERSION=2.13.0
+# One Dockerfile, two images:
+# - default build (what GitHub runs for `uses:`): torch from PyPI, which on linux/x86_64 is the CUDA build (it
+#   pulls the CUDA runtime wheels), so the image can merge on a GPU when the runner's Docker exposes one
+#   (self-hosted runner with the NVIDIA container runtime as Docker's default runtime; see
+#   examples/README-action.md). Without a GPU it merges on the CPU.
+# - CPU image for CPU runners (about 1/4 of the size): the CPU wheel of the same torch, e.g.
+#     docker build --build-arg TORCH_VERSION=2.13.0+cpu \
+#                  --build-arg PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu .
+#   `==2.13.0+cpu` matches only the CPU wheel (PyPI has no +cpu files), so such a build fails rather than
+#   fetch CUDA. scripts/container/test-image.sh builds it from a local wheel directory instead
+#   (PIP_FIND_LINKS, bind-mounted with `build -v`).
+#
+# Base image pinned by digest (the multi-platform index of python:3.11-slim-bookworm, Python 3.11.16). Bump it
+# deliberately, with the digest from `docker buildx imagetools inspect python:3.11-slim-bookworm`.
+# scripts/container/test-image.sh overrides it with a local stand-in (--build-arg BASE_IMAGE=...).
+ARG BASE_IMAGE=python:3.11-slim-bookworm@sha256:0bee7276f83efd4a1ee05bbbf4281d95ed28e079220a9457f25a93e3f1e3c31b
+FROM ${BASE_IMAGE}
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PIP_NO_CACHE_DIR=1 \
@@ -24,17 +35,38 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends git ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
-# Dependencies first, from pyproject.toml alone: this layer (torch, GBs) is rebuilt only when they change.
-COPY pyproject.toml /opt/mergebot/pyproject.toml
-RUN python -c "import tomllib; deps = tomllib.load(open('/opt/mergebot/pyproject.toml', 'rb'))['project']['dependencies']; open('/tmp/requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
-    && pip install --no-cache-dir "torch==${TORCH_VERSION}" -r /tmp/requirements.txt \
-    && rm /tmp/requirements.txt
+# Build args from here on, so that setting them leaves the layers above cached.
+ARG TORCH_VERSION=2.13.0
+# pip settings for this build only; unset by default, and an unset ARG is not exported to RUN, so the default
+# build is plain PyPI. A CA bundle or wheel directory named here must be bind-mounted at build time (`build -v`),
+# never COPY'd: nothing of it may end up in a layer. Build args are recorded in the image history: never pass
+# credentials (e.g. in an index URL) this way.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CONSTRAINT
+ARG PIP_CERT
 
-# Then the source (the card templates in templates/ are installed as data files, found by bot/card.py).
-COPY README.md /opt/mergebot/README.md
+# Dependencies first, from the lock file alone: this layer (torch, GBs) is rebuilt only when they change, not
+# when the source does.
+# 1. requirements/runtime.lock: every dependency but torch (torch's own included), exact versions and sha256
+#    hashes, wheels only, from the index alone (extra indexes, find-links and constraints are for torch).
+# 2. torch, pinned by version: the CUDA and CPU builds are different files (and the CUDA one has more
+#    dependencies), so they cannot share one hashed lock; see requirements/lock.sh.
+COPY requirements/runtime.lock /opt/mergebot/requirements/runtime.lock
+RUN env -u PIP_EXTRA_INDEX_URL -u PIP_FIND_LINKS -u PIP_CONSTRAINT \
+        pip install --no-cache-dir --require-hashes --only-binary=:all: \
+        -r /opt/mergebot/requirements/runtime.lock \
+    && pip install --no-cache-dir "torch==${TORCH_VERSION}" \
+    && pip check
+
+# Then the source (the card templates in templates/ are installed as data files, found by bot/card.py). Not
+# editable, no dependencies, and built with the locked setuptools (no build isolation: nothing fetched here).
+COPY pyproject.toml README.md /opt/mergebot/
 COPY templates /opt/mergebot/templates
 COPY bot /opt/mergebot/bot
-RUN pip install --no-cache-dir --no-deps /opt/mergebot \
+RUN pip install --no-cache-dir --no-deps --no-build-isolation /opt/mergebot \
+    && rm -rf /opt/mergebot/build /opt/mergebot/mergebot.egg-info \
     && mergebot --version
 
 # No USER and no WORKDIR: GitHub runs container actions as root with the workspace as the working directory.

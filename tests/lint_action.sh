@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Lint the GitHub Action: Dockerfile (hadolint), action.yml and examples/workflows/*.yml (actionlint; it also
-# runs ShellCheck on `run:` scripts when that is installed).
+# runs ShellCheck on `run:` scripts when that is installed), and ShellCheck on the CI scripts (.ci/run,
+# scripts/container/*.sh, requirements/lock.sh) when it is installed.
 #
 # The example workflows use the action as `your-org/mergebot@v1` (a placeholder users replace); they are also
 # linted from a scratch project where that reference becomes `./`, so actionlint loads this repository's
@@ -32,8 +33,8 @@ status=0
 echo "hadolint Dockerfile"
 hadolint Dockerfile || status=1
 
-echo "actionlint examples/workflows/*.yml"
-actionlint -config-file "$scratch/.github/actionlint.yaml" examples/workflows/*.yml || status=1
+echo "actionlint examples/workflows/*.yml .github/workflows/*.yml"
+actionlint -config-file "$scratch/.github/actionlint.yaml" examples/workflows/*.yml .github/workflows/*.yml || status=1
 
 echo "actionlint action.yml (through the examples, as a local action)"
 cp action.yml Dockerfile "$scratch/"
@@ -41,6 +42,11 @@ for f in examples/workflows/*.yml; do
     sed -e 's#uses: your-org/mergebot@[A-Za-z0-9._-]*#uses: ./#' "$f" > "$scratch/.github/workflows/$(basename "$f")"
 done
 (cd "$scratch" && actionlint) || status=1
+
+if command -v shellcheck >/dev/null 2>&1; then
+    echo "shellcheck .ci/run scripts/container/*.sh requirements/lock.sh"
+    shellcheck .ci/run scripts/container/*.sh requirements/lock.sh || status=1
+fi
 
 if ((status)); then
     echo "lint_action.sh: FAILED" >&2
