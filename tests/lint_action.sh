@@ -44,8 +44,8 @@ done
 (cd "$scratch" && actionlint) || status=1
 
 if command -v shellcheck >/dev/null 2>&1; then
-    echo "shellcheck .ci/run scripts/container/*.sh requirements/lock.sh"
-    shellcheck .ci/run scripts/container/*.sh requirements/lock.sh || status=1
+    echo "shellcheck .ci/run scripts/container/*.sh scripts/action/*.sh requirements/lock.sh"
+    shellcheck .ci/run scripts/container/*.sh scripts/action/*.sh requirements/lock.sh || status=1
 fi
 
 if ((status)); then

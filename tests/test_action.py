@@ -380,9 +380,9 @@ def test_outputs_annotations_and_summary_format():
 
 def test_action_metadata_and_example_workflows():
     action = yaml.safe_load((ROOT / "action.yml").read_text())
-    assert (action["runs"]["using"], action["runs"]["image"]) == ("docker", "Dockerfile")
+    assert action["runs"]["using"] == "composite"  # over a prebuilt image: tests/test_action_image.py
     assert set(action["inputs"]) == {"configs", "namespace", "hf_token", "mode", "device", "private",
-                                     "license_policy", "force"}
+                                     "license_policy", "force", "image"}
     assert all(v.get("description") for v in {**action["inputs"], **action["outputs"]}.values())
     assert set(action["outputs"]) == {"results", "count"} and action["branding"]["icon"]
     assert action["inputs"]["configs"]["default"] == "merges/**/*.y*ml"
