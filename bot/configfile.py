@@ -1,26 +1,36 @@
-"""One entry point for a config file of either kind: a merge (mergekit-yaml) or a MoE (mergekit-moe)."""
+"""One entry point for a config file of any kind: a merge (mergekit-yaml), a MoE (mergekit-moe) or several
+merges separated by `---` (mergekit-multi). Total on any bytes: a config or one ConfigError line (bot.yamlsafe)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from .config import MergeConfig, parse_config
-from .errors import ConfigError
+from .errors import ConfigError, MergebotError
 from .moe_config import MoeConfig, parse_moe
 from .multimerge import MultiConfig, parse_multi
-from .yamlsafe import YamlDoc, load_yaml_all
+from .yamlsafe import YamlDoc, load_file, oneline
 
 AnyConfig = MergeConfig | MoeConfig | MultiConfig
 
 
 def load(path: str | Path) -> AnyConfig:
+    """Read, parse and validate a config file (no models, no network)."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(str(path), None, None, "no such file") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(str(path), None, None, f"cannot read: {e}") from None
-    docs = load_yaml_all(text, str(path))
+        return _load(path)
+    except MergebotError:
+        raise
+    except RecursionError:
+        raise ConfigError(str(path), None, None, "nested too deeply to validate") from None
+    except MemoryError:
+        raise ConfigError(str(path), None, None, "too large to validate") from None
+    except Exception as e:  # a validation bug must still be one line for a stranger's config (the Action)
+        raise ConfigError(str(path), None, None, oneline(f"internal error while validating ({type(e).__name__}: "
+                                                         f"{e}); please report this config")) from None
+
+
+def _load(path: str | Path) -> AnyConfig:
+    text, docs = load_file(path)
     if len(docs) > 1:  # mergekit-multi (§5.7)
         return parse_multi(docs, text, str(path))
     doc = docs[0] if docs else YamlDoc(None, str(path), {})

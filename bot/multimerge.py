@@ -24,7 +24,7 @@ from typing import Iterator
 
 from .config import MergeConfig, ModelRef, parse_config
 from .moe_config import MoeConfig, parse_moe
-from .yamlsafe import YamlDoc
+from .yamlsafe import YamlDoc, short
 
 NAME = "name"
 
@@ -97,7 +97,9 @@ def parse_multi(docs: list[YamlDoc], text: str, file: str) -> MultiConfig:
             raise doc.error((), f"document {i + 1} of this mergekit-multi file is not a mapping")
         name = data.get(NAME)
         if name is not None and (not isinstance(name, str) or not name.strip()):
-            raise doc.error((NAME,), f"expected a merge name (a string), got {name!r}")
+            raise doc.error((NAME,), f"expected a merge name (a string), got {short(name)}")
+        if name is not None:
+            _check_name(doc, name)
         if name in by_name:
             raise doc.error((NAME,), f"merge name {name!r} is already used by document {by_name[name] + 1} "
                             f"(line {docs[by_name[name]].line((NAME,))})")
@@ -133,6 +135,15 @@ def parse_multi(docs: list[YamlDoc], text: str, file: str) -> MultiConfig:
     if unused:
         warnings.append(f"{file}: merges {', '.join(map(repr, unused))} feed nothing and are not built")
     return MultiConfig(file, text, [stages[i] for i in order], warnings)
+
+
+def _check_name(doc: YamlDoc, name: str) -> None:
+    """A stage name becomes a directory under the scratch dir and a model reference: plain, relative, no `..`."""
+    parts = name.replace("\\", "/").split("/")
+    if len(name) > 200 or not name.isprintable() or name.startswith(("/", "~")) or ".." in parts or "." in parts \
+            or "" in parts:
+        raise doc.error((NAME,), f"merge name {short(name)} is not a plain name (printable, at most 200 characters, "
+                                 "no leading '/', no empty, '.' or '..' parts)")
 
 
 def _build_order(stages: list[Stage], final: int, docs: list[YamlDoc]) -> list[int]:

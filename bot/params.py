@@ -1,15 +1,25 @@
 """Parameter values (merge-semantics.md §1.3): scalars, gradients, filter conditionals, precedence.
 
-`check_setting` validates a raw YAML value against a declared Param when the config is read;
-`evaluate` resolves it for one tensor at interpolation position t.
+`check_setting` validates a raw YAML value against a declared Param when the config is read (type, declared
+bounds, finiteness and a sane magnitude, gradient length); `evaluate` resolves it for one tensor at interpolation
+position t; `static_value` resolves it at t for every tensor at once, when filters do not make it depend on the
+tensor name (what `mergebot validate` can check without models).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 from .methods.base import Param
-from .yamlsafe import YamlDoc
+from .yamlsafe import YamlDoc, short
+
+# Numbers no merge needs, refused when the config is read: a weight of 1e300 overflows every tensor, an
+# integer beyond this loops or allocates without end. Parameters with declared bounds use those instead.
+MAX_MAGNITUDE = 1e6
+MAX_GRADIENT = 1024  # values in one gradient (one per layer is already more than anyone writes)
+MAX_CONDITIONALS = 1024  # {filter, value} entries in one list
+UNKNOWN = object()  # static_value: depends on the tensor name
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -28,18 +38,21 @@ def coerce(value: Any, ptype: type) -> Any:
             return bool(value)
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
-        raise ValueTypeError(f"expected a boolean, got {value!r}")
+        raise ValueTypeError(f"expected a boolean, got {short(value)}")
     if ptype is float:
         if isinstance(value, bool):
             raise ValueTypeError(f"expected a number, got {value!r}")
         if isinstance(value, (int, float)):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:
+                raise ValueTypeError("number too large") from None
         if isinstance(value, str):
             try:
                 return float(value)  # PyYAML reads 1e-5 (no dot) as a string
             except ValueError:
                 pass
-        raise ValueTypeError(f"expected a number, got {value!r}")
+        raise ValueTypeError(f"expected a number, got {short(value)}")
     if ptype is int:
         if isinstance(value, bool):
             raise ValueTypeError(f"expected an integer, got {value!r}")
@@ -47,16 +60,16 @@ def coerce(value: Any, ptype: type) -> Any:
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if isinstance(value, str):
+        if isinstance(value, str) and len(value) <= 40:  # int() of thousands of digits raises (or is slow)
             try:
                 return int(value)
             except ValueError:
                 pass
-        raise ValueTypeError(f"expected an integer, got {value!r}")
+        raise ValueTypeError(f"expected an integer, got {short(value)}")
     if ptype is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ValueTypeError(f"expected a string, got {value!r}")
+        raise ValueTypeError(f"expected a string, got {short(value)}")
     raise TypeError(ptype)
 
 
@@ -77,9 +90,12 @@ def check_setting(doc: YamlDoc, path: tuple[Any, ...], value: Any, param: Param)
         if not value:
             return  # an empty list means "not set here"
         if all(_is_conditional(v) for v in value):
+            if len(value) > MAX_CONDITIONALS:
+                raise doc.error(path, f"{param.name}: {len(value)} conditionals (at most {MAX_CONDITIONALS})")
             for i, v in enumerate(value):
                 _check_conditional(doc, path + (i,), v, param)
             return
+        _check_length(doc, path, value, param)
         for i, v in enumerate(value):
             if isinstance(v, dict):
                 raise doc.error(path + (i,), "a list mixes conditionals ({filter, value}) and plain values")
@@ -91,7 +107,7 @@ def check_setting(doc: YamlDoc, path: tuple[Any, ...], value: Any, param: Param)
 def _check_conditional(doc: YamlDoc, path: tuple[Any, ...], cond: dict[str, Any], param: Param) -> None:
     unknown = set(cond) - {"filter", "value"}
     if unknown:
-        raise doc.error(path + (sorted(unknown)[0],), "a conditional has only 'filter' and 'value' keys")
+        raise doc.error(path + (min(unknown, key=str),), "a conditional has only 'filter' and 'value' keys")
     if "value" not in cond:
         raise doc.error(path, "a conditional needs a 'value'")
     flt = cond.get("filter")
@@ -101,6 +117,7 @@ def _check_conditional(doc: YamlDoc, path: tuple[Any, ...], cond: dict[str, Any]
     if isinstance(value, list):
         if not value:
             raise doc.error(path + ("value",), "an empty gradient")
+        _check_length(doc, path + ("value",), value, param)
         for i, v in enumerate(value):
             _check_scalar(doc, path + ("value", i), v, param)
     elif isinstance(value, dict):
@@ -109,16 +126,33 @@ def _check_conditional(doc: YamlDoc, path: tuple[Any, ...], cond: dict[str, Any]
         _check_scalar(doc, path + ("value",), value, param)
 
 
+def _check_length(doc: YamlDoc, path: tuple[Any, ...], value: list[Any], param: Param) -> None:
+    if len(value) > MAX_GRADIENT:
+        raise doc.error(path, f"{param.name}: a gradient of {len(value):,} values (at most {MAX_GRADIENT}: values "
+                              "are spread over the layers)")
+
+
 def _check_scalar(doc: YamlDoc, path: tuple[Any, ...], value: Any, param: Param) -> None:
     if not _is_scalar(value):
-        raise doc.error(path, f"{param.name}: expected a scalar, got {value!r}")
+        raise doc.error(path, f"{param.name}: expected a scalar, got {short(value)}")
     try:
         v = coerce(value, param.type)
     except ValueTypeError as e:
         raise doc.error(path, f"{param.name}: {e}") from None
     if isinstance(v, (int, float)) and not isinstance(v, bool):
-        if param.lo is not None and v < param.lo or param.hi is not None and v > param.hi:
-            raise doc.error(path, f"{param.name} must be within [{param.lo:g}, {param.hi:g}], got {v!r}")
+        if isinstance(v, float) and not math.isfinite(v):
+            raise doc.error(path, f"{param.name} must be a finite number, got {v!r}")
+        lo, hi = param.lo, param.hi
+        if lo is not None or hi is not None:
+            if lo is not None and v < lo or hi is not None and v > hi:
+                raise doc.error(path, f"{param.name} must be within [{_bound(lo, '-inf')}, {_bound(hi, 'inf')}], "
+                                      f"got {short(v)}")
+        elif abs(v) > MAX_MAGNITUDE:
+            raise doc.error(path, f"{param.name} {short(v)} is out of range (|{param.name}| <= {MAX_MAGNITUDE:g})")
+
+
+def _bound(b: float | None, none: str) -> str:
+    return none if b is None else f"{b:g}"
 
 
 def interpolate(values: list[Any], t: float, ptype: type) -> Any:
@@ -154,6 +188,25 @@ def evaluate(setting: Any, tensor: str, t: float, ptype: type) -> Any:
                 if filter_matches(cond.get("filter"), tensor):
                     return evaluate(cond["value"], tensor, t, ptype)
             return None
+        return interpolate(setting, t, ptype)
+    return coerce(setting, ptype)
+
+
+def static_value(setting: Any, t: float, ptype: type) -> Any:
+    """A (validated) setting's value at t for every tensor: None when not set at this level, UNKNOWN when a
+    filter makes it depend on the tensor name (the first conditional decides for the tensors it matches)."""
+    if setting is None:
+        return None
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(_is_conditional(c) for c in setting):
+            first = setting[0]
+            if first.get("filter") in (None, "*", ""):
+                return static_value(first["value"], t, ptype)
+            return UNKNOWN
         return interpolate(setting, t, ptype)
     return coerce(setting, ptype)
 

@@ -3,6 +3,11 @@
 A parent is either a local model directory, whose `README.md` front matter we parse, or a Hub repo, whose
 `model_info` we read at the pinned sha recorded in `mergebot.lock.json` (so the card describes exactly the
 weights that were merged, not whatever the repo holds today).
+
+A parent's card is a stranger's file: it is read through bot.confine (a README that points outside the model
+directory is refused, never read) and its front matter parsed by the bounded loader of bot.yamlsafe. Front
+matter that cannot be parsed (broken YAML, an alias bomb, binary junk) counts as no metadata, i.e. an unknown
+license for the analysis to flag, rather than stopping the merge.
 """
 
 from __future__ import annotations
@@ -13,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
-
-from .errors import MergebotError
+from . import confine
+from .errors import ConfigError, MergebotError, ModelError
+from .yamlsafe import load_front_matter
 
 LOCK_FILE = "mergebot.lock.json"
 
@@ -87,31 +92,35 @@ def _license_value(value: Any) -> str | None:
     return None if not items else ",".join(items)
 
 
-def read_front_matter(readme: Path) -> dict[str, Any]:
-    """The YAML between the leading `---` lines of a README, or {} when there is none."""
-    try:
-        text = readme.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return {}
-    except OSError as e:
-        raise ParentMetadataError(f"{readme}: cannot read: {e.strerror or e}") from e
+def front_matter(text: str, label: str) -> dict[str, Any]:
+    """The YAML mapping between a card's leading `---` lines; {} when there is none or it cannot be parsed."""
     text = text.lstrip("\ufeff")
     lines = text.splitlines()
     if not lines or lines[0].strip() != "---":
         return {}
+    end = next((i for i in range(1, len(lines)) if lines[i].strip() == "---"), None)
+    if end is None:  # never closed: no front matter
+        return {}
     try:
-        end = next(i for i in range(1, len(lines)) if lines[i].strip() == "---")
-    except StopIteration:
-        raise ParentMetadataError(f"{readme}: front matter starts with '---' but is never closed") from None
+        return load_front_matter("\n".join(lines[1:end]), label)
+    except ConfigError:
+        return {}
+
+
+def read_front_matter(directory: Path, label: str) -> dict[str, Any]:
+    """Front matter of `directory`/README.md ({} without one), read only if it is a regular file inside the
+    directory (a ModelError names a README that points elsewhere)."""
+    if confine.inside(directory, "README.md", label) is None:  # refuses a README that escapes (ModelError)
+        return {}
     try:
-        data = yaml.safe_load("\n".join(lines[1:end]))
-    except yaml.YAMLError as e:
-        raise ParentMetadataError(f"{readme}: front matter is not valid YAML: {e}") from e
+        data = confine.read_bytes(directory, "README.md", label)
+    except ModelError:  # larger than any card, or swapped for a link since: no metadata, nothing read
+        return {}
+    except OSError as e:
+        raise ParentMetadataError(f"{label}: README.md: cannot read: {e.strerror or e}") from e
     if data is None:
         return {}
-    if not isinstance(data, dict):
-        raise ParentMetadataError(f"{readme}: front matter must be a mapping, got {type(data).__name__}")
-    return data
+    return front_matter(data.decode("utf-8", errors="replace"), f"{label}: README.md")
 
 
 def _from_metadata(ref: str, meta: dict[str, Any], **extra: Any) -> ParentInfo:
@@ -134,7 +143,7 @@ def parent_from_local(path: Path | str, *, ref: str | None = None, role: str | N
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise ParentMetadataError(f"{ref or path}: local parent directory {directory} does not exist")
-    meta = read_front_matter(directory / "README.md")
+    meta = read_front_matter(directory, ref or str(path))
     return _from_metadata(ref or str(path), meta, is_hub=False, revision=None, sha=None, role=role)
 
 

@@ -173,12 +173,13 @@ def test_sigterm_mid_merge_leaves_nothing(tmp_path):
 
 
 def test_non_finite_output_from_finite_inputs_is_never_written(tmp_path):
-    """Weights summing to zero under `normalize` divide by zero: inf/NaN tensors that must not be published
-    (validate refuses literal zero sums; a gradient can still reach zero at one layer)."""
+    """Values beyond the output dtype's range overflow to inf (validate refuses the other road there, weights
+    summing to zero): such tensors must never be written, let alone published."""
     a, b = make_family(tmp_path / "fam", 2, seed=3)
     cfg = tmp_path / "m.yml"
-    cfg.write_text(f"models:\n  - model: {a}\n    parameters: {{weight: [1.0, 0.5]}}\n  - model: {b}\n"
-                   "    parameters: {weight: [-1.0, 0.5]}\nmerge_method: linear\n")
+    cfg.write_text(f"models:\n  - model: {a}\n    parameters: {{weight: 1000000}}\n  - model: {b}\n"
+                   "    parameters: {weight: 1000000}\nmerge_method: linear\nparameters: {normalize: false}\n"
+                   "out_dtype: float16\n")
     line = _one_line_error(run_cli("merge", str(cfg), str(tmp_path / "out"), "--quiet"))
     assert "inf or NaN from finite inputs" in line
     assert _leftovers(tmp_path, "out") == []

@@ -529,8 +529,16 @@ def test_della_epsilon_bounds_error(family, tmp_path, density, epsilon):
     base, a, _, _ = family
     text = (_models((a, f"{{weight: 1.0, density: {density}}}"))
             + f"merge_method: della\nbase_model: {base}\nparameters: {{epsilon: {epsilon}}}\n")
-    with pytest.raises(ModelError, match=f"epsilon {epsilon:g} does not fit density {density:g}"):
+    # the config alone decides it: refused when read, pointing at the model's density
+    with pytest.raises(ConfigError, match=rf"models\[0\]\.parameters\.density \(line \d+\): della .*epsilon "
+                                          f"{epsilon:g} does not fit density {density:g}"):
         merge_yaml(tmp_path, text, random_seed=1)
+    # behind a filter only the planner knows the value: refused per tensor, before anything is written
+    text = (_models((a, f"{{weight: 1.0, density: [{{filter: mlp, value: {density}}}, {{value: 1}}]}}"))
+            + f"merge_method: della\nbase_model: {base}\nparameters: {{epsilon: {epsilon}}}\n")
+    with pytest.raises(ModelError, match=f"mlp.*epsilon {epsilon:g} does not fit density {density:g}"):
+        merge_yaml(tmp_path, text, name="filtered", random_seed=1)
+    assert not (tmp_path / "filtered").exists()
     hook = METHODS["della"].extra["validate"]
     with pytest.raises(ModelError, match="model.layers.0.mlp.up_proj.weight"):
         hook("model.layers.0.mlp.up_proj.weight", {}, [{}, {"density": density, "epsilon": epsilon}])

@@ -51,11 +51,13 @@ def check_epsilon(density: float, epsilon: float, where: str = "") -> None:
 
 def validate(name: str, shared: dict[str, Any], per_input: list[dict[str, Any]],
              models: list[str] | None = None) -> None:
-    """Plan-time check of one tensor's resolved parameters (for the planner: extra["validate"])."""
+    """density ± epsilon of each input (extra["validate"]): per tensor by the planner, and with `name` "" by
+    `mergebot validate` for the values the config alone decides. An input whose density or epsilon is absent
+    or None (at validate time: it depends on a filter) is skipped."""
     for j, p in enumerate(per_input):
-        if "density" in p:
-            who = f", model {models[j]}" if models else ""
-            check_epsilon(float(p["density"]), float(p.get("epsilon", 0.15)), f" (tensor {name!r}{who})")
+        if p.get("density") is not None and p.get("epsilon") is not None:
+            where = ([f"tensor {name!r}"] if name else []) + ([f"model {models[j]}"] if models else [])
+            check_epsilon(float(p["density"]), float(p["epsilon"]), f" ({', '.join(where)})" if where else "")
 
 
 # Keep masks of the first pass, held for the second while they fit (bool, one byte per element): the per-row

@@ -144,7 +144,7 @@ METHOD = MergeMethod(
     name="karcher",
     pretty="Karcher Mean",
     url="https://arxiv.org/abs/2603.04972",
-    params=(Param("max_iter", int, "shared", 10), Param("tol", float, "shared", 1e-5)),
+    params=(Param("max_iter", int, "shared", 10, lo=0, hi=1000), Param("tol", float, "shared", 1e-5)),
     base="ignored",
     apply=_apply,
     reduce=_reduce,

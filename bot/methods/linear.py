@@ -1,9 +1,15 @@
-"""`linear` (Model Soups, merge-semantics.md §2.1): out = Σ wᵢ·xᵢ [/ Σ wᵢ], accumulated in float32."""
+"""`linear` (Model Soups, merge-semantics.md §2.1): out = Σ wᵢ·xᵢ [/ Σ wᵢ], accumulated in float32.
+
+Unlike mergekit, Σw = 0 with `normalize` is refused (at validate time when the config decides it, else per
+tensor by the planner) instead of writing inf/NaN tensors."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from ..errors import ModelError
 from ..fuse import enabled, fusable, scratch
 from .base import MergeCall, MergeMethod, Param
 
@@ -32,10 +38,29 @@ def weighted_sum_into(xs: list[torch.Tensor], weights: list[float], divisor: flo
 
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     weights = [float(p["weight"]) for p in call.per_input]
-    divisor = sum(weights) if call.shared["normalize"] else 1.0  # no guard for Σw = 0, as in §2.1
+    divisor = sum(weights) if call.shared["normalize"] else 1.0  # Σw = 0 was refused by `validate` below
     if call.out is not None and not enabled():
         return weighted_sum_into(call.xs, weights, divisor, call.dtype, call.out)
     return weighted_sum(call.xs, weights, divisor, call.dtype, call.out_dtype, out=call.out)
+
+
+def check_weight_sum(method: str, key: str, shared: dict[str, Any], weights: list[Any], where: str) -> None:
+    """Normalising by Σw = 0 writes inf/NaN tensors (mergekit has no guard, §2.1): refuse it before anything is
+    written. A weight of None (at validate time: it depends on a filter) means "not known": nothing to check."""
+    if shared.get(key) is not True or not weights or any(w is None for w in weights):
+        return
+    total = sum(float(w) for w in weights)
+    if abs(total) < 1e-8:
+        raise ModelError(f"{method}{where}: the weights ({', '.join(f'{float(w):g}' for w in weights)}) sum to "
+                         f"{total:g} and {key}: true divides by that sum; use weights that do not cancel, or set "
+                         f"{key}: false")
+
+
+def validate(name: str, shared: dict[str, Any], per_input: list[dict[str, Any]],
+             models: list[str] | None = None) -> None:
+    """Plan-time check of one tensor's resolved parameters (extra["validate"])."""
+    check_weight_sum("linear", "normalize", shared, [p.get("weight") for p in per_input],
+                     f" (tensor {name!r})" if name else "")
 
 
 METHOD = MergeMethod(
@@ -46,4 +71,5 @@ METHOD = MergeMethod(
     base="ignored",
     apply=_apply,
     fuse=False,
+    extra={"validate": validate},
 )

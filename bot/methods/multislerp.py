@@ -14,6 +14,7 @@ more accurate than mergekit's input-dtype computation (equal within float32 roun
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -21,6 +22,7 @@ from ..errors import ModelError
 from ._sparsify_more import gram, lincomb, tensor_label
 from ..exact import Sums
 from .base import MergeCall, MergeMethod, Param
+from .linear import check_weight_sum
 
 
 def _vectors(call: MergeCall) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -74,6 +76,14 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     return out if base is None else base + out
 
 
+def validate(name: str, shared: dict[str, Any], per_input: list[dict[str, Any]],
+             models: list[str] | None = None) -> None:
+    """Plan-time: normalize_weights divides by Σw (§2.4); the base has no weight, one model is returned as is."""
+    weights = [p.get("weight") for p in per_input if "weight" in p]
+    if len(weights) >= 2:
+        check_weight_sum("multislerp", "normalize_weights", shared, weights, f" (tensor {name!r})" if name else "")
+
+
 METHOD = MergeMethod(
     name="multislerp",
     pretty="Multi-SLERP",
@@ -88,4 +98,5 @@ METHOD = MergeMethod(
     reduce=_reduce,
     min_inputs=1,
     min_non_base=1,
+    extra={"validate": validate},
 )
