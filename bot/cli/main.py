@@ -11,7 +11,7 @@ import threading
 from .. import __version__
 from ._errors import run_guarded
 
-COMMANDS = ("merge", "validate", "publish", "plan", "action", "demo")
+COMMANDS = ("merge", "validate", "publish", "plan", "action", "demo", "check")
 
 
 def build_parser() -> argparse.ArgumentParser:
