@@ -95,8 +95,9 @@ def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | Non
 
 
 def _all_finite(t: torch.Tensor) -> bool:
+    """In 1M-element steps: isfinite makes float temporaries (|x|), which must stay small beside the chunks."""
     flat = t.reshape(-1)
-    return all(bool(torch.isfinite(flat[s:s + CHUNK]).all()) for s in range(0, flat.numel(), CHUNK))
+    return all(bool(torch.isfinite(flat[s:s + EAGER_CHUNK]).all()) for s in range(0, flat.numel(), EAGER_CHUNK))
 
 
 def _check_finite(job: TensorJob, dest: torch.Tensor, xs: list[torch.Tensor]) -> None:

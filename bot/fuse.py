@@ -34,7 +34,12 @@ def configure(mode: str, total_elements: int, benefits: bool = True, device: str
     host-to-device copies that bound the merge. Measured on an H100, dare_ties of three 1.1B-parameter
     models: engine 5.8 s eager, 11 s compiled with a warm Triton cache, 50 s with a cold one (every fresh
     runner or container)."""
-    if mode == "off" or not benefits:
+    if device != "cpu":
+        # GPU kernels stay eager in every mode: Triton's compiled division rounds differently from eager
+        # CUDA (measured on an H200: compiled TIES differed from eager in the last bit), and eager already
+        # runs at device-memory speed, far above the host-to-device copies that bound the merge
+        on = False
+    elif mode == "off" or not benefits:
         # a method without the benefit has one in-place eager form (linear, slerp: fused multiply-adds, as
         # mergekit computes them) and keeps it even with --compile on, so its bytes never depend on the mode
         on = False

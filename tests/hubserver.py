@@ -306,6 +306,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
               content_type: str = "application/json") -> None:
+        # recorded before the answer leaves: a client that got it may look at `requests` at once
+        self.fake.requests.append((self.command, self.path, status))
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -314,7 +316,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD" and body:
             self.wfile.write(body)
-        self.fake.requests.append((self.command, self.path, status))
 
     def _json(self, status: int, obj: Any, headers: dict[str, str] | None = None,
               content_type: str = "application/json") -> None:

@@ -88,8 +88,10 @@ def test_cuda_equals_cpu(family, tmp_path, method):
 
 
 # Elementwise IEEE operations (no transcendental per element) and exact global sums (bot.exact): the GPU must
-# give the CPU's bytes, not just close numbers.
-SAME_BYTES = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "breadcrumbs_ties", "slerp",
+# give the CPU's bytes, not just close numbers (measured on an H200). Not linear: it keeps mergekit's own
+# per-device arithmetic (an alpha-add on the CPU), bit-identical to mergekit on each device but one rounding
+# apart between CPU and GPU.
+SAME_BYTES = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "breadcrumbs_ties", "slerp",
               "nuslerp", "multislerp", "model_stock", "karcher", "ram", "passthrough"}
 
 
@@ -116,7 +118,8 @@ def test_cuda_chunked_two_phase_equals_whole(family, tmp_path, monkeypatch, meth
 
 @pytest.mark.parametrize("method", ["dare_ties", "linear", "slerp", "ties"])
 def test_cuda_compiled_kernels_equal_eager(family, tmp_path, method):
-    """torch.compile on CUDA (Triton kernels) against the eager CUDA path."""
+    """`--compile on` with a GPU runs eagerly (Triton's compiled division rounded TIES differently on an H200):
+    the same bytes either way."""
     text = _configs(family)[method]
     eager = merge_yaml(tmp_path, text, name="eager", random_seed=5, device="cuda", compile="off")
     fused = merge_yaml(tmp_path, text, name="fused", random_seed=5, device="cuda", compile="on")

@@ -291,7 +291,8 @@ def test_auto_compile_only_for_large_cpu_merges_of_methods_that_gain(monkeypatch
     assert not fuse.configure("auto", big, True, "cuda")
     assert not fuse.configure("auto", small, True, "cpu")
     assert not fuse.configure("auto", big, False, "cpu")
-    assert fuse.configure("on", 1, True, "cuda") and not fuse.configure("off", big, True, "cpu")
+    assert fuse.configure("on", 1, True, "cpu") and not fuse.configure("off", big, True, "cpu")
+    assert not fuse.configure("on", big, True, "cuda")  # GPU kernels are eager in every mode
     # methods whose eager form is one in-place pass (linear, slerp) stay eager even with --compile on
     assert not fuse.configure("on", big, False, "cpu")
     monkeypatch.setattr(fuse, "compiler_available", lambda: False)

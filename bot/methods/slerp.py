@@ -60,9 +60,13 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     c0, c1 = coefficients(float(call.shared["t"]), aa, bb, ab)
     a, b = _pair(call)
     if call.out is not None and not enabled():
+        # a·c0 and b·c1 rounded each, then added: the compiled form's and the GPU's roundings (an alpha-add
+        # would fuse the second product into the sum on the CPU only)
         acc = scratch("slerp", a.numel(), call.dtype, a.device)
-        acc.copy_(a.reshape(-1)).mul_(c0).add_(b.reshape(-1), alpha=c1)
-        return call.out.copy_(acc)
+        tmp = scratch("slerp_b", b.numel(), call.dtype, b.device)
+        acc.copy_(a.reshape(-1)).mul_(c0)
+        torch.mul(tmp.copy_(b.reshape(-1)), c1, out=tmp)
+        return call.out.copy_(acc.add_(tmp))
     return _combine(a, b, c0, c1, call.dtype, call.out_dtype, out=call.out)
 
 
