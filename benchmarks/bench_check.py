@@ -25,7 +25,7 @@ from bench_merge import CONFIGS, make_models, run_merge, settle  # noqa: E402
 
 
 def run_check(out: Path, parents: list[Path], device: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "bot.cli.main", "check", str(out), "--parents", *map(str, parents), "--device", device,
+    cmd = [sys.executable, "-m", "mergebot.cli.main", "check", str(out), "--parents", *map(str, parents), "--device", device,
            "--json", "--quiet", *extra]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

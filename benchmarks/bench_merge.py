@@ -89,7 +89,7 @@ def run_merge(config: Path, out: Path, mergekit: str | None = None, extra: list[
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     cmd = ([mergekit, str(config), str(out), "--random-seed", "1", *extra] if mergekit else
-           [sys.executable, "-m", "bot.cli.main", "merge", str(config), str(out), "--random-seed", "1", "--quiet",
+           [sys.executable, "-m", "mergebot.cli.main", "merge", str(config), str(out), "--random-seed", "1", "--quiet",
             *extra])
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
     peak_anon = peak_hwm = 0

@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bot.tinymodels import load_tensors, make_family  # noqa: E402
+from mergebot.tinymodels import load_tensors, make_family  # noqa: E402
 
 CONFIGS = {
     "linear": "models:\n  - model: {a}\n    parameters: {{weight: 0.7}}\n  - model: {b}\n    parameters: {{weight: 0.4}}\n"
@@ -82,7 +82,7 @@ def main() -> None:
         cfg.write_text(text.format(base=base, a=a, b=b) + (f"dtype: {args.config_dtype}\n" if args.config_dtype else ""))
         mk, mb = tmp / f"mk-{name}", tmp / f"mb-{name}"
         r1 = subprocess.run([args.mergekit, str(cfg), str(mk), "--random-seed", "1"], capture_output=True, text=True)
-        r2 = subprocess.run([sys.executable, "-m", "bot.cli.main", "merge", str(cfg), str(mb), "--quiet"],
+        r2 = subprocess.run([sys.executable, "-m", "mergebot.cli.main", "merge", str(cfg), str(mb), "--quiet"],
                             capture_output=True, text=True, cwd=ROOT)
         if r1.returncode or r2.returncode:
             print(f"{name:26s} failed: mergekit rc={r1.returncode} {r1.stderr[-300:]!r} mergebot rc={r2.returncode} {r2.stderr[-300:]!r}")

@@ -49,7 +49,7 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         mode = args.compile.split(",")[0]
         cmd = ["py-spy", "record", "--native", "--rate", "200", "--format", "raw", "--threads", "-o",
-               str(args.profile / f"pyspy-{args.method}-{t}t-{mode}.txt"), "--", sys.executable, "-m", "bot.cli.main",
+               str(args.profile / f"pyspy-{args.method}-{t}t-{mode}.txt"), "--", sys.executable, "-m", "mergebot.cli.main",
                "merge", str(cfg), str(out), "--quiet", "--compile", mode, "--random-seed", "1"]
         start = time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

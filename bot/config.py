@@ -196,7 +196,7 @@ def parse_ref(doc: YamlDoc, path: tuple[Any, ...], value: Any) -> ModelRef:
 # ------------------------------------------------------------------------------------------- config
 
 def load_config(path: str | Path) -> MergeConfig:
-    """Read and validate a merge config file (bounded read, strict UTF-8: bot.yamlsafe)."""
+    """Read and validate a merge config file (bounded read, strict UTF-8: mergebot.yamlsafe)."""
     return parse_config(read_text(path), str(path))
 
 
@@ -210,7 +210,7 @@ def parse_config(text: str, file: str, doc: YamlDoc | None = None) -> MergeConfi
                             + _kind(data))
     if "experts" in data:
         raise ConfigError(file, "experts", doc.line(("experts",)),
-                          "this is a mergekit-moe config, not a merge config (bot.configfile.load reads both)")
+                          "this is a mergekit-moe config, not a merge config (mergebot.configfile.load reads both)")
     warnings: list[str] = []
     pending: list[str] = []
     unknown_keys(doc, TOP_KEYS, warnings)

@@ -1,5 +1,5 @@
 """One entry point for a config file of any kind: a merge (mergekit-yaml), a MoE (mergekit-moe) or several
-merges separated by `---` (mergekit-multi). Total on any bytes: a config or one ConfigError line (bot.yamlsafe)."""
+merges separated by `---` (mergekit-multi). Total on any bytes: a config or one ConfigError line (mergebot.yamlsafe)."""
 
 from __future__ import annotations
 

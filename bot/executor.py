@@ -24,7 +24,7 @@ from .rng import stream_key
 from .vocab import align_inputs
 from .writer import ShardedWriter
 
-CHUNK = 1 << 24  # 16M elements: 64 MB per float32 working tensor; divides 2**32 (see bot.rng)
+CHUNK = 1 << 24  # 16M elements: 64 MB per float32 working tensor; divides 2**32 (see mergebot.rng)
 EAGER_CHUNK = 1 << 20  # eager kernels: 4 MB float32 buffers that stay in cache across their passes
 # On a GPU every chunk crosses the host-device link once per pass (twice for two-phase methods), while the
 # math runs at device-memory speed: chunks as big as a 1B model's embedding (256 MB in float32), so most
@@ -57,7 +57,7 @@ def _inputs(plan: Plan, job: TensorJob, dtype: torch.dtype | None) -> list[torch
 def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | None, seed: int,
              device: torch.device, progress: Callable[[int], None] | None = None, compile: str = "auto",
              rng: str = "hash") -> RunStats:
-    """`rng="mergekit"`: the plan's jobs must be in sorted-name order (see bot.merge); torch's global RNG is
+    """`rng="mergekit"`: the plan's jobs must be in sorted-name order (see mergebot.merge); torch's global RNG is
     seeded here once, as mergekit's --random-seed does, and random methods get whole tensors."""
     stats = RunStats()
     mergekit_rng = rng == "mergekit" and plan.method.uses_rng

@@ -72,7 +72,7 @@ class LicenseSpec:
 
 
 class ParentLike(Protocol):
-    """What analysis needs of a parent; `bot.parents.ParentInfo` and `LicenseInput` both fit."""
+    """What analysis needs of a parent; `mergebot.parents.ParentInfo` and `LicenseInput` both fit."""
 
     ref: str
     license: str | None

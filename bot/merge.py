@@ -38,9 +38,9 @@ class MergeOptions:
     progress: bool = True
     token: str | None = field(default=None, repr=False)  # never in a repr, hence never in a log or traceback
     threads: int | None = None
-    compile: str = "auto"  # auto | on | off: fuse method kernels with torch.compile (bot.fuse)
+    compile: str = "auto"  # auto | on | off: fuse method kernels with torch.compile (mergebot.fuse)
     allow_all_same_experts: bool = False  # MoE: every expert the same model (only useful with training)
-    rng: str = "hash"  # hash (order-independent, bot.rng) | mergekit (DARE masks with mergekit 0.1.5's bits)
+    rng: str = "hash"  # hash (order-independent, mergebot.rng) | mergekit (DARE masks with mergekit 0.1.5's bits)
 
 
 @dataclass
@@ -82,7 +82,7 @@ def load_models(cfg: MergeConfig, options: MergeOptions,
                                                               os.environ.get("HF_ENDPOINT"))
         else:
             weights[str(ref)] = ModelWeights(r.directory, str(ref))
-        if ref.lora is not None:  # `model+lora`: the adapter folded in while streaming (bot.lora, §1.1)
+        if ref.lora is not None:  # `model+lora`: the adapter folded in while streaming (mergebot.lora, §1.1)
             from .lora import with_lora
             weights[str(ref)] = with_lora(weights[str(ref)], ref, r.config, search, token=options.token,
                                           headers_only=headers_only)
@@ -113,7 +113,7 @@ def make_lock(cfg: MergeConfig, plan: Plan, seed: int | None, device: torch.devi
     for key, r in plan.resolved.items():
         parents.append({"ref": key, "revision": r.ref.revision, "sha": r.sha, "local": not r.is_hub,
                         "role": "base" if key == base else "input"})
-        adapter = getattr(plan.models.get(key), "adapter", None)  # bot.lora.LoraWeights
+        adapter = getattr(plan.models.get(key), "adapter", None)  # mergebot.lora.LoraWeights
         if adapter is not None:
             parents.append({"ref": str(adapter.ref), "revision": adapter.ref.revision, "sha": adapter.sha,
                             "local": not adapter.is_hub, "role": "lora", "of": key})

@@ -429,7 +429,7 @@ def write_tensors(plan: MoePlan, writer: ShardedWriter, gates: GateVectors, seed
 
 
 def make_moe_lock(plan: MoePlan, seed: int | None, device: torch.device, gates: GateVectors | None = None) -> dict:
-    """Same shape as bot.merge.make_lock, kind "moe"; no timestamp (an unchanged rebuild gives identical files)."""
+    """Same shape as mergebot.merge.make_lock, kind "moe"; no timestamp (an unchanged rebuild gives identical files)."""
     cfg = plan.cfg
     parents = [{"ref": key, "revision": r.ref.revision, "sha": r.sha, "local": not r.is_hub, "role": plan.roles[key]}
                for key, r in plan.resolved.items()]

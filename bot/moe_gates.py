@@ -1,6 +1,6 @@
 """Router (gate) vectors of a MoE build (merge-semantics.md §3.4): one [H] vector per layer and expert.
 
-* `random` / `uniform_random` come from bot.rng's counter-based hash (Box–Muller for the normal), keyed by
+* `random` / `uniform_random` come from mergebot.rng's counter-based hash (Box–Muller for the normal), keyed by
   (seed, expert position), so `--random-seed` reproduces them exactly whatever else changes;
 * `cheap_embed` needs only the tokenizer and the embedding rows, no forward pass: it tokenizes with
   transformers' AutoTokenizer when installed (as mergekit does), else with the raw tokenizer.json (the lock

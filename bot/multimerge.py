@@ -180,7 +180,7 @@ def _scratch(out_dir: Path) -> Iterator[Path]:
 
 def run_multi(mc: MultiConfig, out_dir: Path, options) -> list:
     """Build every stage (intermediates into a scratch dir, the result into out_dir); the stage results in
-    build order. `options` is a bot.merge.MergeOptions."""
+    build order. `options` is a mergebot.merge.MergeOptions."""
     from .merge import check_target, run_merge
     from .sources import named_models
 

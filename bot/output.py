@@ -91,7 +91,7 @@ def _fsync_dir(d: Path) -> None:
 
 def copy_donor_files(donor_dir: Path, work: Path, only: tuple[str, ...] | None = None) -> list[str]:
     """Tokenizer and generation files copied verbatim from the donor (§5.6), regular files inside its
-    directory only (bot.confine)."""
+    directory only (mergebot.confine)."""
     copied = []
     for name in only or DONOR_FILES:
         if confine.copy_file(donor_dir, name, work / name, f"tokenizer donor {donor_dir.name}"):

@@ -4,8 +4,8 @@ A parent is either a local model directory, whose `README.md` front matter we pa
 `model_info` we read at the pinned sha recorded in `mergebot.lock.json` (so the card describes exactly the
 weights that were merged, not whatever the repo holds today).
 
-A parent's card is a stranger's file: it is read through bot.confine (a README that points outside the model
-directory is refused, never read) and its front matter parsed by the bounded loader of bot.yamlsafe. Front
+A parent's card is a stranger's file: it is read through mergebot.confine (a README that points outside the model
+directory is refused, never read) and its front matter parsed by the bounded loader of mergebot.yamlsafe. Front
 matter that cannot be parsed (broken YAML, an alias bomb, binary junk) counts as no metadata, i.e. an unknown
 license for the analysis to flag, rather than stopping the merge.
 """

@@ -44,7 +44,7 @@ class TensorJob:
     per_input: list[dict[str, Any]]
     t: float
     copy: bool = False  # a single input copied (or a non-floating buffer)
-    align: Any = None  # bot.vocab.Alignment: inputs laid out in the output vocabulary first (§4.3)
+    align: Any = None  # mergebot.vocab.Alignment: inputs laid out in the output vocabulary first (§4.3)
 
     @property
     def numel(self) -> int:
@@ -64,7 +64,7 @@ class Plan:
     donor: str
     out_config: dict
     warnings: list[str] = field(default_factory=list)
-    vocab: Any = None  # bot.vocab.OutputVocab when the tokenizer path is active (§4)
+    vocab: Any = None  # mergebot.vocab.OutputVocab when the tokenizer path is active (§4)
 
     @property
     def total_bytes(self) -> int:

@@ -42,7 +42,7 @@ _NAMED: ContextVar[dict[str, Path]] = ContextVar("named_models", default={})
 @contextmanager
 def named_models(mapping: dict[str, Path]) -> Iterator[None]:
     """Within the block, a reference whose path is one of these names means that directory (the outputs of
-    earlier merges of a mergekit-multi file, bot.multimerge); names win over directories and repo ids."""
+    earlier merges of a mergekit-multi file, mergebot.multimerge); names win over directories and repo ids."""
     token = _NAMED.set(dict(mapping))
     try:
         yield

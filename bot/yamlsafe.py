@@ -292,7 +292,7 @@ def load_yaml(text: str, file: str) -> YamlDoc:
     docs = load_yaml_all(text, file)
     if len(docs) > 1:
         raise ConfigError(file, None, docs[1].line(()), "several YAML documents (---) in one file: a mergekit-multi "
-                          "file; `mergebot merge`/`validate` read it (bot.configfile.load)")
+                          "file; `mergebot merge`/`validate` read it (mergebot.configfile.load)")
     return docs[0] if docs else YamlDoc(None, file, {})
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from bot.tinymodels import write_tokenizer
+from mergebot.tinymodels import write_tokenizer
 
 VOCAB = 64
 TOKENS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)

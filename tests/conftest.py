@@ -29,5 +29,5 @@ def family_bf16(tmp_path_factory) -> list[Path]:
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bot.cli.main", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "mergebot.cli.main", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bot.action.events import Event, changed_files
-from bot.action.inputs import ActionInputError, read_inputs
-from bot.action.report import Result, annotation, format_output, summary_markdown
-from bot.action.select import valid_repo_id
-from bot.cli.main import main
+from mergebot.action.events import Event, changed_files
+from mergebot.action.inputs import ActionInputError, read_inputs
+from mergebot.action.report import Result, annotation, format_output, summary_markdown
+from mergebot.action.select import valid_repo_id
+from mergebot.cli.main import main
 from tests.conftest_hub import HubFixture
 from tests.tiny import make_family
 
@@ -81,7 +81,7 @@ def checkout(tmp_path: Path) -> Checkout:
 
 def local_parents(checkout: Checkout, models: list[Path]) -> list[str]:
     """The parents copied into the checkout, as the relative references a config names them by: in the
-    Action, local models are read only inside the workspace (bot.confine.set_workspace)."""
+    Action, local models are read only inside the workspace (mergebot.confine.set_workspace)."""
     refs = []
     for name, d in zip(PARENTS, models, strict=True):
         shutil.copytree(d, checkout.path / "models" / name, dirs_exist_ok=True)
@@ -316,7 +316,7 @@ def test_bad_config_fails_alone_and_duplicates_are_refused(hub, tiny_models, che
 
 
 def test_entrypoint_subprocess_dispatch_with_force(hub, tiny_models, checkout, monkeypatch, tmp_path):
-    """The real entrypoint (`python -m bot.cli.main action`) in a child process, as the container runs it."""
+    """The real entrypoint (`python -m mergebot.cli.main action`) in a child process, as the container runs it."""
     base, ft1, _ = local_parents(checkout, tiny_models)
     checkout.commit({"merges/a.yml": linear(base, ft1), "merges/skip.yml": linear(base, ft1, "# other\n")})
     output, summary = github_env(monkeypatch, checkout.path, tmp_path / "gh", "workflow_dispatch",
@@ -324,7 +324,7 @@ def test_entrypoint_subprocess_dispatch_with_force(hub, tiny_models, checkout, m
                                  force="true", device="cpu")
     monkeypatch.setenv("INPUT_HF-TOKEN", hub.token)  # GitHub keeps hyphens in input names
     monkeypatch.delenv("HF_TOKEN")
-    done = subprocess.run([sys.executable, "-m", "bot.cli.main", "action"], cwd=checkout.path,
+    done = subprocess.run([sys.executable, "-m", "mergebot.cli.main", "action"], cwd=checkout.path,
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(parse_outputs(output.read_text())["results"])

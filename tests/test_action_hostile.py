@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from bot.action import events as events_module
-from bot.action.runner_log import (annotation, command, escape_data, escape_property, exception_message,
+from mergebot.action import events as events_module
+from mergebot.action.runner_log import (annotation, command, escape_data, escape_property, exception_message,
                                    md_code, md_text, one_line, safe_line, traceback_lines)
-from bot.cli.main import main
-from bot.confine import workspace as confined_workspace
-from bot.merge import MergeOptions
+from mergebot.cli.main import main
+from mergebot.confine import workspace as confined_workspace
+from mergebot.merge import MergeOptions
 from tests import hubserver
 from tests.test_action import (ROOT, ZERO, act, checkout, github_env, linear,  # noqa: F401
                                local_parents, parse_outputs, push, tiny_models, upload_parents)
@@ -118,7 +118,7 @@ def test_hostile_file_names_and_hub_ids_never_reach_the_log_raw(hub, tiny_models
         f.write(linear(base, ft1))
     output, summary = github_env(monkeypatch, checkout.path, tmp_path / "gh", "push", push(ZERO, c1),
                                  namespace=hub.user, hf_token=hub.token)
-    done = subprocess.run([sys.executable, "-m", "bot.cli.main", "action"], cwd=checkout.path,
+    done = subprocess.run([sys.executable, "-m", "mergebot.cli.main", "action"], cwd=checkout.path,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"},
                           capture_output=True, timeout=600)
     log = done.stdout.decode("utf-8") + "\n" + done.stderr.decode("utf-8")  # strict: nothing undecodable
@@ -175,8 +175,8 @@ def test_any_exception_in_one_config_is_only_that_configs_failure(hub, tiny_mode
     base, ft1, _ = local_parents(checkout, tiny_models)
     names = ("load", "stale", "value", "memory", "good")
     c1 = checkout.commit({f"merges/{n}.yml": linear(base, ft1, f"# {n}\n") for n in names})
-    import bot.action.run as run_module
-    import bot.action.select as select_module
+    import mergebot.action.run as run_module
+    import mergebot.action.select as select_module
 
     real_load, real_check = select_module.load, run_module.StalenessChecker.check
     real_pipeline = run_module.pipeline_run
@@ -255,7 +255,7 @@ def test_the_workspace_bounds_model_references_during_the_run(hub, checkout, mon
         raise RuntimeError("stop here")
 
     c1 = checkout.commit({"merges/a.yml": linear("x/a", "x/b")})
-    monkeypatch.setattr("bot.action.run.decide", spy)
+    monkeypatch.setattr("mergebot.action.run.decide", spy)
     run = act(monkeypatch, capsys, checkout.path, "push", push(ZERO, c1), namespace=hub.user, hf_token=hub.token)
     assert seen == [checkout.path.resolve()] and confined_workspace() is None
     assert run.results["merges/a.yml"]["status"] == "failed" and "RuntimeError: stop here" in run.summary
@@ -310,7 +310,7 @@ def test_a_failed_selection_still_writes_the_report(hub, checkout, monkeypatch, 
     def broken(event, inputs):
         raise RuntimeError("selection broke\n::error::pwned")
 
-    monkeypatch.setattr("bot.action.run.select", broken)
+    monkeypatch.setattr("mergebot.action.run.select", broken)
     run = act(monkeypatch, capsys, checkout.path, "push", push(ZERO, c1), namespace=hub.user, hf_token=hub.token)
     assert run.rc == 1
     assert json.loads(run.outputs["results"]) == [] and run.outputs["count"] == "0"
@@ -333,7 +333,7 @@ def test_a_failed_selection_still_writes_the_report(hub, checkout, monkeypatch, 
 
 def test_config_names_with_shell_metacharacters_are_refused(tmp_path):
     """Names reach the `results` output, which a workflow may paste into a `run:` script."""
-    from bot.action.select import check_file
+    from mergebot.action.select import check_file
 
     (tmp_path / "merges").mkdir()
     for name in ("a$(id).yml", "b`x`.yml", "c;rm.yml", "d'q'.yml", "e|f.yml"):

@@ -22,10 +22,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bot.check import CheckOptions, CheckUnsupported, markdown, model_index, run_check
-from bot.check.forward import LayerwiseModel
-from bot.check.text import degenerate, load_eval_text
-from bot.cli.main import main
+from mergebot.check import CheckOptions, CheckUnsupported, markdown, model_index, run_check
+from mergebot.check.forward import LayerwiseModel
+from mergebot.check.text import degenerate, load_eval_text
+from mergebot.cli.main import main
 from tests.helpers import merge_yaml
 from tests.tiny import llama_config, make_family, save_model, write_tokenizer
 
@@ -263,7 +263,7 @@ def test_parent_with_another_tokenizer_is_compared_over_the_merges_tokens(counti
 
 
 def test_unsupported_rope_and_architectures_are_refused_by_name():
-    from bot.check.forward import DecoderSpec
+    from mergebot.check.forward import DecoderSpec
 
     cfg = llama_config()
     assert DecoderSpec.from_config(cfg, "m").rope_type == "default"
@@ -384,8 +384,8 @@ def test_memory_stays_bounded_on_a_model_many_times_larger_than_a_layer(tmp_path
     text.write_text(" ".join(f"w{i % 250 + 3}" for i in range(48)))
     # what the interpreter with torch and the check's imports holds before any model is read (it differs by
     # torch build: ~150 MB here, ~270 MB with a CUDA torch)
-    baseline, _, _ = _peak_anon([sys.executable, "-c", "import torch, bot.check.engine, bot.cli.check"])
-    peak, out, err = _peak_anon([sys.executable, "-m", "bot.cli.main", "check", str(tmp_path / "big"), "--device",
+    baseline, _, _ = _peak_anon([sys.executable, "-c", "import torch, mergebot.check.engine, mergebot.cli.check"])
+    peak, out, err = _peak_anon([sys.executable, "-m", "mergebot.cli.main", "check", str(tmp_path / "big"), "--device",
                                  "cpu", "--eval-text", str(text), "--max-new-tokens", "1", "--json", "--quiet"])
     report = json.loads(out)  # (exit code 0 or 1: the verdict; a failure prints no JSON)
     assert report["merge"]["tokens"] == 47 and report["tensors"]["tensors"] == 16 * 9 + 3

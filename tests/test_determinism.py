@@ -48,7 +48,7 @@ CONFIGS = {
 
 DRIVER = """
 import sys
-from bot.cli.main import main
+from mergebot.cli.main import main
 for cfg, out in zip(sys.argv[2::2], sys.argv[3::2]):
     rc = main(["merge", cfg, out, "--random-seed", "7", "--compile", sys.argv[1], "--quiet"])
     if rc:
@@ -97,7 +97,7 @@ def test_every_reducing_method_same_bytes_across_threads_and_chunks(wide_family,
 def test_compiled_kernels_same_bytes_as_eager(wide_family, tmp_path):
     """The fused (torch.compile) kernels against the eager ones, at two thread counts and chunkings."""
     pytest.importorskip("torch._inductor")
-    from bot import fuse
+    from mergebot import fuse
     if not fuse.compiler_available():
         pytest.skip("no C compiler: torch.compile cannot build CPU kernels here")
     names = ["dare_ties", "ties", "slerp"]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from bot import confine
-from bot.config import load_config
-from bot.errors import ModelError
-from bot.merge import MergeOptions, run_merge
+from mergebot import confine
+from mergebot.config import load_config
+from mergebot.errors import ModelError
+from mergebot.merge import MergeOptions, run_merge
 from tests.conftest import ROOT, run_cli
 from tests.tiny import make_family
 
@@ -157,7 +157,7 @@ def test_sigterm_mid_merge_leaves_nothing(tmp_path):
     cfg.write_text(f"models:\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {c}\n"
                    f"    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: dare_linear\nbase_model: {a}\n")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "bot.cli.main", "merge", str(cfg), str(out), "--quiet",
+    proc = subprocess.Popen([sys.executable, "-m", "mergebot.cli.main", "merge", str(cfg), str(out), "--quiet",
                              "--compile", "off"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     staged: list[Path] = []

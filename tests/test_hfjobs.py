@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bot.cli.main import main
+from mergebot.cli.main import main
 from tests.test_action import PARENTS, ZERO, checkout, github_env, linear, push, tiny_models, upload_parents  # noqa: F401
 
 

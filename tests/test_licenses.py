@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from bot.licenses import (
+from mergebot.licenses import (
     LicenseInput,
     LicenseOverride,
     LicensePolicy,

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bot import moe_layout as L
-from bot.configfile import load
-from bot.errors import ConfigError, MergebotError, ModelError, NotSupportedYet, OutputError
-from bot.merge import MergeOptions
-from bot.moe import ALLOW_SAME_FLAG, prepare_moe, run_moe
-from bot.moe_gates import normal
+from mergebot import moe_layout as L
+from mergebot.configfile import load
+from mergebot.errors import ConfigError, MergebotError, ModelError, NotSupportedYet, OutputError
+from mergebot.merge import MergeOptions
+from mergebot.moe import ALLOW_SAME_FLAG, prepare_moe, run_moe
+from mergebot.moe_gates import normal
 from tests.tiny import load_tensors, make_family, write_tokenizer
 
 transformers = pytest.importorskip("transformers")

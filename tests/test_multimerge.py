@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.configfile import load
-from bot.errors import ConfigError, MergebotError
-from bot.merge import MergeOptions
-from bot.multimerge import MultiConfig
-from bot.pipeline import run as pipeline_run
+from mergebot.configfile import load
+from mergebot.errors import ConfigError, MergebotError
+from mergebot.merge import MergeOptions
+from mergebot.multimerge import MultiConfig
+from mergebot.pipeline import run as pipeline_run
 from tests.conftest import CORPUS, run_cli
 from tests.helpers import merge_yaml
 from tests.tiny import load_tensors

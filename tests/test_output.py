@@ -73,7 +73,7 @@ def test_interrupted_merge_leaves_no_output_and_rerun_succeeds(tmp_path):
     cfg.write_text(f"models:\n  - model: {base}\n  - model: {a}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
                    f"  - model: {b}\n    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: dare_ties\nbase_model: {base}\n")
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "bot.cli.main", "merge", str(cfg), str(out), "--random-seed", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "mergebot.cli.main", "merge", str(cfg), str(out), "--random-seed", "1"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     # wait until the work directory has data, then kill hard (no cleanup handlers run)
     deadline = time.time() + 60
@@ -94,8 +94,8 @@ MEASURE = r"""
 import resource, sys, os
 from pathlib import Path
 import torch
-from bot.config import load_config
-from bot.merge import MergeOptions, run_merge
+from mergebot.config import load_config
+from mergebot.merge import MergeOptions, run_merge
 torch.ones(1) + 1
 def rss():
     for line in open('/proc/self/status'):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bot.licenses import LicenseInput, analyze
-from bot.parents import LockFileError, ParentMetadataError, parent_from_hub, parents_from_lock
-from bot.publish import (
+from mergebot.licenses import LicenseInput, analyze
+from mergebot.parents import LockFileError, ParentMetadataError, parent_from_hub, parents_from_lock
+from mergebot.publish import (
     LicenseGateError,
     PublishAuthError,
     PublishConflict,
@@ -311,19 +311,19 @@ def test_lock_refs_with_revision_resolve_to_the_repo(hub: HubFixture) -> None:
 
 
 def test_looks_local_follows_mergekit() -> None:
-    from bot.parents import looks_local
+    from mergebot.parents import looks_local
 
     assert not looks_local("gpt2") and not looks_local("org/name")
     assert all(looks_local(r) for r in ("./x", "../x", "/abs/x", "~/x", "a/b/c"))
 
 
 def cli(*argv: str) -> int:
-    """`mergebot publish ...` through the same argparse + error guard as bot.cli.main, without importing the
+    """`mergebot publish ...` through the same argparse + error guard as mergebot.cli.main, without importing the
     engine's commands (so these tests do not depend on the merge engine's state)."""
     import argparse
 
-    from bot.cli import publish as publish_cmd
-    from bot.cli._errors import run_guarded
+    from mergebot.cli import publish as publish_cmd
+    from mergebot.cli._errors import run_guarded
 
     parser = argparse.ArgumentParser(prog="mergebot")
     publish_cmd.add_parser(parser.add_subparsers(dest="command"))

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load as reference_load
 from safetensors.torch import save as reference_save
 
-from bot.cli.main import main
-from bot.errors import MergebotError, ModelError
-from bot.loader import ST_DTYPES, ModelWeights, read_safetensors_header
+from mergebot.cli.main import main
+from mergebot.errors import MergebotError, ModelError
+from mergebot.loader import ST_DTYPES, ModelWeights, read_safetensors_header
 from tests.conftest import run_cli
 
 ST = "model.safetensors"
@@ -299,7 +299,7 @@ CLI_CASES = ["overlapping_offsets", "duplicate_keys", "index_parent_dir", "symli
 
 
 def test_hostile_files_through_the_real_cli(family, family_bf16, tmp_path):
-    """A subprocess per case (python -m bot.cli.main): the exit code and stderr users see; two at a time."""
+    """A subprocess per case (python -m mergebot.cli.main): the exit code and stderr users see; two at a time."""
     jobs = []
     for case in CLI_CASES:
         root = tmp_path / case

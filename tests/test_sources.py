@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bot.cli.main import main
-from bot.config import parse_config
-from bot.errors import ModelError
-from bot.merge import MergeOptions, run_merge
+from mergebot.cli.main import main
+from mergebot.config import parse_config
+from mergebot.errors import ModelError
+from mergebot.merge import MergeOptions, run_merge
 from tests.helpers import f64
 from tests.tiny import load_tensors, make_family
 

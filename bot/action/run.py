@@ -6,7 +6,7 @@ a hostile file included) is that config's `failed` result with a one-line messag
 interrupted; the exit code is 1 when any config failed or the run could not look at its configs. The token
 is masked before anything else is printed and scrubbed from every message; on pull-request events it is
 not used at all (`credentials`). Config files and local model references are bounded by the workspace
-(`bot.confine.set_workspace`) for the whole run. Each merge goes to its own temporary directory (under
+(`mergebot.confine.set_workspace`) for the whole run. Each merge goes to its own temporary directory (under
 RUNNER_TEMP when there is one) that is removed right after its publish, so a runner's disk holds one output
 at a time. Everything printed goes through `runner_log`.
 """

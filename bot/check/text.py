@@ -44,7 +44,7 @@ class EvalText:
 
 
 def _data(name: str) -> str:
-    return resources.files("bot.check").joinpath("data", name).read_text(encoding="utf-8")
+    return resources.files("mergebot.check").joinpath("data", name).read_text(encoding="utf-8")
 
 
 def builtin_sections() -> list[tuple[str, str]]:

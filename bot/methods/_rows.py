@@ -31,7 +31,7 @@ Block = tuple[int, int, tuple[int, ...]]  # flat [start, end) and the block's sh
 def row_blocks(shape: tuple[int, ...], n: int, device: torch.device) -> list[Block]:
     """Blocks of whole dim-0 slices of a tensor of `shape` (n elements); below 2-D the tensor is one block.
 
-    Exact sums over the blocks (bot.exact) must not depend on the device: blocks are whole multiples of the
+    Exact sums over the blocks (mergebot.exact) must not depend on the device: blocks are whole multiples of the
     sums' aligned BLOCK when a few slices make one (the usual power-of-two-rich shapes), and otherwise are
     the CPU's size on every device."""
     if len(shape) < 2 or n == 0:

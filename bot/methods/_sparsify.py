@@ -11,7 +11,7 @@ survive, as in mergekit, and deterministically.
 `top_k_cuts` serves any such selection: TIES' |δ| (`magnitude_cut`), breadcrumbs' outlier band (two cuts
 on the same |δ|, §2.7) and SCE's variance top-k (§2.8).
 
-The random (DARE) sparsifier needs nothing here: its mask is a hash of the element index (bot.rng).
+The random (DARE) sparsifier needs nothing here: its mask is a hash of the element index (mergebot.rng).
 """
 
 from __future__ import annotations

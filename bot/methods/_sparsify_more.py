@@ -1,6 +1,6 @@
 """Whole-tensor helpers for the methods of issue 3 (merge-semantics.md §2.3–§2.12).
 
-* `della_keep`: DELLA's `della_magprune` sparsifier (§2.7), drawn from the hash RNG (bot.rng).
+* `della_keep`: DELLA's `della_magprune` sparsifier (§2.7), drawn from the hash RNG (mergebot.rng).
 * `tensor_label`: names the tensor in error messages when the call carries its name.
 * `gram`, `lincomb`: exact Gram matrices of flattened tensors and linear combinations of them. Methods
   whose result is a linear combination of their inputs with coefficients that depend only on norms and dot
@@ -72,7 +72,7 @@ def _gram_partials(flats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tenso
 
 
 def gram(vectors: list[torch.Tensor], dtype: torch.dtype) -> Sums:
-    """G[i, j] = ⟨vᵢ, vⱼ⟩ of flattened tensors taken in `dtype`: exact sums (bot.exact) of the products, so
+    """G[i, j] = ⟨vᵢ, vⱼ⟩ of flattened tensors taken in `dtype`: exact sums (mergebot.exact) of the products, so
     the matrix, and every coefficient derived from it, is the same however the tensor is chunked."""
     flats = [v.reshape(-1) for v in vectors]
     k = len(flats)

@@ -9,7 +9,7 @@ inputs and, above QUANTILE_SAMPLE_SIZE elements, streams it in blocks of whole r
 the per-row KL (a vector of rows), the sampled statistics read at their indices, a second pass to merge.
 
 Above 1,000,000 elements the three statistics come from 1,000,000 values sampled with replacement, as in
-mergekit 0.1.5. mergebot draws the sample indices from its counter-based hash RNG (bot.rng, keyed by the
+mergekit 0.1.5. mergebot draws the sample indices from its counter-based hash RNG (mergebot.rng, keyed by the
 seed, the tensor name and the model's position), so the result is reproducible from `--random-seed` whatever
 the order, threads or device; the sampled quantiles, and so the output of tensors that large, are therefore
 not bit-identical to mergekit's (which uses the global torch RNG). Tensors up to 1,000,000 elements are exact.

@@ -4,7 +4,7 @@ A method sees one output tensor's inputs (or a contiguous chunk of them, all fla
 already in the compute dtype and on the compute device. Chunkable methods are either elementwise or
 split into `reduce` (additive float64 sums over chunks) and `apply` (elementwise, given the totals), which
 lets the executor stream tensors of any size through bounded memory (merge-semantics.md §2.0). The sums
-are exact (bot.exact), so a result never depends on how the tensor was chunked.
+are exact (mergebot.exact), so a result never depends on how the tensor was chunked.
 """
 
 from __future__ import annotations
@@ -49,11 +49,11 @@ class MergeCall:
     dtype: torch.dtype = torch.float32  # compute dtype: float32, or float64 for float64 inputs
     out_dtype: torch.dtype = torch.float32  # a kernel may cast its result itself (fused), or leave it
     start: int = 0  # element offset of this chunk in the flattened tensor (addresses the RNG)
-    keys: list[int] = field(default_factory=list)  # RNG stream key per entry of xs (bot.rng)
+    keys: list[int] = field(default_factory=list)  # RNG stream key per entry of xs (mergebot.rng)
     out: torch.Tensor | None = None  # flat destination (out_dtype) a kernel may store into directly
     shape: tuple[int, ...] = ()  # the tensor's real shape when xs hold the whole tensor (flat chunk otherwise)
     name: str = ""  # output tensor name, for error messages
-    rng: str = "hash"  # "hash" (bot.rng) or "mergekit": torch's global RNG in mergekit's draw order (DARE)
+    rng: str = "hash"  # "hash" (mergebot.rng) or "mergekit": torch's global RNG in mergekit's draw order (DARE)
 
     @property
     def others(self) -> list[int]:
@@ -70,7 +70,7 @@ class MergeMethod:
     params: tuple[Param, ...]
     base: BasePolicy
     apply: Callable[[MergeCall, torch.Tensor | None], torch.Tensor]
-    reduce: Callable[[MergeCall], Sums] | None = None  # exact sums, added over chunks (bot.exact)
+    reduce: Callable[[MergeCall], Sums] | None = None  # exact sums, added over chunks (mergebot.exact)
     chunkable: bool = True  # False: needs the whole tensor at once
     uses_rng: bool = False
     min_inputs: int = 1

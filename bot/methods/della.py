@@ -14,12 +14,12 @@ is multiplied by ‖δᵢ‖₁/‖δᵢ⊙maskᵢ‖₁ (not the paper's 1/p).
 | della_linear | none | false | true |
 
 Randomness (deliberate difference, see the table at the top of merge-semantics.md): the Bernoulli draw of
-element j of model position k is `hash_u32(j, stream_key(seed, tensor, k)) < ⌊p·2³²⌋` (bot.rng), so the
+element j of model position k is `hash_u32(j, stream_key(seed, tensor, k)) < ⌊p·2³²⌋` (mergebot.rng), so the
 result depends only on `--random-seed`, the tensor name and the model's position, never on execution order,
 thread count or device. mergekit draws from the global torch RNG in sorted-tensor order; its bits are not
 reproduced. Ranks are per row, so a tensor is chunked only when nothing is sampled; otherwise the method gets
 the whole tensor and walks it in blocks of whole rows (`_rows`): with `rescale` a first pass sums ‖δᵢ‖₁ and
-‖δᵢ⊙maskᵢ‖₁ exactly (bot.exact), a second draws the masks again (same ranks, same hash) and merges, so memory stays
+‖δᵢ⊙maskᵢ‖₁ exactly (mergebot.exact), a second draws the masks again (same ranks, same hash) and merges, so memory stays
 near one block whatever the tensor size.
 """
 

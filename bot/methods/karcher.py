@@ -18,7 +18,7 @@ Two forms, one result up to rounding:
   not depend on the thread count, and equal mergekit's run on one thread (on more, its own bytes vary);
 * larger tensors stream: m and T stay linear combinations of the xᵢ whose coefficients depend only on the
   Gram matrix, so the iteration runs in float64 on N coefficients, `reduce` sums the Gram matrix exactly
-  over chunks (bot.exact) and `apply` is an elementwise Σ βᵢxᵢ; the same bytes for any chunking, thread count
+  over chunks (mergebot.exact) and `apply` is an elementwise Σ βᵢxᵢ; the same bytes for any chunking, thread count
   or device, within float32 rounding of mergekit except where its float32 convergence test is borderline.
 """
 

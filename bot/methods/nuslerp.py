@@ -11,7 +11,7 @@ rounding; for exactly antipodal inputs it then gives either the lerp or the sler
 
 Vectors are, by mode:
 * `nuslerp_flatten: true` (default): the whole flattened tensor. Norms and the dot product are summed in
-  exactly by `reduce` (bot.exact, additive over chunks), so the method streams tensors of any size;
+  exactly by `reduce` (mergebot.exact, additive over chunks), so the method streams tensors of any size;
 * otherwise rows `W[i, :]` (along the last dim) when `nuslerp_row_wise: false`, and columns `W[:, j]`
   (along dim 0) when `nuslerp_row_wise: true`. The naming is inverted with respect to mergekit's docs;
   this is what its code does (§2.3). These modes need whole vectors (not chunkable): the method gets the whole

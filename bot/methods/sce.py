@@ -51,7 +51,7 @@ def _variance_bits(taus: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _sums(taus: list[torch.Tensor]) -> Sums:
-    """Σ τᵢ² per model (exact, bot.exact), then the element count."""
+    """Σ τᵢ² per model (exact, mergebot.exact), then the element count."""
     squares = [t.to(torch.float64).square() for t in taus]  # exact squares (rare method: no need for speed)
     return Sums.cat(Sums.of_terms(squares), Sums.of_counts([taus[0].numel() if taus else 0]))
 

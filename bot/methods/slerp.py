@@ -1,7 +1,7 @@
 """`slerp` (merge-semantics.md §2.2): spherical interpolation of the whole flattened tensor.
 
 t = 0 gives the base, t = 1 the other model. The angle needs global norms and a dot product, so the
-method is split into `reduce` (Σa², Σb², Σab as exact sums over chunks, bot.exact) and an elementwise
+method is split into `reduce` (Σa², Σb², Σab as exact sums over chunks, mergebot.exact) and an elementwise
 `apply`: the coefficients, so the bytes, do not depend on chunking, threads or device.
 """
 

@@ -6,7 +6,7 @@ out = base + λ·mixed. Computed in float32 (float64 for float64 inputs), cast o
 
 DARE's rescale matches the L1 norm of the whole tensor (not the paper's 1/p), so it is two-phase:
 `reduce` sums ‖δᵢ‖₁ and ‖δᵢ⊙maskᵢ‖₁ over chunks, `apply` uses the totals. The masks are a hash of
-(seed, tensor, model position, element index) evaluated inside the kernel (bot.rng): the same bits
+(seed, tensor, model position, element index) evaluated inside the kernel (mergebot.rng): the same bits
 whatever the chunking, thread count or device, and no separate RNG pass.
 """
 
@@ -39,7 +39,7 @@ Streams = list[tuple]  # rng.Stream32.tensors() per non-base model (0-d int32 te
 
 @fusable
 def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], streams: Streams, dtype: torch.dtype) -> torch.Tensor:
-    """Exact partial sums (bot.exact) of [‖δᵢ‖₁, ‖δᵢ⊙keepᵢ‖₁ for each i] over this chunk: integers, so the
+    """Exact partial sums (mergebot.exact) of [‖δᵢ‖₁, ‖δᵢ⊙keepᵢ‖₁ for each i] over this chunk: integers, so the
     totals do not depend on how a compiled reduction splits the chunk over threads (float32 accumulators
     did: 58 of 147 tensors of a dare_ties merge changed between 1 and 2 threads)."""
     b = base.reshape(-1).to(dtype)

@@ -236,7 +236,7 @@ ws=$tmp/ws
 mkdir -p "$ws"
 podman run --rm --network none -v "$ws:/github/workspace" --workdir /github/workspace --entrypoint python "$image" -c '
 from pathlib import Path
-from bot.tinymodels import make_family
+from mergebot.tinymodels import make_family
 for d in make_family(Path("models"), 3, seed=7, layers=2):
     (d / "README.md").write_text("---\nlicense: apache-2.0\npipeline_tag: text-generation\n---\n# tiny parent\n")
     print(d)

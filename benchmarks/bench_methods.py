@@ -1,0 +1,152 @@
+"""Every merge method, cold and warm, beside mergekit 0.1.5 and the I/O bound (issue 16's table).
+
+Three ~0.86B-parameter bf16 Llama-shaped models (two shards each; generated once under benchmarks/.cache). For
+each method, in one run of this script:
+  * mergebot with a **cold** compile cache (a fresh TORCHINDUCTOR_CACHE_DIR, as on a fresh runner or
+    container) and then **warm** (same cache again);
+  * mergekit 0.1.5 on the same YAML (`--mergekit PATH/TO/mergekit-yaml`), CPU;
+  * the I/O bound: read every input byte once + write and fsync an output-sized file, taken as the best of
+    several runs spread over the whole script (a single run swings 3x on a shared VM);
+  * peak anonymous memory of each merge (RssAnon sampled every 20 ms).
+Prints one table, writes benchmarks/results.json (or --results). Usage:
+    python benchmarks/bench_methods.py [--methods linear,slerp,...] [--mergekit .../mergekit-yaml] [--shape 0.86b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks import bench_merge  # noqa: E402
+from benchmarks.bench_merge import io_bound, make_models, run_merge, settle  # noqa: E402
+
+bench_merge.SHAPES.setdefault("0.86b", dict(vocab=32000, hidden=2048, inter=5632, layers=16, heads=32, kv_heads=4))
+
+# {b}: base, {x}, {y}: the two fine-tunes. Parameters as users write them; every method of mergekit 0.1.5.
+METHODS = {
+    "linear": "models:\n  - model: {x}\n    parameters: {{weight: 0.5}}\n  - model: {y}\n    parameters: {{weight: 0.5}}\n"
+              "merge_method: linear\n",
+    "slerp": "models:\n  - model: {b}\n  - model: {x}\nmerge_method: slerp\nbase_model: {b}\nparameters:\n  t: [0, 0.5, 1]\n",
+    "nuslerp": "models:\n  - model: {x}\n    parameters: {{weight: 0.6}}\n  - model: {y}\n    parameters: {{weight: 0.4}}\n"
+               "merge_method: nuslerp\nbase_model: {b}\n",
+    "multislerp": "models:\n  - model: {x}\n    parameters: {{weight: 0.5}}\n  - model: {y}\n    parameters: {{weight: 0.5}}\n"
+                  "merge_method: multislerp\nbase_model: {b}\n",
+    "karcher": "models:\n  - model: {b}\n  - model: {x}\n  - model: {y}\nmerge_method: karcher\n",
+    "passthrough": "slices:\n  - sources:\n      - model: {b}\n        layer_range: [0, 8]\n  - sources:\n"
+                   "      - model: {x}\n        layer_range: [8, 16]\nmerge_method: passthrough\n",
+    "model_stock": "models:\n  - model: {x}\n  - model: {y}\nmerge_method: model_stock\nbase_model: {b}\n",
+    "task_arithmetic": "models:\n  - model: {x}\n    parameters: {{weight: 0.6}}\n  - model: {y}\n"
+                       "    parameters: {{weight: 0.4}}\nmerge_method: task_arithmetic\nbase_model: {b}\n",
+    "ties": "models:\n  - model: {x}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {y}\n"
+            "    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: ties\nbase_model: {b}\n",
+    "dare_ties": "models:\n  - model: {x}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {y}\n"
+                 "    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: dare_ties\nbase_model: {b}\n",
+    "dare_linear": "models:\n  - model: {x}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {y}\n"
+                   "    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: dare_linear\nbase_model: {b}\n",
+    "breadcrumbs": "models:\n  - model: {x}\n    parameters: {{weight: 0.5, density: 0.8, gamma: 0.01}}\n  - model: {y}\n"
+                   "    parameters: {{weight: 0.5, density: 0.8, gamma: 0.01}}\nmerge_method: breadcrumbs\n"
+                   "base_model: {b}\n",
+    "breadcrumbs_ties": "models:\n  - model: {x}\n    parameters: {{weight: 0.5, density: 0.8, gamma: 0.01}}\n"
+                        "  - model: {y}\n    parameters: {{weight: 0.5, density: 0.8, gamma: 0.01}}\n"
+                        "merge_method: breadcrumbs_ties\nbase_model: {b}\n",
+    "della": "models:\n  - model: {x}\n    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\n  - model: {y}\n"
+             "    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\nmerge_method: della\nbase_model: {b}\n",
+    "della_linear": "models:\n  - model: {x}\n    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\n  - model: {y}\n"
+                    "    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\nmerge_method: della_linear\n"
+                    "base_model: {b}\n",
+    "sce": "models:\n  - model: {x}\n  - model: {y}\nmerge_method: sce\nbase_model: {b}\nparameters: {{select_topk: 0.5}}\n",
+    "ram": "models:\n  - model: {x}\n  - model: {y}\nmerge_method: ram\nbase_model: {b}\nparameters: {{epsilon: 0.001}}\n",
+    "ramplus_tl": "models:\n  - model: {x}\n  - model: {y}\nmerge_method: ramplus_tl\nbase_model: {b}\n"
+                  "parameters: {{epsilon: 0.001}}\n",
+    "nearswap": "models:\n  - model: {b}\n  - model: {x}\nmerge_method: nearswap\nbase_model: {b}\nparameters: {{t: 0.001}}\n",
+    "arcee_fusion": "models:\n  - model: {b}\n  - model: {x}\nmerge_method: arcee_fusion\nbase_model: {b}\n",
+}
+# which inputs a method reads (for the I/O bound): the base and one fine-tune, or all three
+TWO_INPUTS = {"slerp", "nearswap", "arcee_fusion", "passthrough"}
+
+
+def output_bytes(out: Path) -> int:
+    return sum(f.stat().st_size for f in out.glob("*.safetensors"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="0.86b")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--mergekit", default=None, help="mergekit-yaml of mergekit 0.1.5, run beside each method")
+    ap.add_argument("--bound-runs", type=int, default=3, help="I/O bound runs per method (the best is kept)")
+    ap.add_argument("--cache", type=Path, default=HERE / ".cache")
+    ap.add_argument("--results", type=Path, default=HERE / "results.json")
+    ap.add_argument("--args", default="", help="more mergebot merge flags")
+    args = ap.parse_args()
+    b, x, y = make_models(args.cache, args.shape)
+    work = args.cache / "methods"
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    bounds: dict[int, list[float]] = {2: [], 3: []}  # by the number of inputs read
+    header = (f"{'method':17s} {'cold s':>7s} {'warm s':>7s} {'loop s':>7s} {'bound s':>7s} {'cold/bd':>7s} "
+              f"{'warm/bd':>7s} {'anon GB':>7s} {'mergekit s':>10s} {'vs mk':>6s} {'mk anon GB':>10s}")
+    print(header, flush=True)
+    for name in args.methods.split(","):
+        cfg = work / f"{name}.yml"
+        cfg.write_text(METHODS[name].format(b=b, x=x, y=y))
+        out = work / "out"
+        extra = args.args.split()
+        cold_dir = Path(tempfile.mkdtemp(prefix="inductor-cold-"))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cold_dir)  # inherited by the merge subprocess
+        settle()
+        cold = run_merge(cfg, out, extra=extra)
+        size = output_bytes(out)
+        settle()
+        warm = run_merge(cfg, out, extra=extra)  # the cache the cold run filled
+        shutil.rmtree(cold_dir, ignore_errors=True)
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        inputs = [b, x] if name in TWO_INPUTS else [b, x, y]
+        for _ in range(args.bound_runs):
+            settle()
+            bounds[len(inputs)].append(io_bound(inputs, size, work))
+        bound = min(bounds[len(inputs)])  # the best so far: the disk's speed drifts between runs
+        mk = None
+        if args.mergekit:
+            settle()
+            try:
+                mk = run_merge(cfg, work / "mk-out", mergekit=args.mergekit)
+            except SystemExit as e:  # a method mergekit fails on is a row, not the end of the table
+                print(f"  mergekit failed on {name}: {str(e)[-200:]}", flush=True)
+            shutil.rmtree(work / "mk-out", ignore_errors=True)
+        row = {"method": name, "shape": args.shape, "inputs": len(inputs), "cold_s": cold["wall_s"], "warm_s": warm["wall_s"],
+               "loop_s": warm["engine_s"], "io_bound_s": bound, "bytes_written": size,
+               "cold_ratio": cold["wall_s"] / bound, "warm_ratio": warm["wall_s"] / bound,
+               "peak_anon_bytes": max(cold["peak_anon_bytes"], warm["peak_anon_bytes"]),
+               "mergekit_s": mk["wall_s"] if mk else None,
+               "mergekit_peak_anon_bytes": mk["peak_anon_bytes"] if mk else None}
+        rows.append(row)
+        mk_s = f"{row['mergekit_s']:10.1f}" if mk else f"{'-':>10s}"
+        vs = f"{warm['wall_s'] / mk['wall_s']:6.2f}" if mk else f"{'-':>6s}"
+        mk_anon = f"{mk['peak_anon_bytes'] / 1e9:10.2f}" if mk else f"{'-':>10s}"
+        print(f"{name:17s} {cold['wall_s']:7.1f} {warm['wall_s']:7.1f} {warm['engine_s'] or 0:7.1f} {bound:7.2f} "
+              f"{row['cold_ratio']:7.2f} {row['warm_ratio']:7.2f} {row['peak_anon_bytes'] / 1e9:7.2f} {mk_s} {vs} "
+              f"{mk_anon}", flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+    for row in rows:  # every ratio against the final best bound for its number of inputs
+        row["io_bound_s"] = min(bounds[row["inputs"]])
+        row["cold_ratio"] = row["cold_s"] / row["io_bound_s"]
+        row["warm_ratio"] = row["warm_s"] / row["io_bound_s"]
+    for k, runs in bounds.items():
+        if runs:
+            print(f"I/O bound, {k} inputs: best of {len(runs)} runs = {min(runs):.2f} s (runs ranged "
+                  f"{min(runs):.2f}-{max(runs):.2f} s)", flush=True)
+    args.results.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
