@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from .config import load_config
-from .merge import MergeOptions
-from .pipeline import PipelineResult, run
-from .tinymodels import make_family
+from mergebot.config.dense import load_config
+from mergebot.builds.dense import MergeOptions
+from mergebot.pipeline import PipelineResult, run
+from mergebot.tinymodels import make_family
 
 LICENSES = ("apache-2.0", "apache-2.0", "mit")
 

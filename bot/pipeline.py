@@ -8,14 +8,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .card import card_context_from_output, write_card
-from .config import MergeConfig
-from .licenses import LicenseOverride, LicensePolicy, LicenseReport, analyze
-from .merge import MergeOptions, MergeResult, run_merge
-from .moe_config import MoeConfig
-from .multimerge import MultiConfig
-from .parents import ParentInfo, parent_from_hub, parent_from_local, resolve_endpoint
-from .publish import LicenseGateError, PublishResult, publish, resolve_token
+from mergebot.card.render import card_context_from_output, write_card
+from mergebot.config.dense import MergeConfig
+from mergebot.card.licenses import LicenseOverride, LicensePolicy, LicenseReport, analyze
+from mergebot.builds.dense import MergeOptions, MergeResult, run_merge
+from mergebot.config.moe import MoeConfig
+from mergebot.config.multi import MultiConfig
+from mergebot.hub.parents import ParentInfo, parent_from_hub, parent_from_local, resolve_endpoint
+from mergebot.hub.publish import LicenseGateError, PublishResult, publish, resolve_token
 
 
 @dataclass
@@ -87,11 +87,11 @@ def run(cfg: MergeConfig | MoeConfig | MultiConfig, out_dir: Path, options: Merg
     token = resolve_token(options.token)
     intermediates: frozenset[str] = frozenset()
     if isinstance(cfg, MultiConfig):
-        from .multimerge import run_multi
+        from mergebot.config.multi import run_multi
         results = run_multi(cfg, out_dir, options)
         intermediates = frozenset(cfg.names)
     elif isinstance(cfg, MoeConfig):
-        from .moe import run_moe
+        from mergebot.builds.moe.build import run_moe
         results = [run_moe(cfg, out_dir, options, allow_all_same=options.allow_all_same_experts)]
     else:
         results = [run_merge(cfg, out_dir, options)]

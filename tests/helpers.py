@@ -5,8 +5,8 @@ from pathlib import Path
 
 import torch
 
-from mergebot.config import parse_config
-from mergebot.merge import MergeOptions, run_merge
+from mergebot.config.dense import parse_config
+from mergebot.builds.dense import MergeOptions, run_merge
 from tests.tiny import load_tensors
 
 

@@ -81,7 +81,7 @@ def checkout(tmp_path: Path) -> Checkout:
 
 def local_parents(checkout: Checkout, models: list[Path]) -> list[str]:
     """The parents copied into the checkout, as the relative references a config names them by: in the
-    Action, local models are read only inside the workspace (mergebot.confine.set_workspace)."""
+    Action, local models are read only inside the workspace (mergebot.io.confine.set_workspace)."""
     refs = []
     for name, d in zip(PARENTS, models, strict=True):
         shutil.copytree(d, checkout.path / "models" / name, dirs_exist_ok=True)

@@ -15,11 +15,19 @@ from pathlib import Path
 import pytest
 
 from mergebot.action import events as events_module
-from mergebot.action.runner_log import (annotation, command, escape_data, escape_property, exception_message,
-                                   md_code, md_text, one_line, safe_line, traceback_lines)
+from mergebot.action.runner_log import (annotation,
+    command,
+    escape_data,
+    escape_property,
+    exception_message,
+    md_code,
+    md_text,
+    one_line,
+    safe_line,
+    traceback_lines)
 from mergebot.cli.main import main
-from mergebot.confine import workspace as confined_workspace
-from mergebot.merge import MergeOptions
+from mergebot.io.confine import workspace as confined_workspace
+from mergebot.builds.dense import MergeOptions
 from tests import hubserver
 from tests.test_action import (ROOT, ZERO, act, checkout, github_env, linear,  # noqa: F401
                                local_parents, parse_outputs, push, tiny_models, upload_parents)

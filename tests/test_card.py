@@ -10,15 +10,9 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from mergebot.card import (
-    METHOD_INFO,
-    CardError,
-    card_context_from_output,
-    render_card,
-    write_card,
-)
-from mergebot.licenses import LicensePolicy, analyze
-from mergebot.parents import ParentInfo
+from mergebot.card.render import METHOD_INFO, CardError, card_context_from_output, render_card, write_card
+from mergebot.card.licenses import LicensePolicy, analyze
+from mergebot.hub.parents import ParentInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "examples" / "merges"  # the seed configs, byte for byte
@@ -308,7 +302,7 @@ def test_front_matter_round_trips_through_yaml(tmp_path: Path) -> None:
 
 
 def test_method_table_agrees_with_the_engine() -> None:
-    methods = pytest.importorskip("mergebot.methods")
+    methods = pytest.importorskip("mergebot.engine.methods")
     for name, method in methods.METHODS.items():
         if name in METHOD_INFO:
             assert METHOD_INFO[name] == (method.pretty, method.url), name

@@ -22,10 +22,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mergebot import config, configfile
+from mergebot.config import dense as config, configfile
 from mergebot.errors import ConfigError, MergebotError
-from mergebot.parents import front_matter
-from mergebot.yamlsafe import MAX_BYTES
+from mergebot.hub.parents import front_matter
+from mergebot.config.yamlsafe import MAX_BYTES
 from tests.conftest import CORPUS, SEED_CONFIGS, run_cli
 
 LINEAR = "merge_method: linear\nmodels:\n  - model: org/a\n    parameters: {{weight: {a}}}\n" \

@@ -2,7 +2,7 @@
 
 Skipped where torch sees no CUDA device (CI has none); run on a GPU runner with `python -m pytest tests/test_cuda.py`.
 Deterministic methods must agree with the CPU result within float32 rounding; random methods draw their masks from
-the counter-based RNG (mergebot.rng), so the kept entries must be the same ones on both devices.
+the counter-based RNG (mergebot.engine.rng), so the kept entries must be the same ones on both devices.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergebot import exact, executor
+from mergebot.engine import exact, executor
 from tests.conftest import run_cli
 from tests.helpers import merge_yaml, models_yaml
 from tests.tiny import load_tensors
@@ -82,12 +82,12 @@ def test_cuda_equals_cpu(family, tmp_path, method):
             total += close.numel()
             continue
         assert close.all(), (k, (cpu[k] - gpu[k]).abs().max().item())
-        if method in RANDOM:  # the same entries dropped on both devices (counter-based RNG, mergebot.rng)
+        if method in RANDOM:  # the same entries dropped on both devices (counter-based RNG, mergebot.engine.rng)
             assert torch.equal(cpu[k] == 0, gpu[k] == 0), k
     assert flipped <= total * 1e-3, f"{flipped} of {total} entries differ"
 
 
-# Elementwise IEEE operations (no transcendental per element) and exact global sums (mergebot.exact): the GPU must
+# Elementwise IEEE operations (no transcendental per element) and exact global sums (mergebot.engine.exact): the GPU must
 # give the CPU's bytes, not just close numbers (measured on an H200). Not linear: it keeps mergekit's own
 # per-device arithmetic (an alpha-add on the CPU), bit-identical to mergekit on each device but one rounding
 # apart between CPU and GPU.
@@ -159,7 +159,7 @@ def test_cli_device_auto_and_cuda_flag_use_the_gpu(family, tmp_path):
 
 @pytest.mark.parametrize("mode", ["hidden", "random"])
 def test_cuda_moe_equals_cpu(tmp_path, mode):
-    """MoE build on the GPU: hidden-state gates run the base model there; random gates come from mergebot.rng."""
+    """MoE build on the GPU: hidden-state gates run the base model there; random gates come from mergebot.engine.rng."""
     pytest.importorskip("transformers")
     from tests.test_moe import DIMS, build, expert_yaml
     from tests.tiny import make_family

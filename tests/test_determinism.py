@@ -97,7 +97,7 @@ def test_every_reducing_method_same_bytes_across_threads_and_chunks(wide_family,
 def test_compiled_kernels_same_bytes_as_eager(wide_family, tmp_path):
     """The fused (torch.compile) kernels against the eager ones, at two thread counts and chunkings."""
     pytest.importorskip("torch._inductor")
-    from mergebot import fuse
+    from mergebot.engine import fuse
     if not fuse.compiler_available():
         pytest.skip("no C compiler: torch.compile cannot build CPU kernels here")
     names = ["dare_ties", "ties", "slerp"]

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from mergebot import confine
-from mergebot.config import load_config
+from mergebot.io import confine
+from mergebot.config.dense import load_config
 from mergebot.errors import ModelError
-from mergebot.merge import MergeOptions, run_merge
+from mergebot.builds.dense import MergeOptions, run_merge
 from tests.conftest import ROOT, run_cli
 from tests.tiny import make_family
 

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergebot.methods import METHODS, _sparsify
-from mergebot.methods.base import MergeCall
-from mergebot.methods.breadcrumbs import outlier_band
-from mergebot.methods.sce import _variance_bits, matrix_weights
-from mergebot.methods.task_arithmetic import _combine
+from mergebot.engine.methods import METHODS, _sparsify
+from mergebot.engine.methods.base import MergeCall
+from mergebot.engine.methods.breadcrumbs import outlier_band
+from mergebot.engine.methods.sce import _variance_bits, matrix_weights
+from mergebot.engine.methods.task_arithmetic import _combine
 from tests.conftest import ROOT
 from tests.helpers import merge_yaml
 from tests.tiny import llama_config, load_tensors, save_model
@@ -253,8 +253,8 @@ def test_pipeline_results_do_not_depend_on_the_chunk(family_bf16, tmp_path, monk
 MEASURE = r"""
 import sys, threading, time
 from pathlib import Path
-from mergebot.config import load_config
-from mergebot.merge import MergeOptions, run_merge
+from mergebot.config.dense import load_config
+from mergebot.builds.dense import MergeOptions, run_merge
 
 def anon():
     for line in open('/proc/self/status'):

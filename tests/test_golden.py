@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mergebot import rng
+from mergebot.engine import rng
 from tests.helpers import merge_yaml
 from tests.tiny import llama_config, llama_tensors, load_tensors, save_model
 

@@ -6,15 +6,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mergebot.licenses import (
-    LicenseInput,
+from mergebot.card.licenses import (LicenseInput,
     LicenseOverride,
     LicensePolicy,
     analyze,
     classify,
     lookup,
-    render_notice,
-)
+    render_notice)
 
 LLAMA3_NOTICE = "Meta Llama 3 is licensed under the Meta Llama 3 Community License"
 LLAMA2_NOTICE = "Llama 2 is licensed under the LLAMA 2 Community License"

@@ -1,6 +1,6 @@
 """`model+lora` refs (§1.1, issue 3 item 5): a PEFT adapter folded into its base while streaming.
 
-The expected values are folded by hand here, in float64 (W + scale·(B @ A)), independently of mergebot.lora; when peft
+The expected values are folded by hand here, in float64 (W + scale·(B @ A)), independently of mergebot.io.lora; when peft
 is installed the result is also checked against PEFT's own `merge_and_unload`.
 """
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergebot.config import parse_config
+from mergebot.config.dense import parse_config
 from mergebot.errors import ModelError
-from mergebot.merge import MergeOptions, prepare, run_merge
+from mergebot.builds.dense import MergeOptions, prepare, run_merge
 from tests.helpers import f64
 from tests.tiny import load_tensors
 
@@ -101,8 +101,8 @@ def test_lora_folded_merge_equals_hand_fold(family, tmp_path):
 
 
 def test_rslora_rank_and_alpha_patterns_object_form(family, tmp_path, monkeypatch):
-    import mergebot.lora
-    monkeypatch.setattr(mergebot.lora, "ROW_BLOCK", 40)  # B @ A computed a few rows at a time
+    import mergebot.io.lora
+    monkeypatch.setattr(mergebot.io.lora, "ROW_BLOCK", 40)  # B @ A computed a few rows at a time
     base = family[0]
     t = lora_tensors(base, seed=4, modules=("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"),
                      ranks={"v_proj": 2})
@@ -253,10 +253,10 @@ def test_matches_peft_merge_and_unload_llama(family, tmp_path):
 def test_matches_peft_merge_and_unload_gpt2_conv1d(tmp_path, monkeypatch):
     """GPT-2's Conv1D layers store W as [in, out] (fan_in_fan_out), with LoRA biases; also a legacy checkpoint
     without the `transformer.` prefix, and an adapter_config that says fan_in_fan_out: false (PEFT flips it)."""
-    import mergebot.lora
+    import mergebot.io.lora
     from tests.archmodels import make_arch_family
 
-    monkeypatch.setattr(mergebot.lora, "ROW_BLOCK", 100)
+    monkeypatch.setattr(mergebot.io.lora, "ROW_BLOCK", 100)
     (base,) = make_arch_family(tmp_path / "m", "gpt2", 1, seed=9)
     ad, merged = _peft_case(tmp_path, base, "peft_gpt2", r=4, lora_alpha=8, fan_in_fan_out=True,
                             target_modules=["c_attn", "c_proj", "c_fc"], lora_bias=True)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from benchmarks.mergekit_goldens import inputs
-from mergebot.methods import METHODS
-from mergebot.methods.base import MergeCall
+from mergebot.engine.methods import METHODS
+from mergebot.engine.methods.base import MergeCall
 from tests.conftest import ROOT
 
 GOLDENS = json.loads((ROOT / "tests" / "data" / "mergekit_goldens.json").read_text())["cases"]

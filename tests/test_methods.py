@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergebot import executor, rng
-from mergebot.params import interpolate
+from mergebot.engine import executor, rng
+from mergebot.config.params import interpolate
 from tests.helpers import f64, merge_yaml, slerp64, ties64
 
 ATOL = 2e-6
@@ -102,7 +102,7 @@ parameters:
 
 
 def test_slerp_colinear_falls_back_to_lerp():
-    from mergebot.methods.slerp import coefficients
+    from mergebot.engine.methods.slerp import coefficients
     assert coefficients(0.3, 4.0, 16.0, 8.0) == pytest.approx((0.7, 0.3))
 
 
@@ -265,7 +265,7 @@ def test_compiled_kernels_equal_eager(family, tmp_path, method):
     """torch.compile'd kernels (used for large merges) give the eager results bit for bit (linear and slerp stay
     eager in every mode: their in-place form is mergekit's fused multiply-add)."""
     pytest.importorskip("torch._inductor")
-    from mergebot import fuse
+    from mergebot.engine import fuse
     if not fuse.compiler_available():
         pytest.skip("no C compiler")
     base, a, b, _ = family
@@ -282,9 +282,9 @@ def test_compiled_kernels_equal_eager(family, tmp_path, method):
 
 
 def test_auto_compile_only_for_large_cpu_merges_of_methods_that_gain(monkeypatch):
-    """`--compile auto` (mergebot.fuse.configure): never on CUDA (eager beats a cold Triton compile there), never
+    """`--compile auto` (mergebot.engine.fuse.configure): never on CUDA (eager beats a cold Triton compile there), never
     for small merges or methods with a fast eager form, never without a C compiler."""
-    from mergebot import fuse
+    from mergebot.engine import fuse
     big, small = fuse.AUTO_MIN_ELEMENTS, fuse.AUTO_MIN_ELEMENTS - 1
     monkeypatch.setattr(fuse, "compiler_available", lambda: True)
     assert fuse.configure("auto", big, True, "cpu")
@@ -321,7 +321,7 @@ def _exact_k_mask(d: torch.Tensor, density: float) -> torch.Tensor:
 
 @pytest.mark.parametrize("chunk", [1 << 22, 100])
 def test_magnitude_cut_is_exact_k_with_ties_in_any_chunking(monkeypatch, chunk):
-    from mergebot.methods import _sparsify
+    from mergebot.engine.methods import _sparsify
     monkeypatch.setattr(_sparsify, "CHUNK", chunk)
     g = torch.Generator().manual_seed(0)
     d = (torch.randint(-6, 7, (3001,), generator=g).float() / 4)  # many exact ties, like bf16 deltas
@@ -337,7 +337,7 @@ def test_magnitude_cut_is_exact_k_with_ties_in_any_chunking(monkeypatch, chunk):
 
 
 def test_ties_on_bf16_with_rescale_and_chunking(family_bf16, tmp_path, monkeypatch):
-    from mergebot.methods import _sparsify
+    from mergebot.engine.methods import _sparsify
     monkeypatch.setattr(_sparsify, "CHUNK", 128)
     base, a, b = family_bf16
     X, A, B = f64(base), f64(a), f64(b)
@@ -395,7 +395,7 @@ base_model: {base}
 @pytest.mark.parametrize("start", [0, 5, (1 << 31) - 100, (1 << 32) - 1000, 1 << 32, 3 * (1 << 32) + 12345])
 @pytest.mark.parametrize("p", [0.0, 0.3, 0.9999, 1.0])
 def test_int32_keep_mask_is_the_int64_hash_bit_for_bit(start, p):
-    """mergebot.rng.keep32 (int32 lanes, wrapping products: what the DARE kernels use) draws exactly the bits of
+    """mergebot.engine.rng.keep32 (int32 lanes, wrapping products: what the DARE kernels use) draws exactly the bits of
     the reference int64 hash, across the int32 sign boundary and past 2**32, eager and compiled."""
     n, key = 1000, 987654321
     thr = rng.threshold(p)
@@ -407,7 +407,7 @@ def test_int32_keep_mask_is_the_int64_hash_bit_for_bit(start, p):
 
 def test_int32_keep_mask_compiled_and_chunk_boundary():
     pytest.importorskip("torch._inductor")
-    from mergebot import fuse
+    from mergebot.engine import fuse
     if not fuse.compiler_available():
         pytest.skip("no C compiler")
     n, start, key = 5000, (1 << 31) - 2000, 12345
@@ -424,7 +424,7 @@ def test_int32_keep_mask_compiled_and_chunk_boundary():
 def test_ties_chunked_with_ties_at_the_cut_equals_whole_tensor(family_bf16, tmp_path, monkeypatch, chunk):
     """bf16 deltas repeat, so the magnitude cut has many tied entries spread over chunks: the fused pass
     (bits > cut, or == cut before the last kept tie) keeps exactly the entries the whole-tensor mask keeps."""
-    from mergebot.methods import _sparsify
+    from mergebot.engine.methods import _sparsify
     base, a, b = family_bf16
     text = (f"models:\n  - model: {base}\n  - model: {a}\n    parameters: {{weight: 0.6, density: 0.37}}\n"
             f"  - model: {b}\n    parameters: {{weight: 0.4, density: 0.61}}\nmerge_method: ties\n"

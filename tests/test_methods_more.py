@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergebot import executor, rng
-from mergebot.config import parse_config
+from mergebot.engine import executor, rng
+from mergebot.config.dense import parse_config
 from mergebot.errors import ConfigError, ModelError
-from mergebot.methods import METHODS
-from mergebot.methods.base import MergeCall
+from mergebot.engine.methods import METHODS
+from mergebot.engine.methods.base import MergeCall
 from tests.helpers import f64, merge_yaml, models_yaml
 from tests.tiny import llama_config, llama_tensors, load_tensors, make_family, save_model
 
@@ -714,7 +714,7 @@ def test_arcee_fusion_quantiles_are_lower_order_statistics():
 
 
 def test_arcee_fusion_sampled_quantiles_are_reproducible(family, tmp_path, monkeypatch):
-    from mergebot.methods import arcee_fusion
+    from mergebot.engine.methods import arcee_fusion
     base, a, _, _ = family
     text = _models((a, None)) + f"merge_method: arcee_fusion\nbase_model: {base}\n"
     exact = merge_yaml(tmp_path, text, name="exact", random_seed=1)

@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mergebot import moe_layout as L
-from mergebot.configfile import load
+from mergebot.builds.moe import layout as L
+from mergebot.config.configfile import load
 from mergebot.errors import ConfigError, MergebotError, ModelError, NotSupportedYet, OutputError
-from mergebot.merge import MergeOptions
-from mergebot.moe import ALLOW_SAME_FLAG, prepare_moe, run_moe
-from mergebot.moe_gates import normal
+from mergebot.builds.dense import MergeOptions
+from mergebot.builds.moe.build import ALLOW_SAME_FLAG, prepare_moe, run_moe
+from mergebot.builds.moe.gates import normal
 from tests.tiny import load_tensors, make_family, write_tokenizer
 
 transformers = pytest.importorskip("transformers")

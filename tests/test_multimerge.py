@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergebot.configfile import load
+from mergebot.config.configfile import load
 from mergebot.errors import ConfigError, MergebotError
-from mergebot.merge import MergeOptions
-from mergebot.multimerge import MultiConfig
+from mergebot.builds.dense import MergeOptions
+from mergebot.config.multi import MultiConfig
 from mergebot.pipeline import run as pipeline_run
 from tests.conftest import CORPUS, run_cli
 from tests.helpers import merge_yaml

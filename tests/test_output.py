@@ -94,8 +94,8 @@ MEASURE = r"""
 import resource, sys, os
 from pathlib import Path
 import torch
-from mergebot.config import load_config
-from mergebot.merge import MergeOptions, run_merge
+from mergebot.config.dense import load_config
+from mergebot.builds.dense import MergeOptions, run_merge
 torch.ones(1) + 1
 def rss():
     for line in open('/proc/self/status'):

@@ -2,8 +2,8 @@
 
 import pytest
 
-from mergebot.methods.base import Param
-from mergebot.params import evaluate, interpolate, resolve
+from mergebot.engine.methods.base import Param
+from mergebot.config.params import evaluate, interpolate, resolve
 
 
 def test_gradient_over_8_layers_matches_spec_example():

@@ -8,16 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mergebot.licenses import LicenseInput, analyze
-from mergebot.parents import LockFileError, ParentMetadataError, parent_from_hub, parents_from_lock
-from mergebot.publish import (
-    LicenseGateError,
-    PublishAuthError,
-    PublishConflict,
-    PublishError,
-    RetryPolicy,
-    publish,
-)
+from mergebot.card.licenses import LicenseInput, analyze
+from mergebot.hub.parents import LockFileError, ParentMetadataError, parent_from_hub, parents_from_lock
+from mergebot.hub.publish import LicenseGateError, PublishAuthError, PublishConflict, PublishError, RetryPolicy, publish
 from tests.conftest_hub import HubFixture, fake_hub, hub  # noqa: F401  (fixtures, if conftest does not load them)
 from tests.hubserver import Token
 
@@ -311,7 +304,7 @@ def test_lock_refs_with_revision_resolve_to_the_repo(hub: HubFixture) -> None:
 
 
 def test_looks_local_follows_mergekit() -> None:
-    from mergebot.parents import looks_local
+    from mergebot.hub.parents import looks_local
 
     assert not looks_local("gpt2") and not looks_local("org/name")
     assert all(looks_local(r) for r in ("./x", "../x", "/abs/x", "~/x", "a/b/c"))

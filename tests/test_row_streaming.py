@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergebot import exact
-from mergebot.methods import METHODS, _rows
-from mergebot.methods.base import MergeCall
+from mergebot.engine import exact
+from mergebot.engine.methods import METHODS, _rows
+from mergebot.engine.methods.base import MergeCall
 from tests.conftest import ROOT
 from tests.helpers import merge_yaml, models_yaml
 from tests.tiny import load_tensors, make_family
@@ -132,9 +132,9 @@ MEASURE = r"""
 import sys, threading, time
 from pathlib import Path
 import torch
-from mergebot.config import load_config
-from mergebot.merge import MergeOptions, run_merge
-from mergebot.methods import della
+from mergebot.config.dense import load_config
+from mergebot.builds.dense import MergeOptions, run_merge
+from mergebot.engine.methods import della
 della.MASK_CACHE_BYTES = 0  # the streaming bound itself; the mask cache trades up to 256 MB for half the time
 torch.ones(1) + 1
 
@@ -190,7 +190,7 @@ def test_memory_stays_near_a_row_block_for_a_big_tensor(tmp_path):
 def test_della_mask_cache_changes_no_bit(family, tmp_path, monkeypatch):
     """DELLA keeps the first pass's masks for the second while they fit (della.MASK_CACHE_BYTES); without the
     cache it draws them again: the same bytes either way."""
-    from mergebot.methods import della
+    from mergebot.engine.methods import della
     base, a, b, _ = family
     text = _configs(base, a, b)["della"]
     cached = merge_yaml(tmp_path, text, name="cached", random_seed=3)
@@ -202,7 +202,7 @@ def test_della_mask_cache_changes_no_bit(family, tmp_path, monkeypatch):
 def test_arcee_fusion_streamed_equals_whole_tensor(family, tmp_path, monkeypatch):
     """arcee_fusion above QUANTILE_SAMPLE_SIZE streams row blocks (per-row KL, sampled importances gathered at
     their indices): the same bytes as computing the whole importance tensor and sampling it."""
-    from mergebot.methods import arcee_fusion
+    from mergebot.engine.methods import arcee_fusion
     base, a, _, _ = family
     text = _models((a, None)) + f"merge_method: arcee_fusion\nbase_model: {base}\n"
     monkeypatch.setattr(arcee_fusion, "QUANTILE_SAMPLE_SIZE", 300)  # tiny tensors take the large-tensor paths

@@ -26,7 +26,7 @@ from safetensors.torch import save as reference_save
 
 from mergebot.cli.main import main
 from mergebot.errors import MergebotError, ModelError
-from mergebot.loader import ST_DTYPES, ModelWeights, read_safetensors_header
+from mergebot.io.weights import ST_DTYPES, ModelWeights, read_safetensors_header
 from tests.conftest import run_cli
 
 ST = "model.safetensors"

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergebot.config import parse_config
-from mergebot.merge import MergeOptions, run_merge
+from mergebot.config.dense import parse_config
+from mergebot.builds.dense import MergeOptions, run_merge
 from tests.conftest import SEED_CONFIGS
 from tests.tiny import make_family
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from mergebot.cli.main import main
-from mergebot.config import parse_config
+from mergebot.config.dense import parse_config
 from mergebot.errors import ModelError
-from mergebot.merge import MergeOptions, run_merge
+from mergebot.builds.dense import MergeOptions, run_merge
 from tests.helpers import f64
 from tests.tiny import load_tensors, make_family
 

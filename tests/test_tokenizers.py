@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mergebot.config import parse_config
+from mergebot.config.dense import parse_config
 from mergebot.errors import ModelError
-from mergebot.merge import MergeOptions, run_merge
+from mergebot.builds.dense import MergeOptions, run_merge
 from tests.conftest import SEED_CONFIGS
 from tests.tiny import llama_config, llama_tensors, load_tensors, save_model
 

@@ -12,16 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..cli._output import human_bytes
-from ..config import MergeConfig
-from ..errors import MergebotError
-from ..licenses import LicensePolicy, LicenseReport, analyze
-from ..moe_config import MoeConfig
-from ..multimerge import MultiConfig, Stage
-from ..merge import MergeOptions, prepare
-from ..parents import ParentInfo, parent_from_hub, parent_from_local
-from ..sources import is_local
-from .runner_log import md_code, md_text
+from mergebot.cli._output import human_bytes
+from mergebot.config.dense import MergeConfig
+from mergebot.errors import MergebotError
+from mergebot.card.licenses import LicensePolicy, LicenseReport, analyze
+from mergebot.config.moe import MoeConfig
+from mergebot.config.multi import MultiConfig, Stage
+from mergebot.builds.dense import MergeOptions, prepare
+from mergebot.hub.parents import ParentInfo, parent_from_hub, parent_from_local
+from mergebot.hub.fetch import is_local
+from mergebot.action.runner_log import md_code, md_text
 
 
 @dataclass
@@ -83,7 +83,7 @@ def dry_run(cfg: MergeConfig | MoeConfig | MultiConfig, repo: str, *, endpoint: 
 def _tensor_plan(cfg: MergeConfig | MoeConfig, token: str | None, device: str) -> list[str]:
     options = MergeOptions(device="cpu", progress=False, token=token)
     if isinstance(cfg, MoeConfig):
-        from ..moe import prepare_moe
+        from mergebot.builds.moe.build import prepare_moe
         moe_plan = prepare_moe(cfg, options)
         return ([f"output: {md_text(moe_plan.arch.class_name)} with {len(cfg.experts)} experts, "
                  f"{human_bytes(moe_plan.total_bytes)}; device {md_code(device)}"]

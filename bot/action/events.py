@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import MergebotError
+from mergebot.errors import MergebotError
 
 ZERO_SHA = "0" * 40
 PR_EVENTS = ("pull_request", "pull_request_target")

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import MergebotError
-from ..sources import is_local
+from mergebot.errors import MergebotError
+from mergebot.hub.fetch import is_local
 
 JOB_SCRIPT = ('printf "%s" "$MERGEBOT_CONFIG" > /tmp/merge.yml && '
               'exec mergebot merge /tmp/merge.yml /tmp/out --device auto --quiet --push-to "$MERGEBOT_REPO"')
@@ -37,7 +37,7 @@ def submit(items: list[dict], workspace: Path, *, image: str, flavor: str, token
     """Submit one Job per planned item ({config, repo}); invalid or local-parent configs are refused first."""
     from huggingface_hub import HfApi
 
-    from ..configfile import load
+    from mergebot.config.configfile import load
 
     runnable = []
     for it in items:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..errors import MergebotError
+from mergebot.errors import MergebotError
 
 DEFAULT_CONFIGS = "merges/**/*.y*ml"
 MODES = ("auto", "all", "changed", "stale", "dry-run")

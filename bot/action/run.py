@@ -6,7 +6,7 @@ a hostile file included) is that config's `failed` result with a one-line messag
 interrupted; the exit code is 1 when any config failed or the run could not look at its configs. The token
 is masked before anything else is printed and scrubbed from every message; on pull-request events it is
 not used at all (`credentials`). Config files and local model references are bounded by the workspace
-(`mergebot.confine.set_workspace`) for the whole run. Each merge goes to its own temporary directory (under
+(`mergebot.io.confine.set_workspace`) for the whole run. Each merge goes to its own temporary directory (under
 RUNNER_TEMP when there is one) that is removed right after its publish, so a runner's disk holds one output
 at a time. Everything printed goes through `runner_log`.
 """
@@ -24,21 +24,21 @@ from functools import partial
 from pathlib import Path
 from typing import TextIO
 
-from ..confine import reset_workspace, set_workspace
-from ..errors import MergebotError
-from ..licenses import LicensePolicy, analyze
-from ..merge import MergeOptions, seed_from_env
-from ..parents import resolve_endpoint
-from ..pipeline import run as pipeline_run
-from ..publish import LicenseGateError
-from .credentials import has_credentials, token_note, without_hub_credentials
-from .dryrun import dry_run, read_parents
-from .events import Event
-from .inputs import ActionInputs
-from .report import Result, action_outputs, failure_markdown, summary_markdown
-from .runner_log import RunnerLog, append_summary, exception_message, one_line, write_outputs
-from .select import ConfigEntry, Selection, select
-from .staleness import Staleness, StalenessChecker, StalenessError
+from mergebot.io.confine import reset_workspace, set_workspace
+from mergebot.errors import MergebotError
+from mergebot.card.licenses import LicensePolicy, analyze
+from mergebot.builds.dense import MergeOptions, seed_from_env
+from mergebot.hub.parents import resolve_endpoint
+from mergebot.pipeline import run as pipeline_run
+from mergebot.hub.publish import LicenseGateError
+from mergebot.action.credentials import has_credentials, token_note, without_hub_credentials
+from mergebot.action.dryrun import dry_run, read_parents
+from mergebot.action.events import Event
+from mergebot.action.inputs import ActionInputs
+from mergebot.action.report import Result, action_outputs, failure_markdown, summary_markdown
+from mergebot.action.runner_log import RunnerLog, append_summary, exception_message, one_line, write_outputs
+from mergebot.action.select import ConfigEntry, Selection, select
+from mergebot.action.staleness import Staleness, StalenessChecker, StalenessError
 
 
 @dataclass

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelRef
-from ..configfile import AnyConfig
-from ..errors import MergebotError
-from ..parents import LOCK_FILE
-from ..sources import is_local, looks_like_repo_id
+from mergebot.config.dense import ModelRef
+from mergebot.config.configfile import AnyConfig
+from mergebot.errors import MergebotError
+from mergebot.hub.parents import LOCK_FILE
+from mergebot.hub.fetch import is_local, looks_like_repo_id
 
 
 class StalenessError(MergebotError):
@@ -66,7 +66,7 @@ class StalenessChecker:
     def __init__(self, endpoint: str, token: str | None):
         from huggingface_hub import HfApi
 
-        from .. import __version__
+        from mergebot import __version__
 
         self.endpoint = endpoint
         self.api = HfApi(endpoint=endpoint, token=token or None, library_name="mergebot",

@@ -15,14 +15,14 @@ from typing import Callable
 
 import torch
 
-from .. import confine
-from ..errors import ModelError
-from ..loader import ModelWeights
-from ..sources import read_json_object
-from .forward import DEFAULT_BUDGET, CheckUnsupported, DecoderSpec, LayerwiseModel
-from .report import CheckReport, EvalTextInfo, Generation, ModelScore, decide
-from .tensors import check_tensors
-from .text import DEFAULT_PROMPTS, TextTokenizer, degenerate, load_eval_text, windows
+from mergebot.io import confine
+from mergebot.errors import ModelError
+from mergebot.io.weights import ModelWeights
+from mergebot.hub.fetch import read_json_object
+from mergebot.check.forward import DEFAULT_BUDGET, CheckUnsupported, DecoderSpec, LayerwiseModel
+from mergebot.check.report import CheckReport, EvalTextInfo, Generation, ModelScore, decide
+from mergebot.check.tensors import check_tensors
+from mergebot.check.text import DEFAULT_PROMPTS, TextTokenizer, degenerate, load_eval_text, windows
 
 
 @dataclass

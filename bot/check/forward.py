@@ -1,7 +1,7 @@
 """A layer-by-layer forward pass of Llama, Mistral and Qwen2-style decoders, streaming weights from disk.
 
 Why not transformers: loading a 70B merge takes 140 GB; the gate must run on a 16 GB runner. Here the weights
-stay memory-mapped (`mergebot.loader.ModelWeights`: file-backed pages, no anonymous copies) and only one weight
+stay memory-mapped (`mergebot.io.weights.ModelWeights`: file-backed pages, no anonymous copies) and only one weight
 matrix (or a bounded slice of one) is converted to float32 at a time. What stays resident between layers is the
 hidden states of the sequences being evaluated and, during generation, a per-layer KV cache of a few prompts.
 The vocabulary projection is done in row chunks with a streaming log-sum-exp, so a 128K-token vocabulary never
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..errors import MergebotError, ModelError
-from ..loader import ModelWeights
+from mergebot.errors import MergebotError, ModelError
+from mergebot.io.weights import ModelWeights
 
 # architectures[0] -> family; a config without `architectures` is matched by model_type
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .tensors import TensorReport
+from mergebot.check.tensors import TensorReport
 
 PASSED, REJECTED = "passed", "rejected"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..loader import ModelWeights
+from mergebot.io.weights import ModelWeights
 
 CHUNK = 1 << 22  # elements converted to float32 at a time
 MAX_LISTED = 20

@@ -10,8 +10,8 @@ import sys
 import traceback
 from typing import Callable
 
-from ..action.runner_log import safe_line
-from ..errors import MergebotError
+from mergebot.action.runner_log import safe_line
+from mergebot.errors import MergebotError
 
 
 def run_guarded(fn: Callable[[], int], debug: bool) -> int:

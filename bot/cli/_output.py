@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..action.runner_log import safe_line
+from mergebot.action.runner_log import safe_line
 
 
 def warn(lines: list[str]) -> None:

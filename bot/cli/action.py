@@ -11,11 +11,11 @@ import argparse
 import os
 import sys
 
-from ..action.events import Event, read_event
-from ..action.inputs import LICENSE_POLICIES, MODES, ActionInputs, read_inputs
-from ..action.run import report_stopped, run_action
-from ..action.runner_log import RunnerLog
-from ..errors import MergebotError
+from mergebot.action.events import Event, read_event
+from mergebot.action.inputs import LICENSE_POLICIES, MODES, ActionInputs, read_inputs
+from mergebot.action.run import report_stopped, run_action
+from mergebot.action.runner_log import RunnerLog
+from mergebot.errors import MergebotError
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     done = run_action(inputs, event)
     err = RunnerLog(sys.stderr, secrets=[inputs.token], workspace=event.workspace)
     if not os.environ.get("GITHUB_STEP_SUMMARY"):  # a local run: show the table on the terminal
-        from ..action.report import summary_markdown
+        from mergebot.action.report import summary_markdown
 
         title = f"mergebot: {done.selection.event if done.selection else 'stopped'}"
         notes = done.notes + (done.selection.notes if done.selection else []) + ([done.error] if done.error else [])

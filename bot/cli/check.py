@@ -10,9 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..action.runner_log import safe_line
-from ..check import CheckOptions, CheckReport, CheckUnsupported, markdown, run_check
-from ..errors import MergebotError, ModelError
+from mergebot.action.runner_log import safe_line
+from mergebot.check import CheckOptions, CheckReport, CheckUnsupported, markdown, run_check
+from mergebot.errors import MergebotError, ModelError
 
 EXIT_PASSED, EXIT_REJECTED, EXIT_ERROR, EXIT_UNSUPPORTED = 0, 1, 2, CheckUnsupported.exit_code
 
@@ -54,8 +54,8 @@ def _parent(ref: str) -> tuple[Path, str]:
     local = Path(ref).expanduser()
     if local.is_dir():
         return local, ref
-    from ..config import ModelRef
-    from ..sources import looks_like_repo_id, resolve
+    from mergebot.config.dense import ModelRef
+    from mergebot.hub.fetch import looks_like_repo_id, resolve
 
     path, _, revision = ref.partition("@")
     if not looks_like_repo_id(path):

@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..demo import run_demo
-from ._output import human_bytes, warn
+from mergebot.demo import run_demo
+from mergebot.cli._output import human_bytes, warn
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

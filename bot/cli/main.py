@@ -8,8 +8,8 @@ import signal
 import sys
 import threading
 
-from .. import __version__
-from ._errors import run_guarded
+from mergebot import __version__
+from mergebot.cli._errors import run_guarded
 
 COMMANDS = ("merge", "validate", "publish", "plan", "action", "demo", "check")
 

@@ -6,14 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..config import MergeConfig
-from ..configfile import load
-from ..moe_config import MoeConfig
-from ..multimerge import MultiConfig
-from .. import pipeline
-from ..merge import MergeOptions, prepare
-from ..plan import Plan, dtype_name
-from ._output import human_bytes, parse_size, warn
+from mergebot.config.dense import MergeConfig
+from mergebot.config.configfile import load
+from mergebot.config.moe import MoeConfig
+from mergebot.config.multi import MultiConfig
+from mergebot import pipeline
+from mergebot.builds.dense import MergeOptions, prepare
+from mergebot.engine.plan import Plan, dtype_name
+from mergebot.cli._output import human_bytes, parse_size, warn
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -83,7 +83,7 @@ def print_plan(plan: Plan) -> None:
                 params[f"{k}[{inp.model}]"] = round(v, 5) if isinstance(v, float) else v
         desc = "copy" if j.copy else ", ".join(f"{k}={round(v, 5) if isinstance(v, float) else v}" for k, v in params.items())
         print(f"{j.name:60s} {str(list(j.shape)):>16s} {dtype_name(j.out_dtype):>9s}  {desc}")
-    from ..executor import CHUNK
+    from mergebot.engine.executor import CHUNK
     biggest = max((j.numel for j in plan.jobs), default=0)
     work = min(biggest, CHUNK) * 4 * (max((len(j.inputs) for j in plan.jobs), default=1) + 3)
     print(f"output: {len(plan.jobs)} tensors, {human_bytes(plan.total_bytes)}; reads {human_bytes(plan.input_bytes)}; "
@@ -101,7 +101,7 @@ def dry_run(cfg: MergeConfig | MoeConfig | MultiConfig, opts: MergeOptions, allo
             else:
                 dry_run(stage.cfg, opts, allow_all_same)
     elif isinstance(cfg, MoeConfig):
-        from ..moe import prepare_moe
+        from mergebot.builds.moe.build import prepare_moe
         moe_plan = prepare_moe(cfg, opts, allow_all_same=allow_all_same)
         warn(moe_plan.warnings)
         print("\n".join(moe_plan.summary()))

@@ -14,15 +14,15 @@ import sys
 
 from pathlib import Path
 
-from ..action.hfjobs import submit
-from ..action.report import mask, write_outputs
-from ..action.runner_log import safe_line
-from ..errors import MergebotError
-from ..action.run import decide
-from ..action.select import select
-from ..action.staleness import StalenessChecker
-from ..parents import resolve_endpoint
-from .action import add_common_arguments, inputs_and_event
+from mergebot.action.hfjobs import submit
+from mergebot.action.report import mask, write_outputs
+from mergebot.action.runner_log import safe_line
+from mergebot.errors import MergebotError
+from mergebot.action.run import decide
+from mergebot.action.select import select
+from mergebot.action.staleness import StalenessChecker
+from mergebot.hub.parents import resolve_endpoint
+from mergebot.cli.action import add_common_arguments, inputs_and_event
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

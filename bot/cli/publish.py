@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..card import card_context_from_output, write_card
-from ..licenses import LICENSES, LicenseOverride, LicensePolicy, analyze
-from ..parents import parents_from_lock, read_lock, resolve_endpoint
-from ..publish import LicenseGateError, publish, resolve_token
-from ._output import warn
-from .merge import TOKEN_FLAG_WARNING
+from mergebot.card.render import card_context_from_output, write_card
+from mergebot.card.licenses import LICENSES, LicenseOverride, LicensePolicy, analyze
+from mergebot.hub.parents import parents_from_lock, read_lock, resolve_endpoint
+from mergebot.hub.publish import LicenseGateError, publish, resolve_token
+from mergebot.cli._output import warn
+from mergebot.cli.merge import TOKEN_FLAG_WARNING
 
 _KNOWN_IDS = sorted({s.hub_id for s in LICENSES.values()} | {"other", "unknown"})
 

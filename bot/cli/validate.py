@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..configfile import load, method_label, model_count
-from ..errors import MergebotError
-from ._output import warn
+from mergebot.config.configfile import load, method_label, model_count
+from mergebot.errors import MergebotError
+from mergebot.cli._output import warn
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

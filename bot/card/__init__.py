@@ -1,0 +1,1 @@
+"""The model card and the license analysis of a merge."""

@@ -1,0 +1,225 @@
+"""mergekit-multi files (merge-semantics.md §5.7): several merges in one YAML file, separated by `---`.
+
+Each document is a merge (or a mergekit-moe) config; `name:` names its result, and a model reference equal to
+an earlier document's name means that merge's output (an intermediate). The file's result is the one document
+without a name, or, when every document is named, the one no other document uses. Intermediates are built
+first, in dependency order, into a scratch directory beside OUT_DIR that is removed afterwards, so a failure
+at any stage leaves OUT_DIR untouched (the final stage is written atomically like any merge).
+
+The published lock lists the leaf parents of every stage (intermediates excluded), so a schedule re-merges
+the file when any of them moves; the config hash and `mergekit_config.yml` are the whole file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+from mergebot.config.dense import MergeConfig, ModelRef, parse_config
+from mergebot.config.moe import MoeConfig, parse_moe
+from mergebot.config.yamlsafe import YamlDoc, short
+
+NAME = "name"
+
+
+@dataclass
+class Stage:
+    name: str | None
+    cfg: MergeConfig | MoeConfig
+    needs: list[str]  # names of the earlier stages this one reads
+
+
+@dataclass
+class MultiConfig:
+    """The stages in build order; the file's result last."""
+
+    file: str
+    text: str
+    stages: list[Stage]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def final(self) -> Stage:
+        return self.stages[-1]
+
+    @property
+    def doc(self) -> YamlDoc | None:
+        return self.final.cfg.doc
+
+    @property
+    def hub_repo(self) -> str | None:
+        return self.final.cfg.hub_repo
+
+    @property
+    def method_name(self) -> str:
+        return self.final.cfg.method_name
+
+    @property
+    def base_model(self) -> ModelRef | None:
+        base = self.final.cfg.base_model
+        return base if base is not None and base.path not in self.names else None
+
+    @property
+    def pending(self) -> list[str]:
+        return [p for s in self.stages for p in s.cfg.pending]
+
+    @property
+    def names(self) -> set[str]:
+        return {s.name for s in self.stages if s.name}
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def referenced_models(self) -> list[ModelRef]:
+        """The leaf parents of every stage (intermediates excluded), in file order, deduplicated."""
+        seen: dict[str, ModelRef] = {}
+        for s in self.stages:
+            for ref in s.cfg.referenced_models():
+                if ref.path not in self.names:
+                    seen.setdefault(str(ref), ref)
+        return list(seen.values())
+
+
+def parse_multi(docs: list[YamlDoc], text: str, file: str) -> MultiConfig:
+    stages: list[Stage] = []
+    by_name: dict[str, int] = {}
+    for i, doc in enumerate(docs):
+        data = doc.data
+        if not isinstance(data, dict):
+            raise doc.error((), f"document {i + 1} of this mergekit-multi file is not a mapping")
+        name = data.get(NAME)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise doc.error((NAME,), f"expected a merge name (a string), got {short(name)}")
+        if name is not None:
+            _check_name(doc, name)
+        if name in by_name:
+            raise doc.error((NAME,), f"merge name {name!r} is already used by document {by_name[name] + 1} "
+                            f"(line {docs[by_name[name]].line((NAME,))})")
+        cfg = parse_moe(doc, text) if "experts" in data else parse_config(text, file, doc)
+        stages.append(Stage(name, cfg, []))
+        if name is not None:
+            by_name[name] = i
+    for stage in stages:
+        stage.needs = [r.path for r in stage.cfg.referenced_models() if r.path in by_name]
+        for ref in stage.cfg.referenced_models():
+            if ref.path in by_name and (ref.revision or ref.lora):
+                raise stage.cfg.doc.error((), f"{ref}: {ref.path!r} is a merge of this file; it has no revisions "
+                                              "or adapters")
+    unnamed = [i for i, s in enumerate(stages) if s.name is None]
+    if len(unnamed) > 1:
+        second = docs[unnamed[1]]
+        raise second.error((), "more than one merge without a `name:` in this mergekit-multi file: name every "
+                               "merge but the file's result (documents "
+                               + ", ".join(str(i + 1) for i in unnamed) + ")")
+    used = {n for s in stages for n in s.needs}
+    if unnamed:
+        final = unnamed[0]
+    else:
+        tops = [i for i, s in enumerate(stages) if s.name not in used]
+        if len(tops) != 1:
+            raise docs[0].error((), "a mergekit-multi file needs one result: leave the final merge without a "
+                                    "`name:`, or make every other merge feed it (unused: "
+                                    + ", ".join(repr(stages[i].name) for i in tops) + ")")
+        final = tops[0]
+    order = _build_order(stages, final, docs)
+    warnings = [w for s in stages for w in s.cfg.warnings]
+    unused = [s.name for i, s in enumerate(stages) if i not in order]
+    if unused:
+        warnings.append(f"{file}: merges {', '.join(map(repr, unused))} feed nothing and are not built")
+    return MultiConfig(file, text, [stages[i] for i in order], warnings)
+
+
+def _check_name(doc: YamlDoc, name: str) -> None:
+    """A stage name becomes a directory under the scratch dir and a model reference: plain, relative, no `..`."""
+    parts = name.replace("\\", "/").split("/")
+    if len(name) > 200 or not name.isprintable() or name.startswith(("/", "~")) or ".." in parts or "." in parts \
+            or "" in parts:
+        raise doc.error((NAME,), f"merge name {short(name)} is not a plain name (printable, at most 200 characters, "
+                                 "no leading '/', no empty, '.' or '..' parts)")
+
+
+def _build_order(stages: list[Stage], final: int, docs: list[YamlDoc]) -> list[int]:
+    """Depth-first from the result: each stage after everything it reads; a cycle is an error."""
+    index = {s.name: i for i, s in enumerate(stages) if s.name}
+    order: list[int] = []
+    state: dict[int, str] = {}
+
+    def visit(i: int, chain: list[str]) -> None:
+        if state.get(i) == "done":
+            return
+        if state.get(i) == "active":
+            raise docs[i].error((NAME,), "merges reference each other in a cycle: "
+                                + " -> ".join(chain + [str(stages[i].name)]))
+        state[i] = "active"
+        for need in stages[i].needs:
+            visit(index[need], chain + [str(stages[i].name or "result")])
+        state[i] = "done"
+        order.append(i)
+
+    visit(final, [])
+    return order
+
+
+@contextmanager
+def _scratch(out_dir: Path) -> Iterator[Path]:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stages-", dir=out_dir.parent))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def run_multi(mc: MultiConfig, out_dir: Path, options) -> list:
+    """Build every stage (intermediates into a scratch dir, the result into out_dir); the stage results in
+    build order. `options` is a mergebot.builds.dense.MergeOptions."""
+    from mergebot.builds.dense import check_target, run_merge
+    from mergebot.hub.fetch import named_models
+
+    check_target(out_dir, options.force)
+    results = []
+    built: dict[str, Path] = {}
+    with _scratch(out_dir) as scratch:
+        for stage in mc.stages:
+            last = stage is mc.final
+            target = out_dir if last else scratch / (stage.name or "result")
+            opts = options if last else replace(options, force=True)
+            with named_models(built):
+                if isinstance(stage.cfg, MoeConfig):
+                    from mergebot.builds.moe.build import run_moe
+                    res = run_moe(stage.cfg, target, opts, allow_all_same=opts.allow_all_same_experts)
+                else:
+                    res = run_merge(stage.cfg, target, opts)
+            results.append(res)
+            if stage.name:
+                built[stage.name] = target
+    _write_lock(out_dir, mc, results)
+    return results
+
+
+def _write_lock(out_dir: Path, mc: MultiConfig, results: list) -> None:
+    """The result's lock, with every stage's leaf parents, replaced atomically."""
+    lock = dict(results[-1].lock)
+    parents: dict[str, dict] = {}
+    stages = []
+    for stage, res in zip(mc.stages, results):
+        own = [p for p in res.lock.get("parents", []) if p.get("ref") not in mc.names]
+        for p in own:
+            parents.setdefault(p["ref"], p)
+        stages.append({"name": stage.name, "merge_method": res.lock.get("merge_method"),
+                       "parents": [p["ref"] for p in res.lock.get("parents", [])], "random_seed":
+                       res.lock.get("random_seed")})
+    lock.update(kind="multi", config_sha256=mc.sha256, parents=list(parents.values()), stages=stages)
+    results[-1].lock = lock
+    tmp = out_dir / ".mergebot.lock.json.tmp"
+    tmp.write_text(json.dumps(lock, indent=2) + "\n")
+    os.replace(tmp, out_dir / "mergebot.lock.json")
+

@@ -1,0 +1,157 @@
+"""Magnitude pruning (merge-semantics.md §2.7, `magnitude`) in bounded memory.
+
+Keeping the k = max(1, int(density·n)) largest |δ| needs the k-th largest magnitude of the whole tensor. A
+plain top-k over a large embedding allocates gigabytes (values + int64 indices); instead the exact threshold
+is found by radix selection over the bit patterns of non-negative floats (which order like their bits), one
+chunk at a time, 16 bits per pass: a histogram of the high 16 bits, then of the next 16 bits inside the one
+bucket that holds the k-th value, and so on (two passes for float32, four for float64). Ties at the threshold
+(common with bf16 checkpoints, whose deltas repeat) are broken by element order, so exactly k entries
+survive, as in mergekit, and deterministically.
+
+`top_k_cuts` serves any such selection: TIES' |δ| (`magnitude_cut`), breadcrumbs' outlier band (two cuts
+on the same |δ|, §2.7) and SCE's variance top-k (§2.8).
+
+The random (DARE) sparsifier needs nothing here: its mask is a hash of the element index (mergebot.engine.rng).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+CHUNK = 1 << 20  # elements per pass step: 4 MB float32 buffers; a TIES chunk's temporaries stay near 60 MB
+
+BitsOf = Callable[[int, int], torch.Tensor]  # (start, end) -> bit patterns of that chunk (int32 or int64)
+
+
+@dataclass
+class MagnitudeCut:
+    """Keep bits > `above`, plus the first `ties` elements (in element order) whose bits == `above`; `equal`
+    counts every element whose bits == `above` (more than `ties`: the cut has to choose among equals)."""
+
+    above: int
+    ties: int
+    equal: int = 0
+
+    @property
+    def chooses(self) -> bool:
+        """Whether equal magnitudes straddle the cut (a nonzero value: dropping a zero changes nothing)."""
+        return self.equal > self.ties > -1 and self.above > 0
+
+    def mask(self, bits: torch.Tensor, ties_seen: int) -> tuple[torch.Tensor, int]:
+        """Mask for one chunk, given how many ties earlier chunks kept; returns (mask, ties seen after)."""
+        keep = bits > self.above
+        if self.ties > ties_seen:
+            tie, ties_seen = self.tie_mask(bits, ties_seen)
+            keep |= tie
+        return keep, ties_seen
+
+    def tie_mask(self, bits: torch.Tensor, ties_seen: int) -> tuple[torch.Tensor, int]:
+        """The entries equal to the cut that this chunk keeps (the first `ties` in element order overall)."""
+        eq = bits == self.above
+        rank = torch.cumsum(eq, 0, dtype=torch.int64) + ties_seen  # 1-based rank of each tie
+        return eq & (rank <= self.ties), ties_seen + int(eq.sum())
+
+
+def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns of |δ| in float32 (order-preserving for non-negative floats)."""
+    return delta.abs().to(torch.float32).view(torch.int32)
+
+
+def top_histogram(bits: torch.Tensor) -> torch.Tensor:
+    """Counts of the highest 16 bits of one chunk: the first pass of `top_k_cuts`, for callers that need to
+    see the values before they know k (SCE counts nonzeros in the same pass)."""
+    return _histogram(bits.reshape(-1), torch.iinfo(bits.dtype).bits - 16)
+
+
+def _histogram(bits: torch.Tensor, shift: int) -> torch.Tensor:
+    return torch.bincount((bits >> shift) & 0xFFFF, minlength=1 << 16).cpu()
+
+
+def top_k_cuts(bits_of: BitsOf, n: int, ks: Sequence[int], dtype: torch.dtype = torch.int32,
+               top: torch.Tensor | None = None) -> list[MagnitudeCut]:
+    """Exact cuts keeping the k largest of the n non-negative patterns of `dtype` (int32: float32 values,
+    int64: float64), one per k in `ks`; the cuts share their passes over the chunks. `top`: the summed
+    `top_histogram` of every chunk, when the caller already made that pass."""
+    width = torch.iinfo(dtype).bits
+    cuts: list[MagnitudeCut | None] = [None] * len(ks)
+    state: dict[int, list[int]] = {}  # pending cut -> [prefix of its k-th pattern so far, rank inside prefix]
+    for j, k in enumerate(ks):
+        if k <= 0:
+            cuts[j] = MagnitudeCut(above=torch.iinfo(dtype).max, ties=0)  # no pattern is above this
+        elif k >= n:
+            cuts[j] = MagnitudeCut(above=-1, ties=0)
+        else:
+            state[j] = [0, k]
+    equal: dict[int, int] = {}
+    for shift in range(width - 16, -1, -16) if state else ():
+        prefixes = {p for p, _ in state.values()}
+        hists = {p: torch.zeros(1 << 16, dtype=torch.int64) for p in prefixes}
+        if shift == width - 16 and top is not None:
+            hists[0] = top
+        else:
+            for s in range(0, n, CHUNK):
+                b = bits_of(s, min(n, s + CHUNK)).reshape(-1)
+                for p in prefixes:
+                    inside = b if shift == width - 16 else b[(b >> (shift + 16)) == p]
+                    if inside.numel():
+                        hists[p] += _histogram(inside, shift)
+        for j, st in state.items():
+            h = hists[st[0]]
+            at_least = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])  # at_least[d]: count with digit >= d
+            digit = int((at_least >= st[1]).nonzero().max())
+            st[1] -= int(at_least[digit + 1]) if digit + 1 < h.numel() else 0
+            st[0] = (st[0] << 16) | digit
+            equal[j] = int(h[digit])  # at the last level: the elements whose whole pattern is the cut's
+    for j, (above, ties) in state.items():
+        cuts[j] = MagnitudeCut(above=above, ties=ties, equal=equal[j])
+    return cuts  # type: ignore[return-value]
+
+
+def magnitude_cut(bits_of: BitsOf, n: int, density: float) -> MagnitudeCut | None:
+    """The exact cut keeping k entries; None: keep everything. `bits_of(start, end)` gives a chunk's bits."""
+    if density >= 1:
+        return None
+    if density <= 0 or n == 0:
+        return MagnitudeCut(above=(1 << 31) - 1, ties=0)  # no float32 bit pattern is above this
+    return top_k_cuts(bits_of, n, [max(1, int(density * n))])[0]
+
+
+# Equal magnitudes at a cut: mergekit 0.1.5 keeps whichever its unstable torch sort puts first. That order is
+# deterministic for a torch build but is no simple rule: measured on torch 2.13 CPU, `argsort(descending=True)`
+# keeps the earliest equals for n <= 16 and, above, an arrangement that depends on every value of the tensor
+# (its introsort's partitions), neither the first nor the last ones. So where mergekit computes in the same
+# precision as mergebot (float32/float64 inputs; in bf16/fp16 its rounded deltas differ anyway), a cut that
+# must choose among equal nonzero magnitudes asks torch for the same whole-tensor sort mergekit does, up to
+# PARITY_MAX_ELEMS elements (~28 bytes each while it sorts, once per such tensor; large float32 tensors meet
+# equal magnitudes often: 16M values share few mantissas); larger tensors keep element order, and so does every
+# tensor with MERGEBOT_TIE_SORT_MAX=0 (streaming memory, no sort).
+PARITY_MAX_ELEMS = int(os.environ.get("MERGEBOT_TIE_SORT_MAX", 1 << 24))
+
+
+def gather_float32(values_of: Callable[[int, int], torch.Tensor], n: int) -> torch.Tensor:
+    """The whole tensor of float32 magnitudes, assembled chunk by chunk."""
+    out = torch.empty(n, dtype=torch.float32)
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        out[s:e] = values_of(s, e).reshape(-1).to(torch.float32).cpu()
+    return out
+
+
+def mergekit_selection(w: torch.Tensor, how: str, a: int, b: int = 0) -> torch.Tensor:
+    """mergekit 0.1.5's selection on the float32 magnitudes `w` (flat, CPU), as a bool mask, made by the very
+    torch call it makes: 'top' keeps argsort(w, descending=True)[:a] (`magnitude`), 'band' keeps
+    sort(w).indices[a:b] (`magnitude_outliers`), 'topk' keeps topk(w, a).indices (SCE's variance)."""
+    keep = torch.zeros(w.numel(), dtype=torch.bool)
+    if how == "top":
+        keep[torch.argsort(w, descending=True)[:a]] = True
+    elif how == "band":
+        keep[torch.sort(w, descending=False).indices[a:b]] = True
+    elif how == "topk":
+        keep[torch.topk(w, k=a, largest=True).indices] = True
+    else:
+        raise ValueError(how)
+    return keep

@@ -1,0 +1,121 @@
+"""`arcee_fusion` (merge-semantics.md §2.11): keep the other model's changes that matter most.
+
+Δ = x − base. Per row (softmax along the last dim; a 1-D tensor is one row) p = softmax(x) + 1e-8,
+q = softmax(base) + 1e-8 and KL_row = Σ p·log(p/q); importance = |Δ|·KL_row. The threshold is
+median + 1.5·(Q3 − Q1) of the importance values, with *lower order statistics*: Q(q) = sorted[⌊q·(n−1)⌋]
+for q = ¼, ½, ¾ (no interpolation, unlike torch.quantile). out = base + Δ·[importance ≥ threshold].
+Rows need the whole tensor, so the method is not chunkable: it gets the whole tensor as views of the mapped
+inputs and, above QUANTILE_SAMPLE_SIZE elements, streams it in blocks of whole rows (`_rows`): one pass for
+the per-row KL (a vector of rows), the sampled statistics read at their indices, a second pass to merge.
+
+Above 1,000,000 elements the three statistics come from 1,000,000 values sampled with replacement, as in
+mergekit 0.1.5. mergebot draws the sample indices from its counter-based hash RNG (mergebot.engine.rng, keyed by the
+seed, the tensor name and the model's position), so the result is reproducible from `--random-seed` whatever
+the order, threads or device; the sampled quantiles, and so the output of tensors that large, are therefore
+not bit-identical to mergekit's (which uses the global torch RNG). Tensors up to 1,000,000 elements are exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergebot.engine import rng
+from mergebot.engine.methods._rows import map_rows, row_blocks
+from mergebot.engine.methods.base import MergeCall, MergeMethod
+
+QUANTILE_SAMPLE_SIZE = 1_000_000
+KL_EPS = 1e-8
+_SECOND_STREAM = 1 << 40  # index offset of the second 32-bit draw per sample (disjoint from the first)
+
+
+def row_kl(x: torch.Tensor, base: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """KL(softmax(x) ‖ softmax(base)) per row (rows along the last dim of `shape`), shape (rows, 1)."""
+    rows_x = x.reshape(shape) if len(shape) >= 1 else x.reshape(-1)
+    rows_b = base.reshape(rows_x.shape)
+    p = torch.softmax(rows_x, dim=-1) + KL_EPS
+    q = torch.softmax(rows_b, dim=-1) + KL_EPS
+    return (p * torch.log(p / q)).sum(dim=-1, keepdim=True).reshape(-1, 1)
+
+
+def importance(x: torch.Tensor, base: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """|Δ|·KL_row, flat; rows along the last dim of `shape`."""
+    kl = row_kl(x, base, shape)
+    width = x.numel() // kl.shape[0] if kl.shape[0] else 0
+    return ((x.reshape(-1, width) - base.reshape(-1, width)).abs() * kl).reshape(-1)
+
+
+def sample_indices(n: int, count: int, key: int, device: torch.device) -> torch.Tensor:
+    """`count` uniform indices in [0, n), with replacement, from the hash stream `key` (63 random bits each)."""
+    j = torch.arange(count, dtype=torch.int64, device=device)
+    hi = rng.hash_u32(j, key)
+    lo = rng.hash_u32(j + _SECOND_STREAM, key)
+    return ((hi << 31) | (lo >> 1)) % n
+
+
+def threshold(values: torch.Tensor, key: int | None) -> torch.Tensor:
+    """median + 1.5·IQR with lower order statistics (sampled above QUANTILE_SAMPLE_SIZE elements)."""
+    flat = values.reshape(-1)
+    n = flat.numel()
+    if n > QUANTILE_SAMPLE_SIZE:
+        flat = flat[sample_indices(n, QUANTILE_SAMPLE_SIZE, key or 0, flat.device)]
+        n = QUANTILE_SAMPLE_SIZE
+    ordered = torch.sort(flat).values
+    q1, med, q3 = ordered[(n - 1) // 4], ordered[(n - 1) // 2], ordered[3 * (n - 1) // 4]
+    return med + 1.5 * (q3 - q1)
+
+
+def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
+    other = call.others[0]
+    key = call.keys[other] if call.keys else None
+    n = call.xs[call.base].numel()
+    if n > QUANTILE_SAMPLE_SIZE and len(call.shape) >= 2:
+        return _streamed(call, other, key)
+    return _whole(call, other, key)
+
+
+def _whole(call: MergeCall, other: int, key: int | None) -> torch.Tensor:
+    base = call.xs[call.base].reshape(-1).to(call.dtype)
+    x = call.xs[other].reshape(-1).to(call.dtype)
+    if x.numel() == 0:
+        return base
+    imp = importance(x, base, call.shape)
+    keep = imp >= threshold(imp, key)
+    return base + torch.where(keep, x - base, 0.0)
+
+
+def _streamed(call: MergeCall, other: int, key: int | None) -> torch.Tensor:
+    """The same result in bounded memory: per-row KL by row blocks, the sampled importances gathered at their
+    indices (|Δⱼ|·KL of j's row), then base + Δ·[importance ≥ threshold] block by block."""
+    xv, bv = call.xs[other].reshape(-1), call.xs[call.base].reshape(-1)
+    n, width = xv.numel(), call.shape[-1]
+    kl = torch.cat([row_kl(xv[s:e].to(call.dtype), bv[s:e].to(call.dtype), shape)
+                    for s, e, shape in row_blocks(call.shape, n, xv.device)])
+    j = sample_indices(n, QUANTILE_SAMPLE_SIZE, key or 0, xv.device)
+    sampled = (xv[j].to(call.dtype) - bv[j].to(call.dtype)).abs() * kl.reshape(-1)[j // width]
+    cut = threshold(sampled, None)
+
+    def block(xs: list[torch.Tensor], shape: tuple[int, ...], s: int) -> torch.Tensor:
+        b, x = xs[call.base].to(call.dtype), xs[other].to(call.dtype)
+        rows = kl[s // width:(s + b.numel()) // width]
+        imp = ((x.reshape(-1, width) - b.reshape(-1, width)).abs() * rows).reshape(-1)
+        return (b + torch.where(imp >= cut, x - b, 0.0)).to(call.out_dtype)
+
+    return map_rows(call, block)
+
+
+METHOD = MergeMethod(
+    name="arcee_fusion",
+    pretty="Arcee Fusion",
+    url="https://arcee.ai",
+    params=(),
+    base="required",
+    apply=_apply,
+    chunkable=False,
+    uses_rng=True,  # only tensors above QUANTILE_SAMPLE_SIZE elements draw
+    min_inputs=2,
+    max_inputs=2,
+    min_non_base=1,
+    max_non_base=1,
+    singleton_passthrough=True,  # §2.0 PASSTHROUGH_SINGLETON
+    extra={"optional_policy": "passthrough_singleton"},
+)

@@ -1,0 +1,39 @@
+"""`nearswap` (merge-semantics.md §2.12): take the other model's value where it is near the base's.
+
+w = clamp(t / max(|base − x|, 1e-6), 0, 1), out = w·x + (1−w)·base, elementwise (streams any size).
+t = 0 gives the base; entries closer than t to the base become x; distant ones move by about t.
+
+Optional tensors follow §2.0 PASSTHROUGH_BASE_SINGLETON (extra["optional_policy"]): a tensor only the base
+has is copied from the base; one that only the other model has is an error (the planner's job).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergebot.engine.methods.base import MergeCall, MergeMethod, Param
+
+DIST_EPS = 1e-6
+
+
+def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
+    base = call.xs[call.base].reshape(-1).to(call.dtype)
+    x = call.xs[call.others[0]].reshape(-1).to(call.dtype)
+    t = float(call.shared["t"])
+    w = (t / (base - x).abs().clamp(min=DIST_EPS)).clamp(0.0, 1.0)
+    return w * x + (1.0 - w) * base
+
+
+METHOD = MergeMethod(
+    name="nearswap",
+    pretty="NearSwap",
+    url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+    params=(Param("t", float, "shared"),),
+    base="required",
+    apply=_apply,
+    min_inputs=2,
+    max_inputs=2,
+    min_non_base=1,
+    max_non_base=1,
+    extra={"optional_policy": "passthrough_base_singleton"},
+)

@@ -1,0 +1,105 @@
+"""`ram` and `ramplus_tl` (merge-semantics.md §2.9): Reinforced Agent Merging.
+
+τᵢ = xᵢ − base; active aᵢ = |τᵢ| > epsilon; per position c = Σᵢ aᵢ. Positions changed by exactly one model
+(c == 1) take that model's delta; positions shared by several (c > 1) take the mean of the active deltas:
+    ram:        out = base + Σᵢ τᵢaᵢ[c==1] + Σᵢ τᵢaᵢ[c>1]/c
+    ramplus_tl: unique terms are scaled by λᵢ = 1 + r·clamp(ρᵢ, 0, alpha),
+                ρᵢ = #(aᵢ ∧ shared) / max(#(aᵢ ∧ unique), epsilon), counted over the whole tensor.
+
+`ram` is elementwise. `ramplus_tl`'s counts are global: `reduce` sums them (exact integers) over chunks and
+`apply` is elementwise, so both stream tensors of any size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergebot.engine.exact import Sums
+from mergebot.engine.methods.base import MergeCall, MergeMethod, Param
+
+
+def _parts(call: MergeCall):
+    base = call.xs[call.base].reshape(-1).to(call.dtype)
+    taus = [call.xs[i].reshape(-1).to(call.dtype) - base for i in call.others]
+    eps = float(call.shared["epsilon"])
+    active = [t.abs() > eps for t in taus]
+    count = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
+    for a in active:
+        count = count + a.to(torch.int32)
+    return base, taus, active, count
+
+
+def _merge(base, taus, active, count, lambdas, dtype) -> torch.Tensor:
+    unique = count == 1
+    shared = count > 1
+    denom = count.clamp(min=1).to(dtype)
+    out = base
+    for t, a, lam in zip(taus, active, lambdas):
+        tz = torch.where(a, t, 0.0)
+        u = torch.where(unique, tz, 0.0)
+        if lam != 1.0:
+            u = u * lam
+        out = out + u + torch.where(shared, tz, 0.0) / denom
+    return out
+
+
+def _apply_ram(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
+    base, taus, active, count = _parts(call)
+    return _merge(base, taus, active, count, [1.0] * len(taus), call.dtype)
+
+
+def _counts(active: list[torch.Tensor], count: torch.Tensor) -> Sums:
+    unique, shared = count == 1, count > 1
+    vals = []
+    for a in active:
+        vals.append((a & shared).sum())
+        vals.append((a & unique).sum())
+    return Sums.of_counts(torch.stack(vals).tolist() if vals else [])
+
+
+def _reduce_plus(call: MergeCall) -> Sums:
+    _, _, active, count = _parts(call)
+    return _counts(active, count)
+
+
+def lambdas_plus(counts: list[float], r: float, alpha: float, eps: float) -> list[float]:
+    """λᵢ from [#shared₀, #unique₀, #shared₁, ...] (§2.9)."""
+    out = []
+    for j in range(0, len(counts), 2):
+        rho = counts[j] / max(counts[j + 1], eps)
+        out.append(1.0 + r * min(max(rho, 0.0), alpha))
+    return out
+
+
+def _apply_plus(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
+    base, taus, active, count = _parts(call)
+    if totals is None or not totals.numel():
+        totals = _counts(active, count).values()
+    lams = lambdas_plus([float(v) for v in totals], float(call.shared["r"]), float(call.shared["alpha"]),
+                        float(call.shared["epsilon"]))
+    return _merge(base, taus, active, count, lams, call.dtype)
+
+
+METHODS = [
+    MergeMethod(
+        name="ram",
+        pretty="Reinforced Agent Merging",
+        url="https://arxiv.org/abs/2601.13572",
+        params=(Param("epsilon", float, "shared", 1e-5),),
+        base="required",
+        apply=_apply_ram,
+    ),
+    MergeMethod(
+        name="ramplus_tl",
+        pretty="Reinforced Agent Merging Plus (Tensor-Local)",
+        url="https://arxiv.org/abs/2601.13572",
+        params=(
+            Param("r", float, "shared", 0.1),
+            Param("alpha", float, "shared", 0.2),
+            Param("epsilon", float, "shared", 1e-5),
+        ),
+        base="required",
+        apply=_apply_plus,
+        reduce=_reduce_plus,
+    ),
+]

@@ -1,0 +1,173 @@
+"""`sce` (merge-semantics.md §2.8): Select, Calculate, Erase — task vectors without per-model weights.
+
+τᵢ = xᵢ − base. If `select_topk` < 1, keep only the k = int(count_nonzero(var)·select_topk) positions of
+largest elementwise (population) variance across the τᵢ and zero the rest in every τᵢ (select_topk ≤ 0 keeps
+nothing). Matrix weights ωᵢ = mean(τᵢ²)/Σⱼ mean(τⱼ²) (uniform 1/N when that denominator is < 1e-6); erase
+mask = the TIES sign election on the unweighted τ (a sum ≥ 0 elects +1; zeros never vote);
+out = base + Σ τᵢωᵢmaskᵢ / clamp(Σ ωᵢmaskᵢ, min 1e-6). `int8_mask` has no numerical effect.
+
+With select_topk ≥ 1 the executor streams the method: `reduce` sums Σ τᵢ² and the element count exactly
+over chunks, `apply` is elementwise. With select_topk < 1 the top-k selection is global (ties at the k-th
+variance go to earlier elements, or where mergekit computes in our precision, to those its own topk picks), so the method gets the whole tensor as zero-copy views and walks it in
+chunks itself, in bounded memory: the variance (elementwise, so the same bits per chunk as whole) is cut
+exactly by radix selection over its bit patterns (`_sparsify.top_k_cuts`: one pass that also counts the
+nonzeros, one per further 16 bits), then one pass sums Σ τᵢ² of the selected τ, then one writes the output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mergebot.engine.methods import _sparsify
+from mergebot.engine.exact import Sums
+from mergebot.engine.methods.base import MergeCall, MergeMethod, Param
+from mergebot.engine.methods.task_arithmetic import mergekit_precision
+
+UNIFORM_EPS = 1e-6
+DIV_EPS = 1e-6
+
+
+def _deltas(call: MergeCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    base = call.xs[call.base].reshape(-1).to(call.dtype)
+    return base, [call.xs[i].reshape(-1).to(call.dtype) - base for i in call.others]
+
+
+def _variance_bits(taus: list[torch.Tensor]) -> torch.Tensor:
+    """Bit patterns of the population variance across the τᵢ, elementwise, in the compute dtype (int32 or
+    int64 patterns). The formula is torch.var's on CPU (Welford, float64 accumulators, one division at the
+    end: the same bits as `torch.var(stack, 0, unbiased=False)`, so the selection is the whole-tensor one),
+    written out with elementwise ops so that any chunk, and any device, gives the same bits."""
+    mean = torch.zeros(taus[0].shape, dtype=torch.float64, device=taus[0].device)
+    m2 = torch.zeros_like(mean)
+    for i, t in enumerate(taus):
+        x = t.to(torch.float64)
+        d = x - mean
+        mean = mean + d / (i + 1)
+        m2 = m2 + d * (x - mean)
+    var = (m2 / len(taus)).to(taus[0].dtype).abs()
+    return var.view(torch.int64 if var.dtype == torch.float64 else torch.int32)
+
+
+def _sums(taus: list[torch.Tensor]) -> Sums:
+    """Σ τᵢ² per model (exact, mergebot.engine.exact), then the element count."""
+    squares = [t.to(torch.float64).square() for t in taus]  # exact squares (rare method: no need for speed)
+    return Sums.cat(Sums.of_terms(squares), Sums.of_counts([taus[0].numel() if taus else 0]))
+
+
+def _reduce(call: MergeCall) -> Sums:
+    if not call.others or float(call.shared["select_topk"]) < 1:
+        return Sums(0)
+    return _sums(_deltas(call)[1])
+
+
+def matrix_weights(sums: list[float], numel: float) -> list[float]:
+    means = [s / numel if numel else 0.0 for s in sums]
+    total = sum(means)
+    if total < UNIFORM_EPS:
+        return [1.0 / len(means)] * len(means)
+    return [m / total for m in means]
+
+
+def _merge(base: torch.Tensor, taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Sign election on the unweighted τ, then the ω-weighted mean of the agreeing τ (§2.8)."""
+    total = taus[0]
+    for t in taus[1:]:
+        total = total + t
+    sign = torch.where(total >= 0, 1.0, -1.0).to(base.dtype)
+    mixed = torch.zeros_like(base)
+    div = torch.zeros_like(base)
+    for t, w in zip(taus, weights):
+        agree = torch.sign(t) == sign
+        mixed = mixed + torch.where(agree, t * w, 0.0)
+        div = div + torch.where(agree, w, 0.0)
+    return base + mixed / div.clamp(min=DIV_EPS)
+
+
+def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
+    if call.others and float(call.shared["select_topk"]) < 1:
+        return _apply_selected(call)
+    base, taus = _deltas(call)
+    if not taus:
+        return base
+    if totals is None or not totals.numel():
+        totals = _sums(taus).values()
+    return _merge(base, taus, matrix_weights([float(v) for v in totals[:-1]], float(totals[-1])))
+
+
+def _apply_selected(call: MergeCall) -> torch.Tensor:
+    """select_topk < 1 over the whole tensor, chunk by chunk (see the module docstring)."""
+    topk = float(call.shared["select_topk"])
+    base = call.xs[call.base].reshape(-1)
+    xs = [call.xs[i].reshape(-1) for i in call.others]
+    n = base.numel()
+    step = _sparsify.CHUNK
+    bits_dtype = torch.int64 if call.dtype == torch.float64 else torch.int32
+
+    def deltas(s: int, e: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        b = base[s:e].to(call.dtype)
+        return b, [x[s:e].to(call.dtype) - b for x in xs]
+
+    def var_bits(s: int, e: int) -> torch.Tensor:
+        return _variance_bits(deltas(s, e)[1])
+
+    if topk <= 0:
+        cut = _sparsify.top_k_cuts(var_bits, n, [0], bits_dtype)[0]  # keeps nothing, without a pass
+    else:
+        top = torch.zeros(1 << 16, dtype=torch.int64)
+        nonzero = 0
+        for s in range(0, n, step):
+            bits = var_bits(s, min(n, s + step))
+            top += _sparsify.top_histogram(bits)
+            nonzero += int(torch.count_nonzero(bits))
+        # count·topk as mergekit evaluates it (an int64 0-d tensor times a Python float: float32), so k matches
+        k = int(torch.tensor(nonzero, dtype=torch.int64) * topk)
+        cut = _sparsify.top_k_cuts(var_bits, n, [k], bits_dtype, top=top)[0]
+    chosen = None  # mergekit's topk where the cut must choose among equal variances (_sparsify)
+    if topk > 0 and cut.chooses and mergekit_precision(call) and n <= _sparsify.PARITY_MAX_ELEMS:
+        var = torch.cat([var_bits(s, min(n, s + step)).view(call.dtype).cpu() for s in range(0, n, step)])
+        chosen = _sparsify.mergekit_selection(var, "topk", k).to(base.device)
+
+    def selected(s: int, e: int, seen: int) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        b, taus = deltas(s, e)
+        if chosen is not None:
+            keep = chosen[s:e]
+        else:
+            keep, seen = cut.mask(_variance_bits(taus), seen)
+        return b, [torch.where(keep, t, 0.0) for t in taus], seen
+
+    sums = None
+    seen = 0
+    for s in range(0, n, step):
+        _, taus, seen = selected(s, min(n, s + step), seen)
+        part = _sums(taus)  # Σ τᵢ² per model, then the element count
+        sums = part if sums is None else sums + part
+    totals = sums.values()
+    weights = matrix_weights([float(v) for v in totals[:-1]], float(totals[-1]))
+    out = call.out if call.out is not None else torch.empty(n, dtype=call.out_dtype, device=base.device)
+    seen = 0
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        b, taus, seen = selected(s, e, seen)
+        out[s:e] = _merge(b, taus, weights)
+    return out
+
+
+def _chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:
+    return float(shared.get("select_topk", 1.0)) >= 1
+
+
+METHOD = MergeMethod(
+    name="sce",
+    pretty="SCE",
+    url="https://arxiv.org/abs/2408.07990",
+    params=(
+        Param("select_topk", float, "shared", 1.0),
+        Param("int8_mask", bool, "shared", False),  # no numerical effect (§2.8)
+    ),
+    base="required",
+    apply=_apply,
+    reduce=_reduce,
+    extra={"chunkable_for": _chunkable_for},
+)

@@ -1,0 +1,126 @@
+"""The output directory: assembled beside OUT_DIR, moved into place only when complete.
+
+An interrupted run leaves only a `.OUT_DIR.mergebot-*` work directory (never something that looks like
+a finished model); an existing OUT_DIR is replaced only with --force, and then only after the new one is
+complete (merge-semantics.md §5.4, §5.6 for the files copied from the donor).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from mergebot.io import confine
+from mergebot.errors import OutputError
+from mergebot.hub.fetch import TOKENIZER_FILES
+
+DONOR_FILES = TOKENIZER_FILES + ("generation_config.json", "preprocessor_config.json")
+
+
+def check_target(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not force:
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            return
+        raise OutputError(f"{out_dir} already exists; pass --force to replace it (it is kept until the new merge is complete)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir} exists and is not a directory")
+
+
+# errors that can only come from writing the output: each becomes one line naming OUT_DIR
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+
+
+def _write_error(out_dir: Path, e: OSError) -> OutputError:
+    return OutputError(f"{out_dir}: cannot write the output: {e.strerror or e}")
+
+
+@contextmanager
+def staged_output(out_dir: Path, force: bool) -> Iterator[Path]:
+    """Yield a work directory beside out_dir; on success it atomically becomes out_dir. Any failure, a full
+    disk, Ctrl-C or SIGTERM included, removes the work directory: nothing half-made stays behind."""
+    out_dir = out_dir.resolve()
+    check_target(out_dir, force)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.mergebot-", dir=out_dir.parent))
+    except OSError as e:
+        raise _write_error(out_dir, e) from None
+    try:
+        yield work
+    except OSError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        if e.errno in WRITE_ERRNOS or (e.filename and str(e.filename).startswith(str(work))):
+            raise _write_error(out_dir, e) from None
+        raise
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    try:
+        _fsync_dir(work)
+        if out_dir.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.rename(out_dir, trash / "old")
+            os.rename(work, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(work, out_dir)
+    except OSError as e:
+        shutil.rmtree(work, ignore_errors=True)
+        raise _write_error(out_dir, e) from None
+    _fsync_dir(out_dir.parent)
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def copy_donor_files(donor_dir: Path, work: Path, only: tuple[str, ...] | None = None) -> list[str]:
+    """Tokenizer and generation files copied verbatim from the donor (§5.6), regular files inside its
+    directory only (mergebot.io.confine)."""
+    copied = []
+    for name in only or DONOR_FILES:
+        if confine.copy_file(donor_dir, name, work / name, f"tokenizer donor {donor_dir.name}"):
+            copied.append(name)
+    return copied
+
+
+LICENSE_PATTERNS = ("LICENSE*", "LICENCE*", "USE_POLICY*", "NOTICE*")
+
+
+def copy_parent_licenses(parents: dict[str, Path], work: Path) -> list[str]:
+    """Each parent's LICENSE / USE_POLICY / NOTICE files, kept under licenses/<parent>/ (licenses rule 5):
+    community licenses require shipping them with derivatives."""
+    copied = []
+    for ref, directory in parents.items():
+        label = "".join(c if c.isalnum() or c in "-_." else "_" for c in ref.strip("./")) or "parent"
+        for pattern in LICENSE_PATTERNS:
+            for src in sorted(directory.glob(pattern)):
+                if src.is_symlink() and not confine.is_inside(src.resolve(), confine.root_of(directory)):
+                    continue  # never publish what a parent links to outside itself (the audit refuses those)
+                big = not src.is_file() or src.stat().st_size >= 10_000_000
+                data = None if big else confine.read_bytes(directory, src.name, ref)
+                if data is not None:
+                    dest = work / "licenses" / label / src.name
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(data)
+                    copied.append(str(dest.relative_to(work)))
+    return copied
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
