@@ -39,3 +39,10 @@ class NotSupportedYet(MergebotError):
 
 class OutputError(MergebotError):
     """The output directory cannot be written as asked (exists without --force, ...)."""
+
+
+class CheckUnsupported(MergebotError):
+    """The model is valid but the check cannot evaluate it (another architecture, another RoPE rule): the caller
+    may skip the check. Exit code 3 so a script can tell it from a rejection (1) or bad input (2)."""
+
+    exit_code = 3

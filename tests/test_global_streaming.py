@@ -19,9 +19,9 @@ import torch
 
 from mergebot.engine.methods import METHODS, _sparsify
 from mergebot.engine.methods.base import MergeCall
-from mergebot.engine.methods.breadcrumbs import outlier_band
+from mergebot.engine.methods.task_arithmetic.outliers import outlier_band
 from mergebot.engine.methods.sce import _variance_bits, matrix_weights
-from mergebot.engine.methods.task_arithmetic import _combine
+from mergebot.engine.methods.task_arithmetic.combine import combine as _combine
 from tests.conftest import ROOT
 from tests.helpers import merge_yaml
 from tests.tiny import llama_config, load_tensors, save_model

@@ -539,7 +539,7 @@ def test_della_epsilon_bounds_error(family, tmp_path, density, epsilon):
     with pytest.raises(ModelError, match=f"mlp.*epsilon {epsilon:g} does not fit density {density:g}"):
         merge_yaml(tmp_path, text, name="filtered", random_seed=1)
     assert not (tmp_path / "filtered").exists()
-    hook = METHODS["della"].extra["validate"]
+    hook = METHODS["della"].validate
     with pytest.raises(ModelError, match="model.layers.0.mlp.up_proj.weight"):
         hook("model.layers.0.mlp.up_proj.weight", {}, [{}, {"density": density, "epsilon": epsilon}])
     hook("x", {}, [{}, {"density": 1.0, "epsilon": epsilon}])  # density 1 or 0: no sampling, no check

@@ -2,7 +2,7 @@
 
 import pytest
 
-from mergebot.engine.methods.base import Param
+from mergebot.config.spec import Param
 from mergebot.config.params import evaluate, interpolate, resolve
 
 

@@ -304,7 +304,7 @@ def test_lock_refs_with_revision_resolve_to_the_repo(hub: HubFixture) -> None:
 
 
 def test_looks_local_follows_mergekit() -> None:
-    from mergebot.hub.parents import looks_local
+    from mergebot.config.refs import looks_local
 
     assert not looks_local("gpt2") and not looks_local("org/name")
     assert all(looks_local(r) for r in ("./x", "../x", "/abs/x", "~/x", "a/b/c"))

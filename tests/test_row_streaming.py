@@ -134,7 +134,7 @@ from pathlib import Path
 import torch
 from mergebot.config.dense import load_config
 from mergebot.builds.dense import MergeOptions, run_merge
-from mergebot.engine.methods import della
+from mergebot.engine.methods.task_arithmetic import della
 della.MASK_CACHE_BYTES = 0  # the streaming bound itself; the mask cache trades up to 256 MB for half the time
 torch.ones(1) + 1
 
@@ -190,7 +190,7 @@ def test_memory_stays_near_a_row_block_for_a_big_tensor(tmp_path):
 def test_della_mask_cache_changes_no_bit(family, tmp_path, monkeypatch):
     """DELLA keeps the first pass's masks for the second while they fit (della.MASK_CACHE_BYTES); without the
     cache it draws them again: the same bytes either way."""
-    from mergebot.engine.methods import della
+    from mergebot.engine.methods.task_arithmetic import della
     base, a, b, _ = family
     text = _configs(base, a, b)["della"]
     cached = merge_yaml(tmp_path, text, name="cached", random_seed=3)

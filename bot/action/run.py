@@ -38,7 +38,7 @@ from mergebot.action.inputs import ActionInputs
 from mergebot.action.report import Result, action_outputs, failure_markdown, summary_markdown
 from mergebot.action.runner_log import RunnerLog, append_summary, exception_message, one_line, write_outputs
 from mergebot.action.select import ConfigEntry, Selection, select
-from mergebot.action.staleness import Staleness, StalenessChecker, StalenessError
+from mergebot.action.staleness import Decision, StalenessChecker, decide
 
 
 @dataclass
@@ -51,35 +51,6 @@ class ActionRun:
     @property
     def exit_code(self) -> int:
         return 1 if self.error is not None or any(r.failed for r in self.results) else 0
-
-
-@dataclass
-class Decision:
-    """What to do with one selected config before any merge: run it (and why) or report it."""
-
-    entry: ConfigEntry
-    run: bool
-    staleness: Staleness | None = None
-    note: str = ""  # "parents changed" cell
-    error: str | None = None
-
-
-def decide(entry: ConfigEntry, selection: Selection, checker: StalenessChecker) -> Decision:
-    """Staleness matters for the choice only in stale mode; elsewhere it is information for the summary.
-
-    When the Hub cannot tell, a publishing stale-mode run fails that config rather than spend GPU time on a
-    merge that may be up to date; other modes go ahead and show "unknown"."""
-    if entry.error is not None or entry.cfg is None or entry.repo is None:
-        return Decision(entry, run=False, error=entry.error or f"{entry.path}: invalid config")
-    try:
-        st = checker.check(entry.cfg, entry.repo)
-    except StalenessError as e:
-        if selection.skip_up_to_date and selection.publish:  # a dry run plans anyway
-            return Decision(entry, run=False, error=f"{entry.path}: cannot tell whether it is up to date: {e}")
-        return Decision(entry, run=True, note=f"unknown ({e})")
-    if selection.skip_up_to_date and not st.stale:
-        return Decision(entry, run=False, staleness=st, note=st.describe())
-    return Decision(entry, run=True, staleness=st, note=st.describe())
 
 
 class Runner:

@@ -26,7 +26,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergebot.config.configfile import AnyConfig, load
+from mergebot.config.configfile import Config, load
 from mergebot.io.confine import is_inside
 from mergebot.errors import ConfigError, MergebotError
 from mergebot.action.events import Event, changed_files
@@ -42,7 +42,7 @@ class ConfigEntry:
 
     path: str  # relative to the workspace, POSIX: what annotations and the summary show
     file: Path  # absolute
-    cfg: AnyConfig | None = None
+    cfg: Config | None = None
     repo: str | None = None
     error: str | None = None
     line: int | None = None  # YAML line of a config error, for the ::error annotation
@@ -67,7 +67,7 @@ def valid_repo_id(repo: str) -> bool:
     return len(parts) == 2 and all(_REPO_NAME.fullmatch(p) for p in parts)
 
 
-def target_repo(cfg: AnyConfig, path: str, namespace: str | None) -> str:
+def target_repo(cfg: Config, path: str, namespace: str | None) -> str:
     """`hub_repo:` from the config, else namespace/<file stem>; ConfigError-like ValueError when neither works."""
     if cfg.hub_repo:
         if not valid_repo_id(cfg.hub_repo):
@@ -279,7 +279,7 @@ def _load_entry(workspace: Path, path: str, namespace: str | None) -> ConfigEntr
         entry.repo = target_repo(entry.cfg, path, namespace)
     except ValueError as e:
         entry.error = f"{path}: {e}"
-        doc = getattr(entry.cfg, "doc", None)
+        doc = entry.cfg.doc
         entry.line = doc.line(("hub_repo",)) if doc is not None and entry.cfg.hub_repo else None
     return entry
 

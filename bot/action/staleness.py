@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergebot.config.dense import ModelRef
-from mergebot.config.configfile import AnyConfig
+from mergebot.config.refs import ModelRef, is_repo_id
+from mergebot.action.select import ConfigEntry, Selection
+from mergebot.config.configfile import Config
 from mergebot.errors import MergebotError
 from mergebot.hub.parents import LOCK_FILE
-from mergebot.hub.fetch import is_local, looks_like_repo_id
+from mergebot.hub.fetch import is_local
 
 
 class StalenessError(MergebotError):
@@ -54,10 +55,10 @@ class Staleness:
         return ", ".join(parts) if parts else "none"
 
 
-def hub_refs(cfg: AnyConfig) -> list[ModelRef]:
+def hub_refs(cfg: Config) -> list[ModelRef]:
     """The config's parents that live on the Hub (local directories, as the engine finds them, excluded)."""
     search = [Path(cfg.file).resolve().parent]
-    return [r for r in cfg.referenced_models() if is_local(r, search) is None and looks_like_repo_id(r.path)]
+    return [r for r in cfg.referenced_models() if is_local(r, search) is None and is_repo_id(r.path)]
 
 
 class StalenessChecker:
@@ -127,7 +128,7 @@ class StalenessChecker:
             raise StalenessError(f"target {repo}: {LOCK_FILE} has no 'parents' list")
         return info.sha, lock, license_id
 
-    def check(self, cfg: AnyConfig, repo: str) -> Staleness:
+    def check(self, cfg: Config, repo: str) -> Staleness:
         head, lock, license_id = self.published(repo)
         if lock is None:
             return Staleness(stale=True, published=False, head=head)
@@ -141,3 +142,32 @@ class StalenessChecker:
                 changed.append(ParentChange(str(ref), old, now))
         return Staleness(stale=config_changed or bool(changed), published=True, config_changed=config_changed,
                          changed=changed, head=head, lock=lock, license=license_id)
+
+
+@dataclass
+class Decision:
+    """What to do with one selected config before any merge: run it (and why) or report it."""
+
+    entry: ConfigEntry
+    run: bool
+    staleness: Staleness | None = None
+    note: str = ""  # "parents changed" cell
+    error: str | None = None
+
+
+def decide(entry: ConfigEntry, selection: Selection, checker: StalenessChecker) -> Decision:
+    """Staleness matters for the choice only in stale mode; elsewhere it is information for the summary.
+
+    When the Hub cannot tell, a publishing stale-mode run fails that config rather than spend GPU time on a
+    merge that may be up to date; other modes go ahead and show "unknown"."""
+    if entry.error is not None or entry.cfg is None or entry.repo is None:
+        return Decision(entry, run=False, error=entry.error or f"{entry.path}: invalid config")
+    try:
+        st = checker.check(entry.cfg, entry.repo)
+    except StalenessError as e:
+        if selection.skip_up_to_date and selection.publish:  # a dry run plans anyway
+            return Decision(entry, run=False, error=f"{entry.path}: cannot tell whether it is up to date: {e}")
+        return Decision(entry, run=True, note=f"unknown ({e})")
+    if selection.skip_up_to_date and not st.stale:
+        return Decision(entry, run=False, staleness=st, note=st.describe())
+    return Decision(entry, run=True, staleness=st, note=st.describe())

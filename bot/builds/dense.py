@@ -19,7 +19,8 @@ from mergebot.errors import MergebotError, NotSupportedYet
 from mergebot.engine.executor import RunStats, run_plan
 from mergebot.io.weights import ModelWeights
 from mergebot.io.output import check_target, copy_parent_licenses, staged_output, write_json
-from mergebot.engine.plan import Plan, build_plan, dtype_name
+from mergebot.engine.dtypes import torch_dtype
+from mergebot.engine.plan import Plan, build_plan
 from mergebot.hub.fetch import ResolvedModel, resolve
 from mergebot.tokenizer.files import write_tokenizer_files
 from mergebot.tokenizer.vocab import OutputVocab, build_output_vocab
@@ -124,8 +125,8 @@ def make_lock(cfg: MergeConfig, plan: Plan, seed: int | None, device: torch.devi
         "merge_method": cfg.method_name,
         "base_model": base,
         "parents": parents,
-        "dtype": dtype_name(cfg.dtype) if cfg.dtype else None,
-        "out_dtype": dtype_name(cfg.out_dtype) if cfg.out_dtype else None,
+        "dtype": cfg.dtype,
+        "out_dtype": cfg.out_dtype,
         "random_seed": seed,
         "rng": rng if plan.method.uses_rng else None,
         "device": device.type,
@@ -170,7 +171,7 @@ def run_merge(cfg: MergeConfig, out_dir: Path, options: MergeOptions) -> MergeRe
     entries = [ShardEntry(j.name, j.out_dtype, j.shape, j.nbytes) for j in plan.jobs]
     with staged_output(out_dir, options.force) as work:
         with streamed_shards(work, entries, options, plan.total_bytes) as (writer, progress):
-            stats = run_plan(plan, writer, load_dtype=cfg.dtype, seed=seed or 0, device=device,
+            stats = run_plan(plan, writer, load_dtype=torch_dtype(cfg.dtype), seed=seed or 0, device=device,
                              progress=progress, compile=options.compile, rng=options.rng)
         write_json(work / "config.json", plan.out_config)
         plan.warnings.extend(write_tokenizer_files(  # §4.5 / §5.6, then chat_template

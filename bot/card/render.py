@@ -20,7 +20,9 @@ import yaml
 
 from mergebot.errors import MergebotError
 from mergebot.card.licenses import LicenseReport, render_notice
-from mergebot.hub.parents import ParentInfo, read_lock, split_ref, union_languages
+from mergebot.config.methods import SPECS
+from mergebot.config.refs import split_ref
+from mergebot.hub.parents import ParentInfo, read_lock, union_languages
 
 def _templates_dir() -> Path:
     """templates/ beside the package (source checkout, editable install), else the copy a wheel installs
@@ -38,30 +40,10 @@ CONFIG_FILES = ("mergekit_config.yml", "mergekit_moe_config.yml")
 HUB_URL = "https://huggingface.co"
 MERGEKIT_URL = "https://github.com/arcee-ai/mergekit"
 
-# merge-semantics.md §2: pretty name and paper URL per method, used when the engine's table lacks a method.
-METHOD_INFO: dict[str, tuple[str, str | None]] = {
-    "linear": ("Linear", "https://arxiv.org/abs/2203.05482"),
-    "slerp": ("SLERP", "https://en.wikipedia.org/wiki/Slerp"),
-    "nuslerp": ("NuSLERP", None),
-    "multislerp": ("Multi-SLERP", "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
-    "karcher": ("Karcher Mean", "https://arxiv.org/abs/2603.04972"),
-    "passthrough": ("Passthrough", None),
-    "task_arithmetic": ("Task Arithmetic", "https://arxiv.org/abs/2212.04089"),
-    "ties": ("TIES", "https://arxiv.org/abs/2306.01708"),
-    "dare_ties": ("DARE TIES", "https://arxiv.org/abs/2311.03099"),
-    "dare_linear": ("Linear DARE", "https://arxiv.org/abs/2311.03099"),
-    "breadcrumbs": ("Model Breadcrumbs", "https://arxiv.org/abs/2312.06795"),
-    "breadcrumbs_ties": ("Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795"),
-    "della": ("DELLA", "https://arxiv.org/abs/2406.11617"),
-    "della_linear": ("Linear DELLA", "https://arxiv.org/abs/2406.11617"),
-    "sce": ("SCE", "https://arxiv.org/abs/2408.07990"),
-    "ram": ("Reinforced Agent Merging", "https://arxiv.org/abs/2601.13572"),
-    "ramplus_tl": ("Reinforced Agent Merging Plus (Tensor-Local)", "https://arxiv.org/abs/2601.13572"),
-    "model_stock": ("Model Stock", "https://arxiv.org/abs/2403.19522"),
-    "arcee_fusion": ("Arcee Fusion", "https://arcee.ai"),
-    "nearswap": ("NearSwap", "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"),
-    "moe": ("Mixture of Experts (mergekit-moe)", None),
-}
+# The card's name and link of every method: the methods' own declarations (mergebot.config.methods), and the
+# MoE builder's.
+METHOD_INFO: dict[str, tuple[str, str | None]] = {name: (spec.pretty, spec.url) for name, spec in SPECS.items()}
+METHOD_INFO["moe"] = ("Mixture of Experts (mergekit-moe)", None)
 
 
 class CardError(MergebotError):
@@ -69,14 +51,7 @@ class CardError(MergebotError):
 
 
 def method_info(name: str) -> tuple[str, str | None]:
-    """(pretty name, URL) from the engine's method table when it has the method, else from §2."""
-    try:
-        from mergebot.engine.methods import METHODS
-    except ImportError:
-        METHODS = {}
-    method = METHODS.get(name)
-    if method is not None:
-        return method.pretty, method.url
+    """(pretty name, URL) of a method; its own name and no link for one mergebot does not know."""
     return METHOD_INFO.get(name, (name, None))
 
 

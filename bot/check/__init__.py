@@ -9,8 +9,8 @@ shipped evaluation text, and a short greedy generation, computed layer by layer 
 """
 
 from mergebot.check.engine import CheckOptions, resolve_device, run_check
-from mergebot.check.forward import CheckUnsupported
 from mergebot.check.report import PASSED, REJECTED, CheckReport, ModelScore, markdown, model_index
+from mergebot.errors import CheckUnsupported
 
 __all__ = ["CheckOptions", "CheckReport", "CheckUnsupported", "ModelScore", "PASSED", "REJECTED", "markdown",
            "model_index", "resolve_device", "run_check"]

@@ -19,7 +19,8 @@ from mergebot.io import confine
 from mergebot.errors import ModelError
 from mergebot.io.weights import ModelWeights
 from mergebot.hub.fetch import read_json_object
-from mergebot.check.forward import DEFAULT_BUDGET, CheckUnsupported, DecoderSpec, LayerwiseModel
+from mergebot.check.forward import DEFAULT_BUDGET, DecoderSpec, LayerwiseModel
+from mergebot.errors import CheckUnsupported
 from mergebot.check.report import CheckReport, EvalTextInfo, Generation, ModelScore, decide
 from mergebot.check.tensors import check_tensors
 from mergebot.check.text import DEFAULT_PROMPTS, TextTokenizer, degenerate, load_eval_text, windows

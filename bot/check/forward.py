@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mergebot.errors import MergebotError, ModelError
+from mergebot.errors import CheckUnsupported, MergebotError, ModelError
 from mergebot.io.weights import ModelWeights
 
 # architectures[0] -> family; a config without `architectures` is matched by model_type
@@ -31,13 +31,6 @@ MODEL_TYPES = frozenset(ARCHITECTURES.values())
 
 _GEMV_ROWS = 4
 DEFAULT_BUDGET = 1 << 23  # float32 elements in one working block (32 MB): weight slices, scores, logits
-
-
-class CheckUnsupported(MergebotError):
-    """The model is valid but the check cannot evaluate it (another architecture, another RoPE rule): the caller
-    may skip the check. Exit code 3 so a script can tell it from a rejection (1) or bad input (2)."""
-
-    exit_code = 3
 
 
 @dataclass(frozen=True)

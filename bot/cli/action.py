@@ -13,7 +13,6 @@ import sys
 
 from mergebot.action.events import Event, read_event
 from mergebot.action.inputs import LICENSE_POLICIES, MODES, ActionInputs, read_inputs
-from mergebot.action.run import report_stopped, run_action
 from mergebot.action.runner_log import RunnerLog
 from mergebot.errors import MergebotError
 
@@ -61,6 +60,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mergebot.action.run import report_stopped, run_action
+
     try:
         inputs, event = inputs_and_event(args)
     except MergebotError as e:  # a bad input or event: annotation, summary and outputs, then the one-line error

@@ -9,10 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mergebot.action.runner_log import safe_line
-from mergebot.check import CheckOptions, CheckReport, CheckUnsupported, markdown, run_check
-from mergebot.errors import MergebotError, ModelError
+from mergebot.errors import CheckUnsupported, MergebotError, ModelError
+
+if TYPE_CHECKING:
+    from mergebot.check import CheckReport
 
 EXIT_PASSED, EXIT_REJECTED, EXIT_ERROR, EXIT_UNSUPPORTED = 0, 1, 2, CheckUnsupported.exit_code
 
@@ -54,11 +57,11 @@ def _parent(ref: str) -> tuple[Path, str]:
     local = Path(ref).expanduser()
     if local.is_dir():
         return local, ref
-    from mergebot.config.dense import ModelRef
-    from mergebot.hub.fetch import looks_like_repo_id, resolve
+    from mergebot.config.refs import ModelRef, is_repo_id
+    from mergebot.hub.fetch import resolve
 
     path, _, revision = ref.partition("@")
-    if not looks_like_repo_id(path):
+    if not is_repo_id(path):
         raise ModelError(f"--parents {ref}: no such directory")
     resolved = resolve(ModelRef(path, revision or None))
     return resolved.directory, ref
@@ -88,6 +91,8 @@ def _summary(report: CheckReport) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mergebot.check import CheckOptions, run_check
+
     if not args.max_perplexity_ratio > 0:
         raise CheckInputError("--max-perplexity-ratio must be a positive number")
     if args.max_new_tokens < 0 or args.max_eval_tokens < 2:
@@ -106,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(report.to_json())
     elif args.markdown:
+        from mergebot.check import markdown
+
         print(markdown(report), end="")
     else:
         for line in _summary(report):

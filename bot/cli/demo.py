@@ -6,7 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from mergebot.demo import run_demo
 from mergebot.cli._output import human_bytes, warn
 
 
@@ -19,6 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mergebot.demo import run_demo
+
     result = run_demo(args.dir, progress=sys.stderr.isatty())
     m = result.merge
     warn(m.warnings)

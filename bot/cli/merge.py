@@ -6,14 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from mergebot.config.dense import MergeConfig
-from mergebot.config.configfile import load
+from typing import TYPE_CHECKING
+
+from mergebot.cli._output import human_bytes, parse_size, warn
+from mergebot.config.configfile import Config, load
 from mergebot.config.moe import MoeConfig
 from mergebot.config.multi import MultiConfig
-from mergebot import pipeline
-from mergebot.builds.dense import MergeOptions, prepare
-from mergebot.engine.plan import Plan, dtype_name
-from mergebot.cli._output import human_bytes, parse_size, warn
+
+if TYPE_CHECKING:
+    from mergebot.builds.dense import MergeOptions
+    from mergebot.engine.plan import Plan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +67,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def options_from(args: argparse.Namespace) -> MergeOptions:
+    from mergebot.builds.dense import MergeOptions
+
     return MergeOptions(out_shard_size=args.out_shard_size, device="cuda" if args.cuda else args.device,
                         random_seed=args.random_seed, force=args.force, copy_tokenizer=args.copy_tokenizer,
                         progress=not args.quiet, token=args.token, threads=args.num_threads,
@@ -72,6 +76,8 @@ def options_from(args: argparse.Namespace) -> MergeOptions:
 
 
 def print_plan(plan: Plan) -> None:
+    from mergebot.engine.dtypes import dtype_name
+
     print(f"method: {plan.method.name}    donor (config.json, tokenizer): {plan.donor}")
     for key, r in plan.resolved.items():
         print(f"  input: {key}  ({'hub @ ' + r.sha if r.is_hub else r.directory})")
@@ -90,7 +96,9 @@ def print_plan(plan: Plan) -> None:
           f"estimated peak working memory {human_bytes(work + 200e6)}")
 
 
-def dry_run(cfg: MergeConfig | MoeConfig | MultiConfig, opts: MergeOptions, allow_all_same: bool) -> None:
+def dry_run(cfg: Config, opts: MergeOptions, allow_all_same: bool) -> None:
+    from mergebot.builds.dense import prepare
+
     if isinstance(cfg, MultiConfig):
         for i, stage in enumerate(cfg.stages, 1):
             label = stage.name or "result"
@@ -128,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         dry_run(cfg, opts, args.allow_all_same)
         return 0
+    from mergebot import pipeline
+
     done = pipeline.run(cfg, args.out_dir, opts, push_to=args.push_to, private=args.private,
                         create_pr=args.create_pr, license_id=args.license,
                         allow_license_risk=args.allow_license_risk, template=args.card_template)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mergebot.config.configfile import load, method_label, model_count
+from mergebot.config.configfile import load
 from mergebot.errors import MergebotError
 from mergebot.cli._output import warn
 
@@ -28,5 +28,5 @@ def run(args: argparse.Namespace) -> int:
             continue
         warn(cfg.warnings)
         note = f" (merge will refuse for now: {', '.join(cfg.pending)} not supported yet)" if cfg.pending else ""
-        print(f"ok: {path}: {method_label(cfg)}, {model_count(cfg)} model(s){note}")
+        print(f"ok: {path}: {cfg.label()}, {cfg.model_count()} model(s){note}")
     return 1 if bad else 0

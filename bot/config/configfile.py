@@ -4,17 +4,52 @@ merges separated by `---` (mergekit-multi). Total on any bytes: a config or one 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Protocol
 
-from mergebot.config.dense import MergeConfig, parse_config
-from mergebot.errors import ConfigError, MergebotError
-from mergebot.config.moe import MoeConfig, parse_moe
-from mergebot.config.multi import MultiConfig, parse_multi
+from mergebot.config.dense import parse_config
+from mergebot.config.moe import parse_moe
+from mergebot.config.multi import parse_multi
+from mergebot.config.refs import ModelRef
 from mergebot.config.yamlsafe import YamlDoc, load_file, oneline
+from mergebot.errors import ConfigError, MergebotError
 
-AnyConfig = MergeConfig | MoeConfig | MultiConfig
+
+class Config(Protocol):
+    """What every config kind declares: a merge (dense.MergeConfig), a mergekit-moe (moe.MoeConfig) or a
+    mergekit-multi file (multi.MultiConfig). Callers use these and never ask which kind they hold; a build
+    (mergebot.builds) is chosen by `kind`."""
+
+    kind: str  # "merge" | "moe" | "multi"
+    file: str
+    text: str
+    warnings: list[str]
+
+    @property
+    def doc(self) -> YamlDoc | None: ...  # the (result's) YAML document, for line numbers
+
+    @property
+    def hub_repo(self) -> str | None: ...
+
+    @property
+    def method_name(self) -> str: ...
+
+    @property
+    def base_model(self) -> ModelRef | None: ...
+
+    @property
+    def pending(self) -> list[str]: ...  # valid language the engine refuses for now
+
+    @property
+    def sha256(self) -> str: ...
+
+    def referenced_models(self) -> list[ModelRef]: ...
+
+    def label(self) -> str: ...  # the method, as `mergebot validate` names it
+
+    def model_count(self) -> int: ...
 
 
-def load(path: str | Path) -> AnyConfig:
+def load(path: str | Path) -> Config:
     """Read, parse and validate a config file (no models, no network)."""
     try:
         return _load(path)
@@ -29,7 +64,7 @@ def load(path: str | Path) -> AnyConfig:
                                                          f"{e}); please report this config")) from None
 
 
-def _load(path: str | Path) -> AnyConfig:
+def _load(path: str | Path) -> Config:
     text, docs = load_file(path)
     if len(docs) > 1:  # mergekit-multi (§5.7)
         return parse_multi(docs, text, str(path))
@@ -37,18 +72,3 @@ def _load(path: str | Path) -> AnyConfig:
     if isinstance(doc.data, dict) and "experts" in doc.data:
         return parse_moe(doc, text)
     return parse_config(text, str(path), doc)
-
-
-def method_label(cfg: AnyConfig) -> str:
-    if isinstance(cfg, MultiConfig):
-        return (f"{len(cfg.stages)} merges (" + " -> ".join(f"{s.name or 'result'}: {method_label(s.cfg)}"
-                                                          for s in cfg.stages) + ")")
-    return f"moe ({cfg.gate_mode} gates)" if isinstance(cfg, MoeConfig) else cfg.method_name
-
-
-def model_count(cfg: AnyConfig) -> int:
-    if isinstance(cfg, MultiConfig):
-        return len(cfg.referenced_models())
-    if isinstance(cfg, MoeConfig):
-        return len({str(e.source_model) for e in cfg.experts} | {str(cfg.base_model)})
-    return len(cfg.referenced_models())

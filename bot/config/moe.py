@@ -1,6 +1,6 @@
 """mergekit-moe configs (merge-semantics.md §3.1, §3.2): parse and validate, with no models and no network.
 
-The builder is bot/moe.py; this module is what `mergebot validate` needs.
+The builder is mergebot.builds.moe; this module is what `mergebot validate` needs.
 """
 
 from __future__ import annotations
@@ -9,9 +9,11 @@ import difflib
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from mergebot.config.dense import DTYPES, ModelRef, check_tokenizer_source, parse_ref, unknown_keys
+from mergebot.config.refs import ModelRef, parse_ref
+from mergebot.config.shared import check_tokenizer_source, unknown_keys
+from mergebot.config.spec import DTYPE_NAMES
 from mergebot.config.params import MAX_MAGNITUDE
 from mergebot.config.yamlsafe import YamlDoc, short
 
@@ -36,6 +38,9 @@ class Expert:
 
 @dataclass
 class MoeConfig:
+    """A validated mergekit-moe config (§3.1)."""
+
+    kind: ClassVar[str] = "moe"
     file: str
     text: str
     base_model: ModelRef
@@ -61,6 +66,13 @@ class MoeConfig:
         for e in self.experts + self.shared_experts:
             seen.setdefault(str(e.source_model), e.source_model)
         return list(seen.values())
+
+    def label(self) -> str:
+        return f"moe ({self.gate_mode} gates)"
+
+    def model_count(self) -> int:
+        """The base and the routed experts (a shared expert is not counted)."""
+        return len({str(e.source_model) for e in self.experts} | {str(self.base_model)})
 
 
 def _strings(doc: YamlDoc, path: tuple[Any, ...], value: Any) -> list[str]:
@@ -142,8 +154,8 @@ def parse_moe(doc: YamlDoc, text: str) -> MoeConfig:
         if len(experts) > 1 and len(prompt_sets) == 1:
             raise doc.error(("experts",), "every expert has the same prompts: the router could not tell them apart")
     dtype = data.get("dtype")
-    if dtype is not None and (not isinstance(dtype, str) or dtype.removeprefix("torch.") not in DTYPES):
-        raise doc.error(("dtype",), f"unknown dtype {short(dtype)} (one of {', '.join(DTYPES)})")
+    if dtype is not None and (not isinstance(dtype, str) or dtype.removeprefix("torch.") not in DTYPE_NAMES):
+        raise doc.error(("dtype",), f"unknown dtype {short(dtype)} (one of {', '.join(DTYPE_NAMES)})")
     arch = data.get("architecture")
     if arch is not None and (not isinstance(arch, str) or not any(a.startswith(arch.lower()) for a in ARCHITECTURES)):
         raise doc.error(("architecture",),

@@ -20,10 +20,11 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
-from mergebot.config.dense import MergeConfig, ModelRef, parse_config
+from mergebot.config.dense import MergeConfig, parse_config
 from mergebot.config.moe import MoeConfig, parse_moe
+from mergebot.config.refs import ModelRef
 from mergebot.config.yamlsafe import YamlDoc, short
 
 NAME = "name"
@@ -38,7 +39,10 @@ class Stage:
 
 @dataclass
 class MultiConfig:
-    """The stages in build order; the file's result last."""
+    """The stages in build order; the file's result last. What the other kinds hold themselves (doc, hub_repo,
+    method, base model) is the result stage's."""
+
+    kind: ClassVar[str] = "multi"
 
     file: str
     text: str
@@ -86,6 +90,13 @@ class MultiConfig:
                 if ref.path not in self.names:
                     seen.setdefault(str(ref), ref)
         return list(seen.values())
+
+    def label(self) -> str:
+        return (f"{len(self.stages)} merges (" + " -> ".join(f"{s.name or 'result'}: {s.cfg.label()}"
+                                                           for s in self.stages) + ")")
+
+    def model_count(self) -> int:
+        return len(self.referenced_models())
 
 
 def parse_multi(docs: list[YamlDoc], text: str, file: str) -> MultiConfig:

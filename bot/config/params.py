@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from mergebot.engine.methods.base import Param
+from mergebot.config.spec import Param
 from mergebot.config.yamlsafe import YamlDoc, short
 
 # Numbers no merge needs, refused when the config is read: a weight of 1e300 overflows every tensor, an

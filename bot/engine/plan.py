@@ -15,10 +15,15 @@ from typing import Any
 import torch
 
 from mergebot.engine import architecture as arch
-from mergebot.config.dense import MergeConfig, ModelRef, Slice, Source, slice_inputs
+from mergebot.config.dense import MergeConfig, Slice, Source
+from mergebot.config.refs import ModelRef
+from mergebot.config.spec import REQUIRED
+from mergebot.config.yamlsafe import keypath
+from mergebot.engine.dtypes import dtype_name, torch_dtype
+from mergebot.engine.methods import METHODS
 from mergebot.errors import ConfigError, ModelError
 from mergebot.io.weights import ModelWeights
-from mergebot.engine.methods.base import REQUIRED, MergeMethod
+from mergebot.engine.methods.base import MergeMethod
 from mergebot.config.params import resolve
 from mergebot.hub.fetch import ResolvedModel
 from mergebot.tokenizer.vocab import plan_alignment, set_vocab_size
@@ -89,14 +94,9 @@ def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
     return out
 
 
-def dtype_name(d: torch.dtype) -> str:
-    return str(d).removeprefix("torch.")
-
-
 def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: dict[str, ModelWeights], *,
                vocab: Any = None) -> Plan:
-    method = cfg.method
-    assert method is not None
+    method = METHODS[cfg.method_name]
     donor_ref = cfg.base_model or cfg.referenced_models()[0]
     donor = str(donor_ref)
     layouts = {key: arch.infer_layout(list(w.tensors), resolved[key].config) for key, w in weights.items()}
@@ -105,7 +105,7 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
 
     slices: list[tuple[Slice, list[Source], ModelRef | None, list[tuple[int, int]]]] = []
     for s in cfg.slices:
-        sources, base = slice_inputs(cfg, s)
+        sources, base = cfg.slice_inputs(s)
         ranges = []
         for src in sources:
             mlay = layouts[str(src.model)]
@@ -114,7 +114,7 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
             else:
                 a, b = src.layer_range
                 if b > mlay.num_layers:
-                    raise ConfigError(cfg.file, _kp(src.path + ("layer_range",)), cfg.doc.line(src.path + ("layer_range",)),
+                    raise ConfigError(cfg.file, keypath(src.path + ("layer_range",)), cfg.doc.line(src.path + ("layer_range",)),
                                       f"layer_range [{a}, {b}] is out of range: {src.model} has {mlay.num_layers} layers")
                 ranges.append((a, b))
         lengths = {b - a for a, b in ranges}
@@ -149,7 +149,7 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
                          vocab=vocab))
 
     out_config = dict(resolved[donor].config)
-    out_dtype = cfg.out_dtype or cfg.dtype or (jobs[0].out_dtype if jobs else torch.float32)
+    out_dtype = torch_dtype(cfg.out_dtype or cfg.dtype) or (jobs[0].out_dtype if jobs else torch.float32)
     out_config["torch_dtype"] = dtype_name(out_dtype)
     if "dtype" in out_config:
         out_config["dtype"] = dtype_name(out_dtype)
@@ -208,7 +208,7 @@ def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, ModelWeights]
                          + (" (the vocabularies differ: set tokenizer_source: union, base or a model, or a "
                             "tokenizer: section, to align them)"
                             if "embed" in out_name or "lm_head" in out_name else ""))
-    in_dtypes = [cfg.dtype or inf.dtype for inf in infos]
+    in_dtypes = [torch_dtype(cfg.dtype) or inf.dtype for inf in infos]
     promoted = _promote(in_dtypes)
     shape = (vocab.padded, *infos[0].shape[1:]) if is_vocab else infos[0].shape
     if is_vocab and not promoted.is_floating_point:
@@ -217,7 +217,7 @@ def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, ModelWeights]
         return [TensorJob(out_name, shape, promoted, promoted, inputs, None, {}, [{}] * len(inputs), t, copy=True,
                           align=align)]
     compute = torch.float64 if promoted == torch.float64 else torch.float32
-    out_dtype = cfg.out_dtype or promoted
+    out_dtype = torch_dtype(cfg.out_dtype) or promoted
     base_idx = next((j for j, i in enumerate(inputs) if i.is_base), None)
     if method.base == "required" and base_idx is None:
         if method.singleton_passthrough and len(inputs) == 1:
@@ -225,7 +225,7 @@ def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, ModelWeights]
         raise ModelError(f"the base model is missing tensor {out_name!r}, which {method.name} needs")
     if method.name != "passthrough" and len(inputs) == 1 and method.singleton_passthrough:
         return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True, align=align)]
-    policy = method.extra.get("optional_policy")  # §2.0 optional-tensor policies
+    policy = method.optional_policy  # §2.0 optional-tensor policies
     if policy == "passthrough_base_singleton" and len(inputs) == 1 and base_idx == 0:
         return [TensorJob(out_name, shape, out_dtype, compute, inputs, None, {}, [{}], t, copy=True, align=align)]
     if policy == "base_or_skip" and len(inputs) < method.min_inputs:
@@ -253,12 +253,7 @@ def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, ModelWeights]
                 raise ModelError(f"missing required parameter {p.name!r} for {src.model}, tensor {inp.tensor!r} "
                                  "(no filter matched it; add a fallback entry without 'filter')")
             per_input[j][p.name] = v
-    check = method.extra.get("validate")
+    check = method.validate
     if check is not None:  # method-specific parameter checks, before anything is written
         check(out_name, shared, per_input, models=[i.model for i in inputs])
     return [TensorJob(out_name, shape, out_dtype, compute, inputs, base_idx, shared, per_input, t, align=align)]
-
-
-def _kp(path) -> str:
-    from mergebot.config.yamlsafe import keypath
-    return keypath(path)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mergebot.io import confine
-from mergebot.config.dense import ModelRef
+from mergebot.config.refs import ModelRef, is_repo_id
 from mergebot.errors import ModelError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -54,7 +54,7 @@ def is_local(ref: ModelRef, search: list[Path]) -> Path | None:
     named = _NAMED.get().get(ref.path)
     if named is not None:
         return named
-    if confine.workspace() is not None and not looks_like_repo_id(ref.path):
+    if confine.workspace() is not None and not is_repo_id(ref.path):
         confine.local_reference(ref.path, str(ref))  # in the Action: inside the workspace, or refused
     p = Path(ref.path).expanduser()
     candidates = [p] if p.is_absolute() else [Path.cwd() / p] + [d / p for d in search]
@@ -68,11 +68,6 @@ def is_local(ref: ModelRef, search: list[Path]) -> Path | None:
     return None
 
 
-def looks_like_repo_id(path: str) -> bool:
-    """`owner/name` or `name`, not a filesystem path (§6: '/' or '~' prefix or more than one '/')."""
-    return not (path.startswith(("/", "~", ".")) or path.count("/") > 1 or "\\" in path)
-
-
 def resolve(ref: ModelRef, search: list[Path] | None = None, *, download: bool = True,
             token: str | None = None) -> ResolvedModel:
     """Find a model's files; for Hub models pin the revision to a commit sha and download what is needed."""
@@ -82,7 +77,7 @@ def resolve(ref: ModelRef, search: list[Path] | None = None, *, download: bool =
             raise ModelError(f"{ref}: a revision (@{ref.revision}) only applies to Hub models; {local} is a local directory")
         confine.audit(local, str(ref))
         return ResolvedModel(ref, local, False, None, _read_config(local, str(ref)))
-    if not looks_like_repo_id(ref.path):
+    if not is_repo_id(ref.path):
         raise ModelError(f"{ref}: no such local directory, and not a Hugging Face repo id")
     return _from_hub(ref, download=download, token=token)
 

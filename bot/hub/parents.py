@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from mergebot.config.refs import looks_local, split_ref
 from mergebot.io import confine
 from mergebot.errors import ConfigError, MergebotError, ModelError
 from mergebot.config.yamlsafe import load_front_matter
@@ -57,21 +58,6 @@ class ParentInfo:
     def repo_id(self) -> str:
         """The path or Hub id without `@revision` / `+lora` (what `base_model` and links need)."""
         return split_ref(self.ref)[0]
-
-
-def split_ref(ref: str) -> tuple[str, str | None, str | None]:
-    """Config ref syntax `path[@revision][+lora]` (merge-semantics.md §1.1) -> (path, revision, lora)."""
-    model, _, lora = ref.partition("+")
-    path, _, revision = model.partition("@")
-    return path, revision or None, lora or None
-
-
-def looks_local(ref: str) -> bool:
-    """mergekit's rule (merge-semantics.md §6): absolute, home-relative, dotted or multi-slash paths are local;
-    so is anything that exists on disk (we never ask the Hub, to stay offline-friendly)."""
-    if ref.startswith(("/", "~", "./", "../")) or ref.count("/") > 1:  # "gpt2" is a (legacy) Hub id
-        return True
-    return Path(ref).exists()
 
 
 def _as_list(value: Any) -> list[str]:

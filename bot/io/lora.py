@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from mergebot.config.dense import ModelRef
+from mergebot.config.refs import ModelRef, is_repo_id
 from mergebot.errors import ModelError
 from mergebot.io.weights import ModelWeights, TensorInfo, load_bin_tensors
-from mergebot.hub.fetch import ResolvedModel, is_local, looks_like_repo_id, read_json_object
+from mergebot.hub.fetch import ResolvedModel, is_local, read_json_object
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
@@ -66,7 +66,7 @@ def resolve_adapter(ref: ModelRef, search: list[Path] | None = None, *, download
             raise ModelError(f"LoRA {ref}: a revision (@{ref.revision}) only applies to Hub repos; "
                              f"{local} is a local directory")
         return ResolvedModel(ref, local, False, None, _adapter_config(local, ref))
-    if not looks_like_repo_id(ref.path):
+    if not is_repo_id(ref.path):
         raise ModelError(f"LoRA {ref}: no such local directory, and not a Hugging Face repo id")
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,

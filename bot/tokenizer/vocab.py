@@ -25,7 +25,8 @@ import torch
 
 from mergebot.engine import architecture as arch
 from mergebot.io import confine
-from mergebot.config.dense import MergeConfig, ModelRef, parse_ref_string
+from mergebot.config.dense import MergeConfig
+from mergebot.config.refs import ModelRef, RefSyntaxError, parse_ref_text
 from mergebot.errors import ModelError
 from mergebot.hub.fetch import ResolvedModel, is_local, resolve
 
@@ -159,8 +160,8 @@ def _match_model(text: str, resolved: dict[str, ResolvedModel], search: list[Pat
     if text in resolved:
         return text
     try:
-        key = str(parse_ref_string(_NoDoc(), (), text))
-    except ModelError:
+        key = str(parse_ref_text(text))
+    except RefSyntaxError:
         return None
     if key in resolved:
         return key
@@ -170,13 +171,6 @@ def _match_model(text: str, resolved: dict[str, ResolvedModel], search: list[Pat
             if not r.is_hub and r.directory == local:
                 return k
     return None
-
-
-class _NoDoc:
-    """Just enough of YamlDoc for parse_ref_string outside a YAML document."""
-
-    def error(self, path, msg):
-        return ModelError(msg)
 
 
 # ----------------------------------------------------------------------------------------- building
@@ -259,8 +253,8 @@ def build_output_vocab(cfg: MergeConfig, resolved: dict[str, ResolvedModel], *, 
             mdir = resolved[mkey].directory
         else:
             try:
-                ref = parse_ref_string(_NoDoc(), (), model_text)
-            except ModelError as e:
+                ref = parse_ref_text(model_text)
+            except RefSyntaxError as e:
                 raise ModelError(f"{cfg.file}: tokenizer source {model_text!r}: {e}") from None
             mdir = resolve(ref, search, token=token, download=download).directory
         md = load_tokenizer_json(mdir)

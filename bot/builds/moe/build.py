@@ -23,7 +23,8 @@ import torch
 from mergebot import __version__
 from mergebot.io import confine
 from mergebot.builds.moe import layout as L
-from mergebot.config.dense import DTYPES, ModelRef, parse_ref
+from mergebot.config.refs import ModelRef, parse_ref
+from mergebot.engine.dtypes import TORCH_DTYPES, dtype_name
 from mergebot.errors import ConfigError, ModelError, NotSupportedYet
 from mergebot.engine.executor import RunStats
 from mergebot.io.weights import ModelWeights
@@ -31,7 +32,6 @@ from mergebot.builds.dense import MergeOptions, peak_rss, pick_device, streamed_
 from mergebot.config.moe import Expert, MoeConfig
 from mergebot.builds.moe.gates import NOISE_CHUNK, GateVectors, compute_gates, normal, special_token
 from mergebot.io.output import check_target, copy_donor_files, staged_output, write_json
-from mergebot.engine.plan import dtype_name
 from mergebot.hub.fetch import TOKENIZER_FILES, ResolvedModel, resolve
 from mergebot.io.writer import ShardedWriter, ShardEntry
 from mergebot.config.yamlsafe import keypath, load_yaml
@@ -227,8 +227,8 @@ def _dim(cfg: dict, key: str, label: str) -> int:
 def _out_dtype(cfg: MoeConfig, base: ResolvedModel, bw: ModelWeights) -> torch.dtype:
     """Config `dtype`, else the base config's torch_dtype (v5: dtype), else the base's embedding dtype."""
     name = cfg.dtype or base.config.get("torch_dtype") or base.config.get("dtype")
-    if isinstance(name, str) and name.removeprefix("torch.") in DTYPES:
-        d = DTYPES[name.removeprefix("torch.")]
+    if isinstance(name, str) and name.removeprefix("torch.") in TORCH_DTYPES:
+        d = TORCH_DTYPES[name.removeprefix("torch.")]
     else:
         d = next((t.dtype for t in bw.tensors.values() if t.dtype.is_floating_point), torch.float32)
     if not d.is_floating_point:

@@ -1,14 +1,16 @@
-"""The method table: every module in this package that defines `METHOD` or `METHODS` is registered.
+"""The kernels: every module in this package that defines `METHOD` or `METHODS` is registered.
 
-Adding a method means adding one module (and its test); nothing else changes.
+A method is declared in mergebot.config.methods (its parameters, its contract, its card name: what
+`mergebot validate` reads without torch) and computed by one module here; each side refuses to run without
+the other. Adding a method: one kernel module (and its test), plus its row in that table.
 """
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 
+from mergebot.config.methods import SPECS
 from mergebot.engine.methods.base import MergeMethod
 
 
@@ -24,17 +26,13 @@ def _discover() -> dict[str, MergeMethod]:
         for method in found:
             if method.name in table:
                 raise RuntimeError(f"merge method {method.name!r} registered twice")
+            if SPECS.get(method.name) is None:
+                raise RuntimeError(f"merge method {method.name!r} has a kernel but no row in mergebot.config.methods")
             table[method.name] = method
+    missing = sorted(set(SPECS) - set(table))
+    if missing:
+        raise RuntimeError(f"merge methods {', '.join(missing)} are declared but have no kernel module")
     return table
 
 
 METHODS: dict[str, MergeMethod] = _discover()
-
-# Names mergekit 0.1.5 registers (merge-semantics.md §2.0) whose modules have not landed yet: none left.
-PLANNED: tuple[str, ...] = ()
-
-
-def closest(name: str) -> str | None:
-    """The registered (or planned) method name closest to a misspelling."""
-    hits = difflib.get_close_matches(name, list(METHODS) + list(PLANNED), n=1, cutoff=0.5)
-    return hits[0] if hits else None

@@ -21,6 +21,7 @@ import torch
 
 from mergebot.engine import rng
 from mergebot.engine.methods._rows import map_rows, row_blocks
+from mergebot.config.methods import SPECS
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 QUANTILE_SAMPLE_SIZE = 1_000_000
@@ -103,19 +104,5 @@ def _streamed(call: MergeCall, other: int, key: int | None) -> torch.Tensor:
     return map_rows(call, block)
 
 
-METHOD = MergeMethod(
-    name="arcee_fusion",
-    pretty="Arcee Fusion",
-    url="https://arcee.ai",
-    params=(),
-    base="required",
-    apply=_apply,
-    chunkable=False,
-    uses_rng=True,  # only tensors above QUANTILE_SAMPLE_SIZE elements draw
-    min_inputs=2,
-    max_inputs=2,
-    min_non_base=1,
-    max_non_base=1,
-    singleton_passthrough=True,  # §2.0 PASSTHROUGH_SINGLETON
-    extra={"optional_policy": "passthrough_singleton"},
-)
+# not chunkable; uses_rng: only tensors above QUANTILE_SAMPLE_SIZE elements draw
+METHOD = MergeMethod.of(SPECS["arcee_fusion"], apply=_apply, chunkable=False, uses_rng=True)

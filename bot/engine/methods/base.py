@@ -9,33 +9,14 @@ are exact (mergebot.engine.exact), so a result never depends on how the tensor w
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
+from mergebot.config.spec import MethodSpec
 from mergebot.engine.exact import Sums
-
-REQUIRED = object()  # sentinel: parameter has no default
-
-Scope = Literal["shared", "input", "non_base"]
-BasePolicy = Literal["required", "optional", "ignored", "forbidden"]
-
-
-@dataclass(frozen=True)
-class Param:
-    """A declared parameter (§1.3): its type drives validation and gradient interpolation."""
-
-    name: str
-    type: type  # float | int | bool | str
-    scope: Scope
-    default: Any = REQUIRED
-    lo: float | None = None  # inclusive bounds for numeric values
-    hi: float | None = None
-
-    @property
-    def required(self) -> bool:
-        return self.default is REQUIRED
 
 
 @dataclass
@@ -60,35 +41,27 @@ class MergeCall:
         return [i for i in range(len(self.xs)) if i != self.base]
 
 
-@dataclass(frozen=True)
-class MergeMethod:
-    """One registered method: metadata for cards and checks, plus its kernel."""
+@dataclass(frozen=True, kw_only=True)
+class MergeMethod(MethodSpec):
+    """One registered method: its declaration (mergebot.config.methods) plus its kernel."""
 
-    name: str
-    pretty: str
-    url: str | None
-    params: tuple[Param, ...]
-    base: BasePolicy
     apply: Callable[[MergeCall, torch.Tensor | None], torch.Tensor]
     reduce: Callable[[MergeCall], Sums] | None = None  # exact sums, added over chunks (mergebot.engine.exact)
     chunkable: bool = True  # False: needs the whole tensor at once
+    # Whether this call may be split into chunks, decided from its parameters (None: `chunkable` decides).
+    chunkable_when: Callable[[dict[str, Any], list[dict[str, Any]]], bool] | None = None
     uses_rng: bool = False
-    min_inputs: int = 1
-    max_inputs: int | None = None
-    min_non_base: int = 0
-    max_non_base: int | None = None
-    singleton_passthrough: bool = False  # §2.0 PASSTHROUGH_SINGLETON for optional tensors
     fuse: bool = True  # benefits from torch.compile (False: a fast in-place eager form exists)
     whole_max: int = 0  # tensors up to this many elements always come whole, never in chunks
-    extra: dict[str, Any] = field(default_factory=dict)
 
-    def param(self, name: str) -> Param | None:
-        return next((p for p in self.params if p.name == name), None)
+    @classmethod
+    def of(cls, spec: MethodSpec, **kernel: Any) -> MergeMethod:
+        """The declared method `spec` with its kernel (the fields above)."""
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(spec)}, **kernel)
 
     def chunkable_for(self, shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:
         """Whether this call may be split into chunks (a method may decide from its parameters)."""
-        hook = self.extra.get("chunkable_for")
-        return hook(shared, per_input) if hook else self.chunkable
+        return self.chunkable_when(shared, per_input) if self.chunkable_when else self.chunkable
 
     def merge(self, call: MergeCall) -> torch.Tensor:
         """The whole-tensor result: reduce over the single chunk, then apply."""

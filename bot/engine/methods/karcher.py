@@ -28,9 +28,10 @@ import math
 
 import torch
 
-from mergebot.engine.methods._sparsify_more import gram, lincomb
+from mergebot.engine.methods._linalg import gram, lincomb
 from mergebot.engine.exact import Sums
-from mergebot.engine.methods.base import MergeCall, MergeMethod, Param
+from mergebot.config.methods import SPECS
+from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 
 def coefficients(g: torch.Tensor, max_iter: int, tol: float) -> list[float]:
@@ -140,14 +141,4 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     return lincomb(call.xs, beta, call.dtype)
 
 
-METHOD = MergeMethod(
-    name="karcher",
-    pretty="Karcher Mean",
-    url="https://arxiv.org/abs/2603.04972",
-    params=(Param("max_iter", int, "shared", 10, lo=0, hi=1000), Param("tol", float, "shared", 1e-5)),
-    base="ignored",
-    apply=_apply,
-    reduce=_reduce,
-    min_inputs=1,
-    whole_max=MERGEKIT_FORM_MAX,
-)
+METHOD = MergeMethod.of(SPECS["karcher"], apply=_apply, reduce=_reduce, whole_max=MERGEKIT_FORM_MAX)

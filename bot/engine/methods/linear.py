@@ -5,13 +5,11 @@ tensor by the planner) instead of writing inf/NaN tensors."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from mergebot.errors import ModelError
 from mergebot.engine.fuse import enabled, fusable, scratch
-from mergebot.engine.methods.base import MergeCall, MergeMethod, Param
+from mergebot.config.methods import SPECS
+from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 
 @fusable
@@ -38,38 +36,10 @@ def weighted_sum_into(xs: list[torch.Tensor], weights: list[float], divisor: flo
 
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     weights = [float(p["weight"]) for p in call.per_input]
-    divisor = sum(weights) if call.shared["normalize"] else 1.0  # Σw = 0 was refused by `validate` below
+    divisor = sum(weights) if call.shared["normalize"] else 1.0  # Σw = 0 was refused (config.methods)
     if call.out is not None and not enabled():
         return weighted_sum_into(call.xs, weights, divisor, call.dtype, call.out)
     return weighted_sum(call.xs, weights, divisor, call.dtype, call.out_dtype, out=call.out)
 
 
-def check_weight_sum(method: str, key: str, shared: dict[str, Any], weights: list[Any], where: str) -> None:
-    """Normalising by Σw = 0 writes inf/NaN tensors (mergekit has no guard, §2.1): refuse it before anything is
-    written. A weight of None (at validate time: it depends on a filter) means "not known": nothing to check."""
-    if shared.get(key) is not True or not weights or any(w is None for w in weights):
-        return
-    total = sum(float(w) for w in weights)
-    if abs(total) < 1e-8:
-        raise ModelError(f"{method}{where}: the weights ({', '.join(f'{float(w):g}' for w in weights)}) sum to "
-                         f"{total:g} and {key}: true divides by that sum; use weights that do not cancel, or set "
-                         f"{key}: false")
-
-
-def validate(name: str, shared: dict[str, Any], per_input: list[dict[str, Any]],
-             models: list[str] | None = None) -> None:
-    """Plan-time check of one tensor's resolved parameters (extra["validate"])."""
-    check_weight_sum("linear", "normalize", shared, [p.get("weight") for p in per_input],
-                     f" (tensor {name!r})" if name else "")
-
-
-METHOD = MergeMethod(
-    name="linear",
-    pretty="Linear",
-    url="https://arxiv.org/abs/2203.05482",
-    params=(Param("weight", float, "input"), Param("normalize", bool, "shared", True)),
-    base="ignored",
-    apply=_apply,
-    fuse=False,
-    extra={"validate": validate},
-)
+METHOD = MergeMethod.of(SPECS["linear"], apply=_apply, fuse=False)

@@ -10,7 +10,7 @@ t = N·cos/(1+(N−1)·cos) with N the number of non-base models, and t = 0 when
   rows (not chunkable): the method gets the whole tensor and merges it block by block of whole dim-0 slices
   (`_rows`), so memory stays near one block whatever the tensor size.
 
-Optional tensors follow §2.0 BASE_OR_SKIP (extra["optional_policy"]): with fewer than 3 inputs the base is
+Optional tensors follow §2.0 BASE_OR_SKIP (its `optional_policy`, mergebot.config.methods): with fewer than 3 inputs the base is
 copied when only the base has the tensor, otherwise the tensor is dropped with a warning (the planner's job).
 """
 
@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from mergebot.engine.methods._rows import map_rows
-from mergebot.engine.methods._sparsify_more import gram
+from mergebot.engine.methods._linalg import gram
 from mergebot.engine.exact import Sums
-from mergebot.engine.methods.base import MergeCall, MergeMethod, Param
+from mergebot.config.methods import SPECS
+from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 NORM_EPS = 1e-6
 SINGULAR_EPS = 1e-6
@@ -99,15 +100,4 @@ def _chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> b
     return not shared.get("filter_wise", False)
 
 
-METHOD = MergeMethod(
-    name="model_stock",
-    pretty="Model Stock",
-    url="https://arxiv.org/abs/2403.19522",
-    params=(Param("filter_wise", bool, "shared", False),),
-    base="required",
-    apply=_apply,
-    reduce=_reduce,
-    min_inputs=3,
-    min_non_base=2,
-    extra={"chunkable_for": _chunkable_for, "optional_policy": "base_or_skip"},
-)
+METHOD = MergeMethod.of(SPECS["model_stock"], apply=_apply, reduce=_reduce, chunkable_when=_chunkable_for)

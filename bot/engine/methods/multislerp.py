@@ -14,15 +14,14 @@ more accurate than mergekit's input-dtype computation (equal within float32 roun
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from mergebot.errors import ModelError
-from mergebot.engine.methods._sparsify_more import gram, lincomb, tensor_label
+from mergebot.engine.methods._linalg import gram, lincomb, tensor_label
 from mergebot.engine.exact import Sums
-from mergebot.engine.methods.base import MergeCall, MergeMethod, Param
-from mergebot.engine.methods.linear import check_weight_sum
+from mergebot.config.methods import SPECS
+from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 
 def _vectors(call: MergeCall) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -76,27 +75,4 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     return out if base is None else base + out
 
 
-def validate(name: str, shared: dict[str, Any], per_input: list[dict[str, Any]],
-             models: list[str] | None = None) -> None:
-    """Plan-time: normalize_weights divides by Σw (§2.4); the base has no weight, one model is returned as is."""
-    weights = [p.get("weight") for p in per_input if "weight" in p]
-    if len(weights) >= 2:
-        check_weight_sum("multislerp", "normalize_weights", shared, weights, f" (tensor {name!r})" if name else "")
-
-
-METHOD = MergeMethod(
-    name="multislerp",
-    pretty="Multi-SLERP",
-    url="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
-    params=(
-        Param("weight", float, "non_base"),
-        Param("normalize_weights", bool, "shared", True),
-        Param("eps", float, "shared", 1e-8),
-    ),
-    base="optional",
-    apply=_apply,
-    reduce=_reduce,
-    min_inputs=1,
-    min_non_base=1,
-    extra={"validate": validate},
-)
+METHOD = MergeMethod.of(SPECS["multislerp"], apply=_apply, reduce=_reduce)

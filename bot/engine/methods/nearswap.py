@@ -3,7 +3,7 @@
 w = clamp(t / max(|base − x|, 1e-6), 0, 1), out = w·x + (1−w)·base, elementwise (streams any size).
 t = 0 gives the base; entries closer than t to the base become x; distant ones move by about t.
 
-Optional tensors follow §2.0 PASSTHROUGH_BASE_SINGLETON (extra["optional_policy"]): a tensor only the base
+Optional tensors follow §2.0 PASSTHROUGH_BASE_SINGLETON (its `optional_policy`, mergebot.config.methods): a tensor only the base
 has is copied from the base; one that only the other model has is an error (the planner's job).
 """
 
@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from mergebot.engine.methods.base import MergeCall, MergeMethod, Param
+from mergebot.config.methods import SPECS
+from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 DIST_EPS = 1e-6
 
@@ -24,16 +25,4 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     return w * x + (1.0 - w) * base
 
 
-METHOD = MergeMethod(
-    name="nearswap",
-    pretty="NearSwap",
-    url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
-    params=(Param("t", float, "shared"),),
-    base="required",
-    apply=_apply,
-    min_inputs=2,
-    max_inputs=2,
-    min_non_base=1,
-    max_non_base=1,
-    extra={"optional_policy": "passthrough_base_singleton"},
-)
+METHOD = MergeMethod.of(SPECS["nearswap"], apply=_apply)

@@ -28,7 +28,8 @@ import torch
 
 from mergebot.engine.methods._rows import map_rows, row_blocks
 from mergebot.engine.exact import Sums
-from mergebot.engine.methods.base import MergeCall, MergeMethod, Param
+from mergebot.config.methods import SPECS
+from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 EPS = 1e-8
 NORM_EPS = 1e-7
@@ -138,22 +139,4 @@ def _chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> b
     return bool(shared.get("nuslerp_flatten", True))
 
 
-METHOD = MergeMethod(
-    name="nuslerp",
-    pretty="NuSLERP",
-    url=None,
-    params=(
-        Param("weight", float, "non_base"),
-        Param("nuslerp_flatten", bool, "shared", True),
-        Param("nuslerp_row_wise", bool, "shared", False),
-    ),
-    base="optional",
-    apply=_apply,
-    reduce=_reduce,
-    min_inputs=2,
-    max_inputs=3,
-    min_non_base=2,
-    max_non_base=2,
-    singleton_passthrough=True,  # §2.0 PASSTHROUGH_SINGLETON
-    extra={"chunkable_for": _chunkable_for, "optional_policy": "passthrough_singleton"},
-)
+METHOD = MergeMethod.of(SPECS["nuslerp"], apply=_apply, reduce=_reduce, chunkable_when=_chunkable_for)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from mergebot.engine.methods.base import MergeCall, MergeMethod, Param
+from mergebot.config.methods import SPECS
+from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
@@ -15,12 +16,4 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     return x.to(call.dtype) * float(scale)
 
 
-METHOD = MergeMethod(
-    name="passthrough",
-    pretty="Passthrough",
-    url=None,
-    params=(Param("scale", float, "input", None),),
-    base="ignored",
-    apply=_apply,
-    max_inputs=1,
-)
+METHOD = MergeMethod.of(SPECS["passthrough"], apply=_apply)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from mergebot.engine.exact import Sums
-from mergebot.engine.methods.base import MergeCall, MergeMethod, Param
+from mergebot.config.methods import SPECS
+from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 
 def _parts(call: MergeCall):
@@ -81,25 +82,6 @@ def _apply_plus(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
 
 
 METHODS = [
-    MergeMethod(
-        name="ram",
-        pretty="Reinforced Agent Merging",
-        url="https://arxiv.org/abs/2601.13572",
-        params=(Param("epsilon", float, "shared", 1e-5),),
-        base="required",
-        apply=_apply_ram,
-    ),
-    MergeMethod(
-        name="ramplus_tl",
-        pretty="Reinforced Agent Merging Plus (Tensor-Local)",
-        url="https://arxiv.org/abs/2601.13572",
-        params=(
-            Param("r", float, "shared", 0.1),
-            Param("alpha", float, "shared", 0.2),
-            Param("epsilon", float, "shared", 1e-5),
-        ),
-        base="required",
-        apply=_apply_plus,
-        reduce=_reduce_plus,
-    ),
+    MergeMethod.of(SPECS["ram"], apply=_apply_ram),
+    MergeMethod.of(SPECS["ramplus_tl"], apply=_apply_plus, reduce=_reduce_plus),
 ]

@@ -22,8 +22,9 @@ import torch
 
 from mergebot.engine.methods import _sparsify
 from mergebot.engine.exact import Sums
-from mergebot.engine.methods.base import MergeCall, MergeMethod, Param
-from mergebot.engine.methods.task_arithmetic import mergekit_precision
+from mergebot.config.methods import SPECS
+from mergebot.engine.methods.base import MergeCall, MergeMethod
+from mergebot.engine.methods.task_arithmetic.combine import mergekit_precision
 
 UNIFORM_EPS = 1e-6
 DIV_EPS = 1e-6
@@ -158,16 +159,4 @@ def _chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> b
     return float(shared.get("select_topk", 1.0)) >= 1
 
 
-METHOD = MergeMethod(
-    name="sce",
-    pretty="SCE",
-    url="https://arxiv.org/abs/2408.07990",
-    params=(
-        Param("select_topk", float, "shared", 1.0),
-        Param("int8_mask", bool, "shared", False),  # no numerical effect (§2.8)
-    ),
-    base="required",
-    apply=_apply,
-    reduce=_reduce,
-    extra={"chunkable_for": _chunkable_for},
-)
+METHOD = MergeMethod.of(SPECS["sce"], apply=_apply, reduce=_reduce, chunkable_when=_chunkable_for)

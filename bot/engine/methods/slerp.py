@@ -13,7 +13,8 @@ import torch
 
 from mergebot.engine.exact import Sums, partials
 from mergebot.engine.fuse import enabled, fusable, scratch
-from mergebot.engine.methods.base import MergeCall, MergeMethod, Param
+from mergebot.config.methods import SPECS
+from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -70,18 +71,4 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     return _combine(a, b, c0, c1, call.dtype, call.out_dtype, out=call.out)
 
 
-METHOD = MergeMethod(
-    name="slerp",
-    pretty="SLERP",
-    url="https://en.wikipedia.org/wiki/Slerp",
-    params=(Param("t", float, "shared"),),
-    base="required",
-    apply=_apply,
-    reduce=_reduce,
-    min_inputs=2,
-    max_inputs=2,
-    min_non_base=1,
-    max_non_base=1,
-    singleton_passthrough=True,
-    fuse=False,
-)
+METHOD = MergeMethod.of(SPECS["slerp"], apply=_apply, reduce=_reduce, fuse=False)

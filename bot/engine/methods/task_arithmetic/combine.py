@@ -1,0 +1,150 @@
+"""The steps every variant of the task-arithmetic family shares (merge-semantics.md §2.7).
+
+* `Mix`: the family's tail as one call resolves it: weights Dᵢ = wᵢ·δᵢ, optional sign consensus, optional
+  normalisation by the weights that voted, λ (`combine`; `kernel_masked` fuses it with masking);
+* the L1 rescale ‖δᵢ‖₁/‖δᵢ⊙maskᵢ‖₁ (not the paper's 1/p), summed exactly over chunks (`l1_partials`,
+  `rescale_factor`);
+* for the sparsifiers whose masks come from cuts over the whole tensor (TIES' magnitude, breadcrumbs'
+  outliers): the chunk loops of the rescale pass and of the merge, given one `Pruner` per model.
+
+Everything is computed in float32 (float64 for float64 inputs) and cast once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from mergebot.config.spec import FamilyVariant
+from mergebot.engine.exact import Sums, partials
+from mergebot.engine.fuse import fusable
+from mergebot.engine.methods import _sparsify
+from mergebot.engine.methods.base import MergeCall
+
+RESCALE_EPS = 1e-7
+
+
+@dataclass(frozen=True)
+class Mix:
+    """The tail of one call: the non-base inputs' weights, the variant's consensus, the shared parameters."""
+
+    weights: list[float]
+    consensus: bool
+    normalize: bool
+    lam: float
+
+    @classmethod
+    def of(cls, call: MergeCall, variant: FamilyVariant) -> Mix:
+        return cls([float(call.per_input[i]["weight"]) for i in call.others], variant.consensus,
+                   bool(call.shared["normalize"]), float(call.shared["lambda"]))
+
+
+def rescale_factor(l1: float, kept: float) -> float:
+    """‖δ‖₁/‖δ⊙mask‖₁, or 1 when either norm is below 1e-7 (§2.7)."""
+    return l1 / kept if l1 >= RESCALE_EPS and kept >= RESCALE_EPS else 1.0
+
+
+def l1_partials(d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Exact partial sums (mergebot.engine.exact) of ‖δ‖₁ and ‖δ⊙keep‖₁ over one chunk."""
+    return partials([d.abs(), torch.where(keep, d, 0.0).abs()])
+
+
+def combine(b: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], consensus: bool,
+            normalize: bool, lam: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """Weighted deltas, sign election, normalisation, λ: the shared tail of every variant."""
+    weighted = [d * w for d, w in zip(deltas, weights)]
+    if consensus:
+        total = weighted[0]
+        for d in weighted[1:]:
+            total = total + d
+        sign = torch.where(total >= 0, 1.0, -1.0).to(b.dtype)
+        mixed = torch.zeros_like(b)
+        div = torch.zeros_like(b)
+        for d, w in zip(weighted, weights):
+            agree = torch.sign(d) == sign  # a zero delta never votes (§2.7 step 4)
+            mixed = mixed + torch.where(agree, d, 0.0)
+            div = div + torch.where(agree, w, 0.0)
+        div = torch.where(div == 0, 1.0, div)
+        if normalize:
+            mixed = mixed / div
+    else:
+        mixed = weighted[0]
+        for d in weighted[1:]:
+            mixed = mixed + d
+        if normalize:
+            s = sum(weights)
+            mixed = mixed / (s if abs(s) >= 1e-8 else 1.0)
+    if lam != 1.0:
+        mixed = mixed * lam
+    return (b + mixed).to(out_dtype)
+
+
+@fusable
+def kernel_masked(base: torch.Tensor, xs: list[torch.Tensor], masks: list[torch.Tensor | None], scales: list[float],
+                  weights: list[float], consensus: bool, normalize: bool, lam: float,
+                  dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """δᵢ (optionally masked and L1-rescaled), then the common tail."""
+    b = base.reshape(-1).to(dtype)
+    deltas = []
+    for x, m, s in zip(xs, masks, scales):
+        d = x.reshape(-1).to(dtype) - b
+        if s != 1.0:
+            d = d * s
+        deltas.append(d if m is None else torch.where(m.reshape(-1), d, 0.0))
+    return combine(b, deltas, weights, consensus, normalize, lam, out_dtype)
+
+
+def mergekit_precision(call: MergeCall) -> bool:
+    """Whether mergekit 0.1.5 computes this call in mergebot's precision: it works in the inputs' dtype, so
+    only float32/float64 inputs (after `dtype:`) give it the same deltas, hence the same equal magnitudes."""
+    return all(x.dtype == call.dtype for x in call.xs)
+
+
+# ------------------------------------------------------------------------------ masks from whole-tensor cuts
+
+class Pruner(Protocol):
+    """One model's keep mask, chunk by chunk in element order (`reset` before each pass over the tensor)."""
+
+    def reset(self) -> None: ...
+
+    def mask(self, s: int, e: int, delta: torch.Tensor) -> torch.Tensor:
+        """The mask of elements [s, e), whose delta is `delta`."""
+        ...
+
+
+def chunk_bounds(n: int) -> list[tuple[int, int]]:
+    step = _sparsify.CHUNK
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def rescales(call: MergeCall, base: torch.Tensor, xs: list[torch.Tensor],
+             pruners: list[Pruner | None]) -> list[float]:
+    """The L1 rescale factor of each pruned model (one pass over the chunks each); 1 for the others."""
+    scales = [1.0] * len(xs)
+    for j, (x, pruner) in enumerate(zip(xs, pruners)):
+        if pruner is None:
+            continue
+        sums = Sums(2)
+        pruner.reset()
+        for s, e in chunk_bounds(base.numel()):
+            d = x[s:e].to(call.dtype) - base[s:e].to(call.dtype)
+            sums.add(l1_partials(d, pruner.mask(s, e, d)))
+        scales[j] = rescale_factor(*sums.values().tolist())
+    return scales
+
+
+def merge_pruned(call: MergeCall, base: torch.Tensor, xs: list[torch.Tensor], pruners: list[Pruner | None],
+                 scales: list[float], mix: Mix) -> torch.Tensor:
+    """The merge, chunk by chunk, each model masked by its pruner (None: kept whole)."""
+    out = call.out if call.out is not None else torch.empty(base.numel(), dtype=call.out_dtype, device=base.device)
+    for pruner in pruners:
+        if pruner is not None:
+            pruner.reset()
+    for s, e in chunk_bounds(base.numel()):
+        masks = [None if p is None else p.mask(s, e, x[s:e].to(call.dtype) - base[s:e].to(call.dtype))
+                 for x, p in zip(xs, pruners)]
+        kernel_masked(base[s:e], [x[s:e] for x in xs], masks, scales, mix.weights, mix.consensus, mix.normalize,
+                      mix.lam, call.dtype, call.out_dtype, out=out[s:e])
+    return out

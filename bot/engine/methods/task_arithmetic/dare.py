@@ -1,0 +1,101 @@
+"""DARE's sparsifier (merge-semantics.md §2.7, `random`): each δᵢ kept with probability densityᵢ.
+
+The rescale matches the L1 norm of the whole tensor (not the paper's 1/p), so the variant is two-phase:
+`reduce` sums ‖δᵢ‖₁ and ‖δᵢ⊙maskᵢ‖₁ over chunks, `apply` uses the totals. The masks are a hash of
+(seed, tensor, model position, element index) evaluated inside the kernel (mergebot.engine.rng): the same bits
+whatever the chunking, thread count or device, and no separate RNG pass. `--rng mergekit` draws them as
+mergekit 0.1.5 does instead (torch's global RNG, whole tensors in sorted-name order).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergebot.engine import rng
+from mergebot.engine.exact import Sums, partials
+from mergebot.engine.fuse import fusable
+from mergebot.engine.methods.base import MergeCall
+from mergebot.engine.methods.task_arithmetic.combine import (Mix, combine, kernel_masked, l1_partials,
+                                                              rescale_factor)
+
+Streams = list[tuple]  # rng.Stream32.tensors() per non-base model (0-d int32 tensors)
+
+
+@fusable
+def _l1_sums(base: torch.Tensor, xs: list[torch.Tensor], streams: Streams, dtype: torch.dtype) -> torch.Tensor:
+    """Exact partial sums (mergebot.engine.exact) of [‖δᵢ‖₁, ‖δᵢ⊙keepᵢ‖₁ for each i] over this chunk: integers,
+    so the totals do not depend on how a compiled reduction splits the chunk over threads (float32 accumulators
+    did: 58 of 147 tensors of a dare_ties merge changed between 1 and 2 threads)."""
+    b = base.reshape(-1).to(dtype)
+    idx = torch.arange(b.numel(), dtype=torch.int32, device=b.device)
+    terms = []
+    for x, stream in zip(xs, streams):
+        d = (x.reshape(-1).to(dtype) - b).abs()
+        terms.append(d)
+        terms.append(torch.where(rng.keep32(idx, *stream), d, 0.0))
+    return partials(terms)
+
+
+@fusable
+def _kernel_random(base: torch.Tensor, xs: list[torch.Tensor], streams: Streams, scales: list[float],
+                   weights: list[float], consensus: bool, normalize: bool, lam: float,
+                   dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """δᵢ kept where hash < threshold, times its rescale factor (scales), then the common tail."""
+    b = base.reshape(-1).to(dtype)
+    idx = torch.arange(b.numel(), dtype=torch.int32, device=b.device)
+    deltas = [torch.where(rng.keep32(idx, *stream), (x.reshape(-1).to(dtype) - b) * s, 0.0)
+              for x, stream, s in zip(xs, streams, scales)]
+    return combine(b, deltas, weights, consensus, normalize, lam, out_dtype)
+
+
+def _streams(call: MergeCall) -> Streams:
+    base = call.xs[call.base]
+    return [rng.Stream32.of(call.keys[i], call.start, base.numel(),
+                            rng.threshold(float(call.per_input[i]["density"]))).tensors(base.device)
+            for i in call.others]
+
+
+def reduce(call: MergeCall) -> Sums:
+    if not call.shared["rescale"] or not call.others:
+        return Sums(0)
+    xs = [call.xs[i] for i in call.others]
+    return Sums.of(_l1_sums(call.xs[call.base], xs, _streams(call), call.dtype))
+
+
+def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tensor:
+    base = call.xs[call.base]
+    xs = [call.xs[i] for i in call.others]
+    if call.rng == "mergekit":
+        masks, scales = _mergekit_order_masks(call)
+        return kernel_masked(base, xs, masks, scales, mix.weights, mix.consensus, mix.normalize, mix.lam,
+                             call.dtype, call.out_dtype, out=call.out)
+    scales = [rescale_factor(float(totals[2 * j]), float(totals[2 * j + 1]))
+              if totals is not None and totals.numel() else 1.0 for j in range(len(xs))]
+    return _kernel_random(base, xs, _streams(call), scales, mix.weights, mix.consensus, mix.normalize, mix.lam,
+                          call.dtype, call.out_dtype, out=call.out)
+
+
+def _mergekit_order_masks(call: MergeCall) -> tuple[list[torch.Tensor | None], list[float]]:
+    """DARE masks drawn as mergekit 0.1.5 draws them (§2.7): torch's global RNG (seeded once per run), one
+    `bernoulli(full_like(δ, density))` per non-base model in config order, in the work dtype mergekit uses
+    on CPU (bf16 stays bf16, other floats float32). The executor visits tensors in sorted-name order, so the
+    masks are mergekit's bits; the math after them stays in float32."""
+    base = call.xs[call.base].reshape(-1)
+    masks: list[torch.Tensor | None] = []
+    scales: list[float] = []
+    for i in call.others:
+        x = call.xs[i].reshape(-1)
+        density = float(call.per_input[i]["density"])
+        if density >= 1:
+            masks.append(None)
+            scales.append(1.0)
+            continue
+        work = x.dtype if x.dtype in (torch.bfloat16, torch.float64) else torch.float32
+        keep = torch.bernoulli(torch.full(x.shape, density, dtype=work, device="cpu")).to(x.device) > 0
+        scale = 1.0
+        if call.shared["rescale"]:
+            d = x.to(call.dtype) - base.to(call.dtype)
+            scale = rescale_factor(*Sums.of(l1_partials(d, keep)).values().tolist())
+        masks.append(keep)
+        scales.append(scale)
+    return masks, scales

@@ -1,0 +1,140 @@
+"""DELLA's sparsifier (merge-semantics.md §2.7, `della_magprune`), of `della` and `della_linear`: magnitude-ranked
+sampling. Each δᵢ = xᵢ − base is sparsified by `della_keep`: per row (along dim 1; a 1-D
+tensor is one row) |δ| is ranked ascending, r̂ = rank/(n−1), and every entry is kept with probability
+p = (densityᵢ − εᵢ) + r̂·2εᵢ, so larger changes survive more often. density ≥ 1 keeps everything,
+density ≤ 0 nothing; otherwise 0 < density − ε and density + ε < 1 are required (mergekit's ValueError,
+here a ModelError naming the tensor, the model and the values: mergebot.config.methods.check_epsilon). With
+`rescale` (default true) each pruned δᵢ is multiplied by ‖δᵢ‖₁/‖δᵢ⊙maskᵢ‖₁ (not the paper's 1/p).
+
+Randomness (deliberate difference, see the table at the top of merge-semantics.md): the Bernoulli draw of
+element j of model position k is `hash_u32(j, stream_key(seed, tensor, k)) < ⌊p·2³²⌋` (mergebot.engine.rng), so the
+result depends only on `--random-seed`, the tensor name and the model's position, never on execution order,
+thread count or device. mergekit draws from the global torch RNG in sorted-tensor order; its bits are not
+reproduced. Ranks are per row, so a tensor is chunked only when nothing is sampled; otherwise the method gets
+the whole tensor and walks it in blocks of whole rows (`_rows`): with `rescale` a first pass sums ‖δᵢ‖₁ and
+‖δᵢ⊙maskᵢ‖₁ exactly (mergebot.engine.exact), a second draws the masks again (same ranks, same hash) and merges, so memory stays
+near one block whatever the tensor size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mergebot.config.methods import check_epsilon
+from mergebot.engine import rng
+from mergebot.engine.exact import Sums
+from mergebot.engine.methods._linalg import tensor_label
+from mergebot.engine.methods._rows import map_rows, row_blocks
+from mergebot.engine.methods.base import MergeCall
+from mergebot.engine.methods.task_arithmetic.combine import Mix, combine, l1_partials, rescale_factor
+
+
+def della_probabilities(delta: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float) -> torch.Tensor:
+    """Per-element keep probabilities of della_magprune (§2.7), float64, flat.
+
+    Rows are along dim 1 of the real shape (a 1-D tensor is one row): ranks 0..n−1 of |δ| ascending,
+    r̂ = rank/(n−1), p = (density − ε) + r̂·2·ε. A row of a single element (0/0 in mergekit) gets r̂ = ½,
+    i.e. p = density.
+    """
+    x = delta.reshape(shape) if len(shape) >= 2 else delta.reshape(1, -1)
+    x = x.movedim(1, -1)  # rank along dim 1 (the last dim of a matrix)
+    n = x.shape[-1]
+    order = torch.sort(x.abs().float(), dim=-1, descending=True, stable=True).indices
+    # ascending rank (n − 1 − position in the descending order), exact in float64; then in place (fewer
+    # buffers per element: `apply` calls this block by block) r̂ = rank/(n−1) and p = (density − ε) + r̂·2·ε
+    p = torch.empty(order.shape, dtype=torch.float64, device=order.device)
+    p.scatter_(-1, order, torch.arange(n - 1, -1, -1, dtype=torch.float64, device=order.device).expand_as(order))
+    del order
+    if n > 1:
+        p.div_(n - 1)
+    else:
+        p.fill_(0.5)
+    p.mul_(2).mul_(epsilon).add_(density - epsilon)
+    return p.movedim(-1, 1).reshape(-1)
+
+
+def della_keep(delta: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float, key: int,
+               start: int = 0) -> torch.Tensor:
+    """Bernoulli(p) keep mask of della_magprune, p per element, drawn from the hash stream `key` for elements
+    start.. of the flattened tensor: `hash_u32(start + j, key) < ⌊p·2³²⌋`, computed in int32 lanes (rng.keep32,
+    the same bits, ~3× faster: DELLA with rescale draws every mask twice, see `apply`)."""
+    thr = della_probabilities(delta, shape, density, epsilon).mul_(4294967296.0).long()
+    n = thr.numel()
+    # the int64 form where the block crosses a 2³² index boundary, or where p may round up to 1 (thr = 2³²
+    # does not fit keep32's int32 cut; the checked ε keeps p < 1 up to rounding)
+    if (start & rng.M32) + n > 1 << 32 or density + epsilon > 1 - 1e-9:
+        return rng.hash_u32(torch.arange(n, dtype=torch.int64, device=thr.device) + start, key) < thr
+    s = rng.Stream32.of(key, start, n, 0)
+    cut = thr.sub_(1 << 31).to(torch.int32)  # keep32 compares unsigned values as signed ones
+    del thr
+    return rng.keep32(torch.arange(n, dtype=torch.int32, device=cut.device), s.lo, s.key, s.hi, cut)
+
+
+# Keep masks of the first pass, held for the second while they fit (bool, one byte per element): the per-row
+# ranking is most of DELLA's time, so this halves it for every tensor below the budget (a 7B model's layers).
+MASK_CACHE_BYTES = 256 << 20
+
+
+def _masked(call: MergeCall, xs: list[torch.Tensor], base: torch.Tensor, i: int, shape: tuple[int, ...],
+            s: int, cache: dict[tuple[int, int], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(δᵢ, keepᵢ) of one row block starting at flat offset s; keep None: no sampling (density ≥ 1 or ≤ 0)."""
+    p = call.per_input[i]
+    density, epsilon = float(p["density"]), float(p["epsilon"])
+    d = xs[i].to(call.dtype) - base
+    if density <= 0:
+        return torch.zeros_like(d), None
+    if density >= 1:
+        return d, None
+    if cache is not None and (s, i) in cache:
+        return d, cache.pop((s, i))
+    return d, della_keep(d, shape, density, epsilon, call.keys[i], call.start + s)
+
+
+def _l1_scales(call: MergeCall, sampled: list[int],
+               cache: dict[tuple[int, int], torch.Tensor] | None = None) -> dict[int, float]:
+    """‖δᵢ‖₁/‖δᵢ⊙keepᵢ‖₁ over the whole tensor (§2.7), 1 where either norm is below 1e-7: the first pass."""
+    sums = {i: Sums(2) for i in sampled}
+    xs = [x.reshape(-1) for x in call.xs]
+    for s, e, shape in row_blocks(call.shape, xs[0].numel(), xs[0].device):
+        block = [x[s:e] for x in xs]
+        base = block[call.base].to(call.dtype)
+        for i in sampled:
+            d, keep = _masked(call, block, base, i, shape, s)
+            if cache is not None:
+                cache[(s, i)] = keep
+            sums[i].add(l1_partials(d, keep))
+    return {i: rescale_factor(*sums[i].values().tolist()) for i in sampled}
+
+
+def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tensor:
+    others = call.others
+    sampled = []
+    for i in others:
+        density, epsilon = float(call.per_input[i]["density"]), float(call.per_input[i]["epsilon"])
+        if 0 < density < 1:
+            check_epsilon(density, epsilon, f"{tensor_label(call)} (input #{i}, the base being #0)")
+            sampled.append(i)
+    cache: dict[tuple[int, int], torch.Tensor] | None = (
+        {} if call.xs[call.base].numel() * len(sampled) <= MASK_CACHE_BYTES else None)
+    scales = _l1_scales(call, sampled, cache) if sampled and call.shared["rescale"] else {}
+
+    def block(xs: list[torch.Tensor], shape: tuple[int, ...], s: int) -> torch.Tensor:
+        base = xs[call.base].to(call.dtype)
+        deltas = []
+        for i in others:
+            d, keep = _masked(call, xs, base, i, shape, s, cache)
+            if keep is not None:
+                d = torch.where(keep, d, 0.0)
+                if scales.get(i, 1.0) != 1.0:
+                    d = d * scales[i]
+            deltas.append(d)
+        return combine(base, deltas, mix.weights, mix.consensus, mix.normalize, mix.lam, call.out_dtype)
+
+    return map_rows(call, block)
+
+
+def chunkable_when(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:
+    """Ranks are per row: a tensor is chunked only when nothing is sampled."""
+    return all(not 0 < float(p["density"]) < 1 for p in per_input if "density" in p)

@@ -1,0 +1,127 @@
+"""TIES' sparsifier (merge-semantics.md §2.7, `magnitude`): keep the k = max(1, int(densityᵢ·n)) largest |δᵢ| of
+the whole tensor, exactly, in bounded memory.
+
+The cut per model is found by radix selection over chunks (`_sparsify.magnitude_cut`: two histogram passes),
+then, with `rescale`, the kept L1 norm (one pass), then the merge chunk by chunk. Where a cut must choose among
+equal magnitudes and mergekit computes in our precision, the choice is mergekit's (its whole-tensor argsort,
+`_sparsify.mergekit_selection`); otherwise ties go to the earliest elements, which the fused kernel encodes as
+a count (`_tie_end`), so the whole merge is one fused pass per chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mergebot.engine.fuse import fusable
+from mergebot.engine.methods import _sparsify
+from mergebot.engine.methods.base import MergeCall
+from mergebot.engine.methods.task_arithmetic.combine import (Mix, combine, merge_pruned, mergekit_precision,
+                                                              rescales)
+
+
+def _bits(x: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (x.reshape(-1).to(dtype) - b).abs().to(torch.float32).view(torch.int32)  # _sparsify.magnitude_bits
+
+
+@fusable
+def _count_equal(base: torch.Tensor, x: torch.Tensor, above: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (_bits(x, base.reshape(-1).to(dtype), dtype) == above).sum()
+
+
+@fusable
+def _kernel_magnitude(base: torch.Tensor, xs: list[torch.Tensor], aboves: list[torch.Tensor | None],
+                      tie_ends: list[torch.Tensor], scales: list[float], weights: list[float], consensus: bool,
+                      normalize: bool, lam: float, dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """TIES in one fused pass: δᵢ kept where the float32 bits of |δᵢ| exceed its cut (`aboves`: 0-d int32
+    tensors, None keeps all), or equal it before chunk offset `tie_ends` (the cut's ties go to the earliest
+    elements, _sparsify.MagnitudeCut); then the common tail."""
+    b = base.reshape(-1).to(dtype)
+    idx = torch.arange(b.numel(), dtype=torch.int32, device=b.device)
+    deltas = []
+    for x, above, end, s in zip(xs, aboves, tie_ends, scales):
+        d = x.reshape(-1).to(dtype) - b
+        if above is not None:
+            bits = d.abs().to(torch.float32).view(torch.int32)
+            d = torch.where((bits > above) | ((bits == above) & (idx < end)), d, 0.0)
+        if s != 1.0:
+            d = d * s
+        deltas.append(d)
+    return combine(b, deltas, weights, consensus, normalize, lam, out_dtype)
+
+
+def _tie_end(base: torch.Tensor, x: torch.Tensor, cut: _sparsify.MagnitudeCut | None, above: torch.Tensor | None,
+             n: int, step: int, dtype: torch.dtype) -> int:
+    """The flat index after the last tie the cut keeps: its `ties` entries equal to the cut are the earliest
+    ones. Counted chunk by chunk (fused) up to the chunk where they run out, then located in it."""
+    if cut is None or above is None or cut.ties <= 0:
+        return 0
+    need = cut.ties
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        count = int(_count_equal(base[s:e], x[s:e], above, dtype))
+        if count >= need:
+            eq = _bits(x[s:e], base[s:e].to(dtype), dtype) == above
+            return s + int(eq.nonzero()[need - 1]) + 1
+        need -= count
+    return n
+
+
+class _Cut:
+    """One model's magnitude cut as a Pruner: its own cut (ties to the earliest elements), or mergekit's
+    whole-tensor selection where the cut must choose among equal magnitudes."""
+
+    def __init__(self, cut: _sparsify.MagnitudeCut, chosen: torch.Tensor | None):
+        self.cut, self.chosen, self.seen = cut, chosen, 0
+
+    def reset(self) -> None:
+        self.seen = 0
+
+    def mask(self, s: int, e: int, delta: torch.Tensor) -> torch.Tensor:
+        if self.chosen is not None:
+            return self.chosen[s:e]
+        m, self.seen = self.cut.mask(_sparsify.magnitude_bits(delta), self.seen)
+        return m
+
+
+def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tensor:
+    base = call.xs[call.base].reshape(-1)
+    xs = [call.xs[i].reshape(-1) for i in call.others]
+    n = base.numel()
+
+    def delta(x: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        return x[s:e].to(call.dtype) - base[s:e].to(call.dtype)
+
+    densities = [float(call.per_input[i]["density"]) for i in call.others]
+    cuts = [_sparsify.magnitude_cut(lambda s, e, x=x: _sparsify.magnitude_bits(delta(x, s, e)), n, density)
+            for x, density in zip(xs, densities)]
+    chosen: list[torch.Tensor | None] = [None] * len(xs)  # mergekit's whole-tensor selection, where it differs
+    if mergekit_precision(call) and n <= _sparsify.PARITY_MAX_ELEMS:
+        for j, (x, cut) in enumerate(zip(xs, cuts)):
+            if cut is not None and cut.chooses:
+                w = _sparsify.gather_float32(lambda s, e, x=x: delta(x, s, e).abs(), n)
+                chosen[j] = _sparsify.mergekit_selection(w, "top", max(1, int(densities[j] * n))).to(base.device)
+    pruners: list[Any] = [None if cut is None else _Cut(cut, c) for cut, c in zip(cuts, chosen)]
+    scales = rescales(call, base, xs, pruners) if call.shared["rescale"] else [1.0] * len(xs)
+    if any(m is not None for m in chosen):
+        return merge_pruned(call, base, xs, pruners, scales, mix)
+    out = call.out if call.out is not None else torch.empty(n, dtype=call.out_dtype, device=base.device)
+    step = _sparsify.CHUNK
+    # the cut's bit pattern as a tensor (see rng.Stream32.tensors: no 64-bit widening in compiled kernels)
+    aboves = [None if cut is None or cut.above < 0 else torch.tensor(cut.above, dtype=torch.int32, device=base.device)
+              for cut in cuts]
+    ends = [_tie_end(base, x, cut, above, n, step, call.dtype) for x, cut, above in zip(xs, cuts, aboves)]
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        _kernel_magnitude(base[s:e], [x[s:e] for x in xs], aboves,
+                          [torch.tensor(min(max(end - s, 0), e - s), dtype=torch.int32) for end in ends],
+                          scales, mix.weights, mix.consensus, mix.normalize, mix.lam, call.dtype, call.out_dtype,
+                          out=out[s:e])
+    return out
+
+
+def chunkable_when(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:
+    """Magnitude top-k is global over the tensor: a pruned tensor comes whole (as zero-copy views) and is walked
+    in chunks here."""
+    return all(float(p.get("density", 1.0)) >= 1 for p in per_input if "density" in p)
