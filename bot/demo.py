@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from mergebot.builds.base import MergeOptions
 from mergebot.config.dense import load_config
-from mergebot.builds.dense import MergeOptions
 from mergebot.pipeline import PipelineResult, run
 from mergebot.tinymodels import make_family
 

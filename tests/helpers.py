@@ -1,13 +1,44 @@
+"""What many test modules share (never fixtures: those live in conftest.py): paths, the CLI in a subprocess,
+merges from YAML text, and the independent float64 references of the methods."""
+
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
+from mergebot.builds.base import MergeOptions
+from mergebot.builds.dense import run_merge
 from mergebot.config.dense import parse_config
-from mergebot.builds.dense import MergeOptions, run_merge
-from tests.tiny import load_tensors
+from mergebot.tinymodels import llama_config, load_tensors, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data"
+SEED_CONFIGS = ROOT / "examples" / "merges"  # the five published merges' configs, byte for byte
+CORPUS = DATA / "mergekit-examples"  # mergekit's own example configs (tests/data/README.md)
+ATOL = 2e-6
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mergebot.cli.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def close(out: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], atol: float = ATOL) -> None:
+    """Every tensor finite and within `atol` of the float64 reference."""
+    assert set(out) == set(ref)
+    for k in ref:
+        assert torch.isfinite(out[k]).all(), k
+    worst = max(float((out[k].double() - ref[k]).abs().max()) for k in ref)
+    assert worst < atol, worst
+
+
+def save_llama(root: Path, name: str, tensors: dict[str, torch.Tensor]) -> Path:
+    """A model directory `root/name` of the default tiny Llama config holding `tensors`."""
+    return save_model(root / name, llama_config(), tensors)
 
 
 def merge_yaml(tmp: Path, text: str, name: str = "out", **opts) -> dict[str, torch.Tensor]:
@@ -67,3 +98,19 @@ def models_yaml(*entries: tuple[Path, str | None]) -> str:
         if params:
             lines.append(f"    parameters: {params}")
     return "\n".join(lines) + "\n"
+
+
+def merge_dare(family: list[Path], tmp_path: Path, name: str, **opts) -> dict[str, torch.Tensor]:
+    """dare_ties of three models of `family` (weights .6/.4, densities .5/.4), float32."""
+    base, a, b, _ = family
+    return merge_yaml(tmp_path, f"""
+models:
+  - model: {base}
+  - model: {a}
+    parameters: {{weight: 0.6, density: 0.5}}
+  - model: {b}
+    parameters: {{weight: 0.4, density: 0.4}}
+merge_method: dare_ties
+base_model: {base}
+dtype: float32
+""", name=name, **opts)

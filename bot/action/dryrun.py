@@ -12,16 +12,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergebot.cli._output import human_bytes
-from mergebot.config.dense import MergeConfig
-from mergebot.errors import MergebotError
-from mergebot.card.licenses import LicensePolicy, LicenseReport, analyze
-from mergebot.config.moe import MoeConfig
-from mergebot.config.multi import MultiConfig, Stage
-from mergebot.builds.dense import MergeOptions, prepare
-from mergebot.hub.parents import ParentInfo, parent_from_hub, parent_from_local
-from mergebot.hub.fetch import is_local
 from mergebot.action.runner_log import md_code, md_text
+from mergebot.builds import build_for
+from mergebot.builds.base import MergeOptions
+from mergebot.card.licenses import LicensePolicy, LicenseReport, analyze
+from mergebot.config.configfile import Config
+from mergebot.errors import MergebotError
+from mergebot.hub.parents import ParentInfo, parent_from_hub, parent_from_local
+from mergebot.io.local import is_local
 
 
 @dataclass
@@ -31,7 +29,7 @@ class DryRunPlan:
     problems: list[str] = field(default_factory=list)  # what would make the real merge fail
 
 
-def read_parents(cfg: MergeConfig | MoeConfig | MultiConfig, *, endpoint: str,
+def read_parents(cfg: Config, *, endpoint: str,
                  token: str | None) -> list[ParentInfo]:
     base = str(cfg.base_model) if cfg.base_model else None
     search = [Path(cfg.file).resolve().parent]
@@ -47,7 +45,7 @@ def read_parents(cfg: MergeConfig | MoeConfig | MultiConfig, *, endpoint: str,
     return out
 
 
-def dry_run(cfg: MergeConfig | MoeConfig | MultiConfig, repo: str, *, endpoint: str, token: str | None,
+def dry_run(cfg: Config, repo: str, *, endpoint: str, token: str | None,
             device: str = "cpu") -> DryRunPlan:
     plan = DryRunPlan()
     plan.lines.append(f"method {md_code(cfg.method_name)} → {md_code(repo)}")
@@ -65,31 +63,10 @@ def dry_run(cfg: MergeConfig | MoeConfig | MultiConfig, repo: str, *, endpoint: 
     plan.lines.append(f"license: {md_code(r.license)}" + (f" ({md_text(r.license_name)})" if r.license_name else "")
                       + f", verdict **{md_text(r.verdict)}**")
     plan.lines += [f"license: {md_text(reason)}" for reason in r.reasons]
+    # headers only: Hub parents are read with HTTP range requests, no tensor data is downloaded
+    options = MergeOptions(device="cpu", progress=False, token=token)
     try:
-        stages = cfg.stages if isinstance(cfg, MultiConfig) else [Stage(None, cfg, [])]
-        for stage in stages:
-            prefix = (f"stage {md_code(stage.name or 'result')} ({md_text(stage.cfg.method_name)}): "
-                      if len(stages) > 1 else "")
-            if stage.needs:
-                plan.lines.append(prefix + "reads " + ", ".join(md_code(n) for n in stage.needs)
-                                  + " (built first); planned when the merge runs")
-            else:
-                plan.lines += [prefix + line for line in _tensor_plan(stage.cfg, token, device)]
+        plan.lines += build_for(cfg).prepare(options, headers_only=True).markdown(md_text, md_code, device)
     except MergebotError as e:
         plan.problems.append(str(e))
     return plan
-
-
-def _tensor_plan(cfg: MergeConfig | MoeConfig, token: str | None, device: str) -> list[str]:
-    options = MergeOptions(device="cpu", progress=False, token=token)
-    if isinstance(cfg, MoeConfig):
-        from mergebot.builds.moe.build import prepare_moe
-        moe_plan = prepare_moe(cfg, options)
-        return ([f"output: {md_text(moe_plan.arch.class_name)} with {len(cfg.experts)} experts, "
-                 f"{human_bytes(moe_plan.total_bytes)}; device {md_code(device)}"]
-                + [f"note: {md_text(w)}" for w in moe_plan.warnings])
-    # headers only: Hub parents are read with HTTP range requests, no tensor data is downloaded
-    tensor_plan = prepare(cfg, options, headers_only=True)
-    return ([f"output: {len(tensor_plan.jobs)} tensors, {human_bytes(tensor_plan.total_bytes)}; "
-             f"reads {human_bytes(tensor_plan.input_bytes)}; device {md_code(device)}"]
-            + [f"note: {md_text(w)}" for w in tensor_plan.warnings])

@@ -11,8 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from mergebot.config.configfile import load
 from mergebot.errors import MergebotError
-from mergebot.hub.fetch import is_local
+from mergebot.hub.client import client
+from mergebot.io.local import is_local
 
 JOB_SCRIPT = ('printf "%s" "$MERGEBOT_CONFIG" > /tmp/merge.yml && '
               'exec mergebot merge /tmp/merge.yml /tmp/out --device auto --quiet --push-to "$MERGEBOT_REPO"')
@@ -35,10 +37,6 @@ def job_spec(config_path: Path, repo: str) -> tuple[list[str], dict[str, str]]:
 def submit(items: list[dict], workspace: Path, *, image: str, flavor: str, token: str | None,
            endpoint: str | None, namespace: str | None = None, timeout: str | None = None) -> list[SubmittedJob]:
     """Submit one Job per planned item ({config, repo}); invalid or local-parent configs are refused first."""
-    from huggingface_hub import HfApi
-
-    from mergebot.config.configfile import load
-
     runnable = []
     for it in items:
         if it.get("reason", "").startswith("invalid") or not it.get("repo"):
@@ -50,7 +48,7 @@ def submit(items: list[dict], workspace: Path, *, image: str, flavor: str, token
             raise MergebotError(f"{it['config']}: parents {', '.join(local)} are local directories, which an HF Job "
                                 "cannot see; publish them to the Hub or merge on your own runner")
         runnable.append((it, path))
-    api = HfApi(endpoint=endpoint, token=token)
+    api = client(endpoint, token)
     out = []
     for it, path in runnable:
         command, env = job_spec(path, it["repo"])

@@ -15,14 +15,16 @@ from dataclasses import asdict, dataclass, field
 from typing import TextIO
 from urllib.parse import quote
 
-from mergebot.action.runner_log import (MAX_MESSAGE,
+from mergebot.action.runner_log import (
+    MAX_MESSAGE,
     RunnerLog,
     annotation,
     append_summary,
     format_output,
     md_code,
     md_text,
-    write_outputs)
+    write_outputs,
+)
 
 __all__ = ["Result", "STATUS_ICON", "action_outputs", "annotation", "append_summary", "failure_markdown",
            "format_output", "mask", "results_json", "scrub", "summary_markdown", "write_outputs"]

@@ -24,13 +24,6 @@ from functools import partial
 from pathlib import Path
 from typing import TextIO
 
-from mergebot.io.confine import reset_workspace, set_workspace
-from mergebot.errors import MergebotError
-from mergebot.card.licenses import LicensePolicy, analyze
-from mergebot.builds.dense import MergeOptions, seed_from_env
-from mergebot.hub.parents import resolve_endpoint
-from mergebot.pipeline import run as pipeline_run
-from mergebot.hub.publish import LicenseGateError
 from mergebot.action.credentials import has_credentials, token_note, without_hub_credentials
 from mergebot.action.dryrun import dry_run, read_parents
 from mergebot.action.events import Event
@@ -39,6 +32,13 @@ from mergebot.action.report import Result, action_outputs, failure_markdown, sum
 from mergebot.action.runner_log import RunnerLog, append_summary, exception_message, one_line, write_outputs
 from mergebot.action.select import ConfigEntry, Selection, select
 from mergebot.action.staleness import Decision, StalenessChecker, decide
+from mergebot.builds.base import MergeOptions, seed_from_env
+from mergebot.card.licenses import LicensePolicy, analyze
+from mergebot.errors import MergebotError
+from mergebot.hub.client import resolve_endpoint
+from mergebot.hub.publish import LicenseGateError
+from mergebot.io.confine import reset_workspace, set_workspace
+from mergebot.pipeline import run as pipeline_run
 
 
 @dataclass

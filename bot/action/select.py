@@ -26,12 +26,12 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mergebot.config.configfile import Config, load
-from mergebot.io.confine import is_inside
-from mergebot.errors import ConfigError, MergebotError
 from mergebot.action.events import Event, changed_files
 from mergebot.action.inputs import ActionInputs
 from mergebot.action.runner_log import display_name, exception_message, has_control, one_line
+from mergebot.config.configfile import Config, load
+from mergebot.errors import ConfigError, MergebotError
+from mergebot.io.confine import is_inside
 
 _REPO_NAME = re.compile(r"(?!.*(?:--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")
 

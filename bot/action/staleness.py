@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mergebot.config.refs import ModelRef, is_repo_id
 from mergebot.action.select import ConfigEntry, Selection
 from mergebot.config.configfile import Config
+from mergebot.config.refs import ModelRef, is_repo_id
 from mergebot.errors import MergebotError
-from mergebot.hub.parents import LOCK_FILE
-from mergebot.hub.fetch import is_local
+from mergebot.hub import errors
+from mergebot.hub.client import client
+from mergebot.io.local import is_local
+from mergebot.io.lockfile import LOCK_FILE
 
 
 class StalenessError(MergebotError):
@@ -65,32 +67,20 @@ class StalenessChecker:
     """One per run: holds the HfApi and the parent sha cache."""
 
     def __init__(self, endpoint: str, token: str | None):
-        from huggingface_hub import HfApi
-
-        from mergebot import __version__
-
         self.endpoint = endpoint
-        self.api = HfApi(endpoint=endpoint, token=token or None, library_name="mergebot",
-                         library_version=__version__)
+        self.api = client(endpoint, token or None)
         self._shas: dict[tuple[str, str | None], str] = {}
 
     def parent_sha(self, ref: ModelRef) -> str:
         """The commit `ref`'s revision (default: main) points at now."""
-        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
         key = (ref.path, ref.revision)
         if key not in self._shas:
             where = f"{ref.path}@{ref.revision}" if ref.revision else ref.path
             try:
                 info = self.api.model_info(ref.path, revision=ref.revision)
-            except RevisionNotFoundError:
-                raise StalenessError(f"parent {where}: revision not found on {self.endpoint}") from None
-            except RepositoryNotFoundError:
-                raise StalenessError(f"parent {ref.path}: no such model on {self.endpoint} (or it is private and "
-                                     "the token cannot see it)") from None
             except Exception as e:  # HTTP errors, connection errors: say what failed, not the request
-                raise StalenessError(f"parent {where}: cannot read its current commit from {self.endpoint} "
-                                     f"({type(e).__name__})") from None
+                raise StalenessError(errors.message("current", e, where=where, repo=ref.path,
+                                                    endpoint=self.endpoint)) from None
             if not info.sha:
                 raise StalenessError(f"parent {where}: {self.endpoint} returned no commit sha")
             self._shas[key] = info.sha

@@ -1,47 +1,31 @@
-"""The engine's front door: config -> resolve models -> plan -> stream-merge -> finished output dir."""
+"""Dense merges (mergekit-yaml configs): config -> resolve models -> plan -> stream-merge -> finished output dir."""
 
 from __future__ import annotations
 
-import os
-import resource
 import secrets
-import sys
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any
 
 import torch
 
-from mergebot import __version__
+from mergebot.builds.base import ConfigBuild, MergeOptions, ParentSource, peak_rss, start, streamed_shards
 from mergebot.config.dense import MergeConfig
-from mergebot.errors import MergebotError, NotSupportedYet
-from mergebot.engine.executor import RunStats, run_plan
-from mergebot.io.weights import ModelWeights
-from mergebot.io.output import check_target, copy_parent_licenses, staged_output, write_json
-from mergebot.engine.dtypes import torch_dtype
+from mergebot.engine.dtypes import dtype_name, torch_dtype
+from mergebot.engine.executor import CHUNK, RunStats, run_plan
 from mergebot.engine.plan import Plan, build_plan
-from mergebot.hub.fetch import ResolvedModel, resolve
+from mergebot.errors import NotSupportedYet
+from mergebot.hub import fetch
+from mergebot.hub.fetch import resolve
+from mergebot.io.local import ResolvedModel
+from mergebot.io.lockfile import Lock, ParentPin, write_lock
+from mergebot.io.output import check_target, copy_parent_licenses, staged_output, write_json
+from mergebot.io.reader import TensorReader
+from mergebot.io.writer import ShardEntry
 from mergebot.tokenizer.files import write_tokenizer_files
 from mergebot.tokenizer.vocab import OutputVocab, build_output_vocab
-from mergebot.io.writer import ShardEntry, ShardedWriter
-
-DEFAULT_SHARD = 5_000_000_000
-
-
-@dataclass
-class MergeOptions:
-    out_shard_size: int = DEFAULT_SHARD
-    device: str = "cpu"  # auto | cpu | cuda[:N]
-    random_seed: int | None = None
-    force: bool = False
-    copy_tokenizer: bool = True
-    progress: bool = True
-    token: str | None = field(default=None, repr=False)  # never in a repr, hence never in a log or traceback
-    threads: int | None = None
-    compile: str = "auto"  # auto | on | off: fuse method kernels with torch.compile (mergebot.engine.fuse)
-    allow_all_same_experts: bool = False  # MoE: every expert the same model (only useful with training)
-    rng: str = "hash"  # hash (order-independent, mergebot.engine.rng) | mergekit (DARE masks with mergekit 0.1.5's bits)
+from mergebot.units import human_bytes
 
 
 @dataclass
@@ -50,17 +34,17 @@ class MergeResult:
     plan: Plan
     stats: RunStats
     peak_rss_bytes: int
-    lock: dict
+    lock: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def plan_warnings(self) -> list[str]:
+        return self.plan.warnings
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MergebotError("--device cuda: torch sees no CUDA device here (use --device cpu or auto)")
-    return dev
+    def parents(self) -> list[ParentSource]:
+        base = self.lock.get("base_model")
+        return [ParentSource(key, r, "base" if key == base else "input", self.plan.models[key].adapter)
+                for key, r in self.plan.resolved.items()]
 
 
 def refuse_pending(cfg: MergeConfig) -> None:
@@ -70,24 +54,17 @@ def refuse_pending(cfg: MergeConfig) -> None:
 
 
 def load_models(cfg: MergeConfig, options: MergeOptions,
-                headers_only: bool = False) -> tuple[dict[str, ResolvedModel], dict[str, ModelWeights]]:
-    """Resolve every model; `headers_only` (dry runs) downloads no tensor data from the Hub."""
+                headers_only: bool = False) -> tuple[dict[str, ResolvedModel], dict[str, TensorReader]]:
+    """Resolve every model and open its tensors (a `model+lora` with the adapter folded in while streaming,
+    mergebot.io.lora, §1.1); `headers_only` (dry runs) downloads no tensor data from the Hub."""
     search = [Path(cfg.file).resolve().parent]
     resolved: dict[str, ResolvedModel] = {}
-    weights: dict[str, ModelWeights] = {}
+    readers: dict[str, TensorReader] = {}
     for ref in cfg.referenced_models():
         r = resolve(ref, search, token=options.token, download=not headers_only)
         resolved[str(ref)] = r
-        if r.is_hub and headers_only:
-            weights[str(ref)] = ModelWeights.from_hub_headers(ref.path, r.sha or "main", str(ref), options.token,
-                                                              os.environ.get("HF_ENDPOINT"))
-        else:
-            weights[str(ref)] = ModelWeights(r.directory, str(ref))
-        if ref.lora is not None:  # `model+lora`: the adapter folded in while streaming (mergebot.io.lora, §1.1)
-            from mergebot.io.lora import with_lora
-            weights[str(ref)] = with_lora(weights[str(ref)], ref, r.config, search, token=options.token,
-                                          headers_only=headers_only)
-    return resolved, weights
+        readers[str(ref)] = fetch.weights(ref, r, search, headers_only=headers_only, token=options.token)
+    return resolved, readers
 
 
 def settle_tokenizer(cfg: MergeConfig, resolved: dict[str, ResolvedModel], options: MergeOptions | None = None,
@@ -108,61 +85,24 @@ def prepare(cfg: MergeConfig, options: MergeOptions, headers_only: bool = False)
     return build_plan(cfg, resolved, weights, vocab=vocab)
 
 
-def make_lock(cfg: MergeConfig, plan: Plan, seed: int | None, device: torch.device, rng: str = "hash") -> dict:
+def make_lock(cfg: MergeConfig, plan: Plan, seed: int | None, device: torch.device, rng: str = "hash") -> Lock:
     parents = []
     base = str(cfg.base_model) if cfg.base_model else None
     for key, r in plan.resolved.items():
-        parents.append({"ref": key, "revision": r.ref.revision, "sha": r.sha, "local": not r.is_hub,
-                        "role": "base" if key == base else "input"})
-        adapter = getattr(plan.models.get(key), "adapter", None)  # mergebot.io.lora.LoraWeights
+        parents.append(ParentPin(key, r.ref.revision, r.sha, not r.is_hub, "base" if key == base else "input"))
+        adapter = plan.models[key].adapter
         if adapter is not None:
-            parents.append({"ref": str(adapter.ref), "revision": adapter.ref.revision, "sha": adapter.sha,
-                            "local": not adapter.is_hub, "role": "lora", "of": key})
-    return {
-        "mergebot_version": __version__,
-        "config_sha256": cfg.sha256,
-        "kind": "merge",
-        "merge_method": cfg.method_name,
-        "base_model": base,
-        "parents": parents,
-        "dtype": cfg.dtype,
-        "out_dtype": cfg.out_dtype,
-        "random_seed": seed,
-        "rng": rng if plan.method.uses_rng else None,
-        "device": device.type,
-    }  # no timestamp: an unchanged re-merge must give identical files, hence no new Hub commit
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", file=sys.stderr)
-
-
-@contextmanager
-def streamed_shards(work: Path, entries: list[ShardEntry], options: MergeOptions,
-                    total: int) -> Iterator[tuple[ShardedWriter, Callable[[int], None] | None]]:
-    """The output shards plus a progress callback; closed (fsynced, indexed) on success, aborted on error."""
-    bar = _progress_bar(total, options.progress)
-    writer = ShardedWriter(work, entries, options.out_shard_size, metadata={"mergebot_version": __version__})
-    try:
-        yield writer, (bar.update if bar else None)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if bar:
-            bar.close()
+            parents.append(ParentPin(str(adapter.ref), adapter.ref.revision, adapter.sha, not adapter.is_hub, "lora",
+                                     of=key))
+    return Lock(config_sha256=cfg.sha256, kind="merge", merge_method=cfg.method_name, base_model=base,
+                parents=[p.as_dict() for p in parents], dtype=cfg.dtype, out_dtype=cfg.out_dtype, random_seed=seed,
+                rng=rng if plan.method.uses_rng else None, device=device.type)
 
 
 def run_merge(cfg: MergeConfig, out_dir: Path, options: MergeOptions) -> MergeResult:
     """Merge into out_dir atomically. Nothing is written before the plan is known to be sound."""
     check_target(out_dir, options.force)
-    device = pick_device(options.device)
-    if options.threads:
-        torch.set_num_threads(options.threads)
+    device = start(options)
     plan = prepare(cfg, options)
     uses_rng = plan.method.uses_rng
     if options.rng == "mergekit" and uses_rng:
@@ -179,23 +119,53 @@ def run_merge(cfg: MergeConfig, out_dir: Path, options: MergeOptions) -> MergeRe
             work, copy_tokenizer=options.copy_tokenizer))
         copy_parent_licenses({k: r.directory for k, r in plan.resolved.items()}, work)
         (work / "mergekit_config.yml").write_text(cfg.text, encoding="utf-8")
-        lock = make_lock(cfg, plan, seed, device, options.rng)
-        write_json(work / "mergebot.lock.json", lock)
-    peak = peak_rss()
-    return MergeResult(out_dir, plan, stats, peak, lock, cfg.warnings + plan.warnings)
+        lock = make_lock(cfg, plan, seed, device, options.rng).as_dict()
+        write_lock(work, lock)
+    return MergeResult(out_dir, plan, stats, peak_rss(), lock, cfg.warnings + plan.warnings)
 
 
-def peak_rss() -> int:
-    """This process's peak resident set (VmHWM); ru_maxrss would include a forking parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# ------------------------------------------------------------------------------------------------- the Build
+
+@dataclass
+class DensePlan:
+    """A dense merge's plan as `--dry-run` prints it and the Action's pull-request summary shows it."""
+
+    plan: Plan
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.plan.warnings
+
+    def describe(self) -> list[str]:
+        plan = self.plan
+        lines = [f"method: {plan.method.name}    donor (config.json, tokenizer): {plan.donor}"]
+        for key, r in plan.resolved.items():
+            lines.append(f"  input: {key}  ({'hub @ ' + str(r.sha) if r.is_hub else r.directory})")
+        lines.append(f"{'tensor':60s} {'shape':>16s} {'dtype':>9s}  parameters")
+        for j in plan.jobs:
+            params = dict(j.shared)
+            for inp, p in zip(j.inputs, j.per_input):
+                for k, v in p.items():
+                    params[f"{k}[{inp.model}]"] = round(v, 5) if isinstance(v, float) else v
+            desc = "copy" if j.copy else ", ".join(f"{k}={round(v, 5) if isinstance(v, float) else v}"
+                                                   for k, v in params.items())
+            lines.append(f"{j.name:60s} {str(list(j.shape)):>16s} {dtype_name(j.out_dtype):>9s}  {desc}")
+        biggest = max((j.numel for j in plan.jobs), default=0)
+        work = min(biggest, CHUNK) * 4 * (max((len(j.inputs) for j in plan.jobs), default=1) + 3)
+        lines.append(f"output: {len(plan.jobs)} tensors, {human_bytes(plan.total_bytes)}; reads "
+                     f"{human_bytes(plan.input_bytes)}; estimated peak working memory {human_bytes(work + 200e6)}")
+        return lines
+
+    def markdown(self, text: Callable[[str], str], code: Callable[[str], str], device: str) -> list[str]:
+        plan = self.plan
+        return ([f"output: {len(plan.jobs)} tensors, {human_bytes(plan.total_bytes)}; "
+                 f"reads {human_bytes(plan.input_bytes)}; device {code(device)}"]
+                + [f"note: {text(w)}" for w in plan.warnings])
 
 
-def seed_from_env() -> int | None:
-    v = os.environ.get("MERGEBOT_RANDOM_SEED")
-    return int(v) if v else None
+class DenseBuild(ConfigBuild[MergeConfig]):
+    def prepare(self, options: MergeOptions, *, headers_only: bool = False) -> DensePlan:
+        return DensePlan(prepare(self.config, options, headers_only=headers_only))
+
+    def run(self, out_dir: Path, options: MergeOptions) -> MergeResult:
+        return run_merge(self.config, out_dir, options)

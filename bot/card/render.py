@@ -9,20 +9,23 @@ twice gives the same bytes (an unchanged merge republishes as a no-op).
 
 from __future__ import annotations
 
-import sys
 import os
+import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import jinja2
 import yaml
 
-from mergebot.errors import MergebotError
 from mergebot.card.licenses import LicenseReport, render_notice
 from mergebot.config.methods import SPECS
 from mergebot.config.refs import split_ref
-from mergebot.hub.parents import ParentInfo, read_lock, union_languages
+from mergebot.errors import MergebotError
+from mergebot.hub.parents import ParentInfo, union_languages
+from mergebot.io.lockfile import read_lock
+
 
 def _templates_dir() -> Path:
     """templates/ beside the package (source checkout, editable install), else the copy a wheel installs

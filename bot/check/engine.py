@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from mergebot.io import confine
-from mergebot.errors import ModelError
-from mergebot.io.weights import ModelWeights
-from mergebot.hub.fetch import read_json_object
-from mergebot.check.forward import DEFAULT_BUDGET, DecoderSpec, LayerwiseModel
-from mergebot.errors import CheckUnsupported
+from mergebot.check.decoder import DecoderSpec
+from mergebot.check.forward import DEFAULT_BUDGET, LayerwiseModel
 from mergebot.check.report import CheckReport, EvalTextInfo, Generation, ModelScore, decide
 from mergebot.check.tensors import check_tensors
 from mergebot.check.text import DEFAULT_PROMPTS, TextTokenizer, degenerate, load_eval_text, windows
+from mergebot.errors import CheckUnsupported, ModelError
+from mergebot.io import confine
+from mergebot.io.local import read_json_object
+from mergebot.io.weights import ModelWeights
 
 
 @dataclass

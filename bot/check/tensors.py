@@ -65,7 +65,7 @@ def _stats(weights: ModelWeights, name: str, buf: torch.Tensor) -> tuple[int, fl
 
 
 def _floating(weights: ModelWeights, name: str) -> bool:
-    return weights.info(name).dtype.is_floating_point
+    return weights.header(name).dtype.is_floating_point
 
 
 def check_tensors(merge: ModelWeights, parents: list[ModelWeights], norm_range: tuple[float, float]) -> TensorReport:
@@ -73,7 +73,7 @@ def check_tensors(merge: ModelWeights, parents: list[ModelWeights], norm_range: 
     report = TensorReport(norm_range=(lo, hi))
     worst_log = -1.0
     buf = torch.empty(CHUNK, dtype=torch.float32)
-    for name in sorted(merge.tensors):
+    for name in sorted(merge.keys()):
         if not _floating(merge, name):
             continue
         report.tensors += 1
@@ -84,10 +84,10 @@ def check_tensors(merge: ModelWeights, parents: list[ModelWeights], norm_range: 
                 report.non_finite.append(name)
             continue
         norm = math.sqrt(sq)
-        shape = merge.info(name).shape
+        shape = merge.header(name).shape
         parent_norms = []
         for p in parents:
-            if p.has(name) and p.info(name).shape == shape and _floating(p, name):
+            if name in p.keys() and p.header(name).shape == shape and _floating(p, name):
                 pbad, psq = _stats(p, name, buf)
                 if not pbad:
                     parent_norms.append(math.sqrt(psq))

@@ -18,9 +18,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from mergebot.errors import ModelError
 from mergebot.io import confine
 from mergebot.tokenizer.chat_templates import read_template
-from mergebot.errors import ModelError
 
 BUILTIN_NAME = "mergebot built-in evaluation text v1"
 MAX_EVAL_FILE = 1 << 20  # --eval-text: a few KB are expected; a megabyte is already minutes of CPU per model

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from mergebot.action.runner_log import safe_line
 from mergebot.errors import MergebotError

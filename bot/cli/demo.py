@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from mergebot.cli._output import human_bytes, warn
+from mergebot.cli._output import warn
+from mergebot.units import human_bytes
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     warn(m.warnings)
     out = result.out_dir
     print(f"merged {m.stats.tensors} tensors ({human_bytes(m.stats.bytes_written)}) in {m.stats.seconds:.2f} s "
-          f"with {m.plan.method.name}, seed {m.lock['random_seed']} -> {out}")
+          f"with {m.lock['merge_method']}, seed {m.lock['random_seed']} -> {out}")
     r = result.report
     print(f"license: {r.license}{' (' + r.license_name + ')' if r.license_name else ''}, check: {r.verdict}")
     for reason in r.reasons:

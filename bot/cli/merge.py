@@ -5,17 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
-from mergebot.cli._output import human_bytes, parse_size, warn
-from mergebot.config.configfile import Config, load
-from mergebot.config.moe import MoeConfig
-from mergebot.config.multi import MultiConfig
+from mergebot.cli._output import warn
+from mergebot.config.configfile import load
+from mergebot.units import human_bytes, parse_size
 
 if TYPE_CHECKING:
-    from mergebot.builds.dense import MergeOptions
-    from mergebot.engine.plan import Plan
+    from mergebot.builds.base import MergeOptions
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -67,56 +64,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def options_from(args: argparse.Namespace) -> MergeOptions:
-    from mergebot.builds.dense import MergeOptions
+    from mergebot.builds.base import MergeOptions
 
     return MergeOptions(out_shard_size=args.out_shard_size, device="cuda" if args.cuda else args.device,
                         random_seed=args.random_seed, force=args.force, copy_tokenizer=args.copy_tokenizer,
                         progress=not args.quiet, token=args.token, threads=args.num_threads,
-                        compile=args.compile, rng=args.rng)
-
-
-def print_plan(plan: Plan) -> None:
-    from mergebot.engine.dtypes import dtype_name
-
-    print(f"method: {plan.method.name}    donor (config.json, tokenizer): {plan.donor}")
-    for key, r in plan.resolved.items():
-        print(f"  input: {key}  ({'hub @ ' + r.sha if r.is_hub else r.directory})")
-    print(f"{'tensor':60s} {'shape':>16s} {'dtype':>9s}  parameters")
-    for j in plan.jobs:
-        params = dict(j.shared)
-        for inp, p in zip(j.inputs, j.per_input):
-            for k, v in p.items():
-                params[f"{k}[{inp.model}]"] = round(v, 5) if isinstance(v, float) else v
-        desc = "copy" if j.copy else ", ".join(f"{k}={round(v, 5) if isinstance(v, float) else v}" for k, v in params.items())
-        print(f"{j.name:60s} {str(list(j.shape)):>16s} {dtype_name(j.out_dtype):>9s}  {desc}")
-    from mergebot.engine.executor import CHUNK
-    biggest = max((j.numel for j in plan.jobs), default=0)
-    work = min(biggest, CHUNK) * 4 * (max((len(j.inputs) for j in plan.jobs), default=1) + 3)
-    print(f"output: {len(plan.jobs)} tensors, {human_bytes(plan.total_bytes)}; reads {human_bytes(plan.input_bytes)}; "
-          f"estimated peak working memory {human_bytes(work + 200e6)}")
-
-
-def dry_run(cfg: Config, opts: MergeOptions, allow_all_same: bool) -> None:
-    from mergebot.builds.dense import prepare
-
-    if isinstance(cfg, MultiConfig):
-        for i, stage in enumerate(cfg.stages, 1):
-            label = stage.name or "result"
-            print(f"== stage {i}/{len(cfg.stages)}: {label} ({stage.cfg.method_name})")
-            if stage.needs:  # its inputs do not exist yet
-                print(f"reads the output of {', '.join(map(repr, stage.needs))} (built first): its tensor plan "
-                      "is made once they exist")
-            else:
-                dry_run(stage.cfg, opts, allow_all_same)
-    elif isinstance(cfg, MoeConfig):
-        from mergebot.builds.moe.build import prepare_moe
-        moe_plan = prepare_moe(cfg, opts, allow_all_same=allow_all_same)
-        warn(moe_plan.warnings)
-        print("\n".join(moe_plan.summary()))
-    else:
-        plan = prepare(cfg, opts, headers_only=True)
-        warn(plan.warnings)
-        print_plan(plan)
+                        compile=args.compile, rng=args.rng, allow_all_same_experts=args.allow_all_same)
 
 
 TOKEN_FLAG_WARNING = ("--token puts the token on the command line, where other processes and shell history can "
@@ -132,9 +85,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = load(args.config)
     warn(cfg.warnings)
     opts = options_from(args)
-    opts.allow_all_same_experts = args.allow_all_same
-    if args.dry_run:
-        dry_run(cfg, opts, args.allow_all_same)
+    if args.dry_run:  # headers only: no tensor data is downloaded, nothing is written
+        from mergebot.builds import build_for
+
+        plan = build_for(cfg).prepare(opts, headers_only=True)
+        warn(plan.warnings)
+        print("\n".join(plan.describe()))
         return 0
     from mergebot import pipeline
 
@@ -142,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                         create_pr=args.create_pr, license_id=args.license,
                         allow_license_risk=args.allow_license_risk, template=args.card_template)
     result = done.merge
-    warn(result.plan.warnings)
+    warn(result.plan_warnings)
     report = done.report
     print(f"license: {report.license}, check: {report.verdict}", file=sys.stderr)
     warn(report.reasons if report.verdict != "ok" else [])

@@ -11,17 +11,16 @@ import argparse
 import json
 import os
 import sys
-
 from pathlib import Path
 
 from mergebot.action.hfjobs import submit
 from mergebot.action.report import mask, write_outputs
 from mergebot.action.runner_log import safe_line
-from mergebot.errors import MergebotError
 from mergebot.action.select import select
 from mergebot.action.staleness import StalenessChecker, decide
-from mergebot.hub.parents import resolve_endpoint
 from mergebot.cli.action import add_common_arguments, inputs_and_event
+from mergebot.errors import MergebotError
+from mergebot.hub.client import resolve_endpoint
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -6,12 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from mergebot.card.license_table import LICENSES
+from mergebot.card.licenses import LicenseOverride, LicensePolicy, analyze
 from mergebot.card.render import card_context_from_output, write_card
-from mergebot.card.licenses import LICENSES, LicenseOverride, LicensePolicy, analyze
-from mergebot.hub.parents import parents_from_lock, read_lock, resolve_endpoint
-from mergebot.hub.publish import LicenseGateError, publish, resolve_token
 from mergebot.cli._output import warn
 from mergebot.cli.merge import TOKEN_FLAG_WARNING
+from mergebot.hub.client import resolve_endpoint, resolve_token
+from mergebot.hub.parents import parents_from_lock
+from mergebot.hub.publish import LicenseGateError, publish
+from mergebot.io.lockfile import read_lock
 
 _KNOWN_IDS = sorted({s.hub_id for s in LICENSES.values()} | {"other", "unknown"})
 

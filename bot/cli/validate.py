@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mergebot.cli._output import warn
 from mergebot.config.configfile import load
 from mergebot.errors import MergebotError
-from mergebot.cli._output import warn
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

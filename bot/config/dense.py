@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 from mergebot.config.checks import check_method, check_static
 from mergebot.config.methods import PLANNED, SPECS, closest
-from mergebot.config.refs import ModelRef, parse_ref
+from mergebot.config.refs import ModelRef, parse_ref, unique
 from mergebot.config.shared import kind_name, mapping, tokenizer_keys, unknown_keys
 from mergebot.config.spec import DTYPE_NAMES, MethodSpec
 from mergebot.config.yamlsafe import YamlDoc, load_yaml, read_text, short
@@ -77,15 +77,8 @@ class MergeConfig:
 
     def referenced_models(self) -> list[ModelRef]:
         """Every model, in config order, deduplicated (§5.8: config order, never hash order)."""
-        seen: dict[str, ModelRef] = {}
-        for s in self.slices:
-            for src in s.sources:
-                seen.setdefault(str(src.model), src.model)
-            if s.base_model is not None:
-                seen.setdefault(str(s.base_model), s.base_model)
-        if self.base_model is not None:
-            seen.setdefault(str(self.base_model), self.base_model)
-        return list(seen.values())
+        return unique([ref for s in self.slices for ref in [src.model for src in s.sources] + [s.base_model]]
+                      + [self.base_model])
 
     def label(self) -> str:
         return self.method_name

@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from mergebot.config.refs import ModelRef, parse_ref
+from mergebot.config.params import MAX_MAGNITUDE
+from mergebot.config.refs import ModelRef, parse_ref, unique
 from mergebot.config.shared import check_tokenizer_source, unknown_keys
 from mergebot.config.spec import DTYPE_NAMES
-from mergebot.config.params import MAX_MAGNITUDE
 from mergebot.config.yamlsafe import YamlDoc, short
 
 GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed", "random", "uniform_random")
@@ -62,10 +62,7 @@ class MoeConfig:
 
     def referenced_models(self) -> list[ModelRef]:
         """Base, experts and shared experts, in config order, deduplicated."""
-        seen: dict[str, ModelRef] = {str(self.base_model): self.base_model}
-        for e in self.experts + self.shared_experts:
-            seen.setdefault(str(e.source_model), e.source_model)
-        return list(seen.values())
+        return unique([self.base_model] + [e.source_model for e in self.experts + self.shared_experts])
 
     def label(self) -> str:
         return f"moe ({self.gate_mode} gates)"

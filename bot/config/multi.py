@@ -3,28 +3,18 @@
 Each document is a merge (or a mergekit-moe) config; `name:` names its result, and a model reference equal to
 an earlier document's name means that merge's output (an intermediate). The file's result is the one document
 without a name, or, when every document is named, the one no other document uses. Intermediates are built
-first, in dependency order, into a scratch directory beside OUT_DIR that is removed afterwards, so a failure
-at any stage leaves OUT_DIR untouched (the final stage is written atomically like any merge).
-
-The published lock lists the leaf parents of every stage (intermediates excluded), so a schedule re-merges
-the file when any of them moves; the config hash and `mergekit_config.yml` are the whole file.
+first, in dependency order (mergebot.builds.multi builds them).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import ClassVar, Iterator
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from mergebot.config.dense import MergeConfig, parse_config
 from mergebot.config.moe import MoeConfig, parse_moe
-from mergebot.config.refs import ModelRef
+from mergebot.config.refs import ModelRef, unique
 from mergebot.config.yamlsafe import YamlDoc, short
 
 NAME = "name"
@@ -84,12 +74,7 @@ class MultiConfig:
 
     def referenced_models(self) -> list[ModelRef]:
         """The leaf parents of every stage (intermediates excluded), in file order, deduplicated."""
-        seen: dict[str, ModelRef] = {}
-        for s in self.stages:
-            for ref in s.cfg.referenced_models():
-                if ref.path not in self.names:
-                    seen.setdefault(str(ref), ref)
-        return list(seen.values())
+        return unique(ref for s in self.stages for ref in s.cfg.referenced_models() if ref.path not in self.names)
 
     def label(self) -> str:
         return (f"{len(self.stages)} merges (" + " -> ".join(f"{s.name or 'result'}: {s.cfg.label()}"
@@ -177,60 +162,3 @@ def _build_order(stages: list[Stage], final: int, docs: list[YamlDoc]) -> list[i
 
     visit(final, [])
     return order
-
-
-@contextmanager
-def _scratch(out_dir: Path) -> Iterator[Path]:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stages-", dir=out_dir.parent))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def run_multi(mc: MultiConfig, out_dir: Path, options) -> list:
-    """Build every stage (intermediates into a scratch dir, the result into out_dir); the stage results in
-    build order. `options` is a mergebot.builds.dense.MergeOptions."""
-    from mergebot.builds.dense import check_target, run_merge
-    from mergebot.hub.fetch import named_models
-
-    check_target(out_dir, options.force)
-    results = []
-    built: dict[str, Path] = {}
-    with _scratch(out_dir) as scratch:
-        for stage in mc.stages:
-            last = stage is mc.final
-            target = out_dir if last else scratch / (stage.name or "result")
-            opts = options if last else replace(options, force=True)
-            with named_models(built):
-                if isinstance(stage.cfg, MoeConfig):
-                    from mergebot.builds.moe.build import run_moe
-                    res = run_moe(stage.cfg, target, opts, allow_all_same=opts.allow_all_same_experts)
-                else:
-                    res = run_merge(stage.cfg, target, opts)
-            results.append(res)
-            if stage.name:
-                built[stage.name] = target
-    _write_lock(out_dir, mc, results)
-    return results
-
-
-def _write_lock(out_dir: Path, mc: MultiConfig, results: list) -> None:
-    """The result's lock, with every stage's leaf parents, replaced atomically."""
-    lock = dict(results[-1].lock)
-    parents: dict[str, dict] = {}
-    stages = []
-    for stage, res in zip(mc.stages, results):
-        own = [p for p in res.lock.get("parents", []) if p.get("ref") not in mc.names]
-        for p in own:
-            parents.setdefault(p["ref"], p)
-        stages.append({"name": stage.name, "merge_method": res.lock.get("merge_method"),
-                       "parents": [p["ref"] for p in res.lock.get("parents", [])], "random_seed":
-                       res.lock.get("random_seed")})
-    lock.update(kind="multi", config_sha256=mc.sha256, parents=list(parents.values()), stages=stages)
-    results[-1].lock = lock
-    tmp = out_dir / ".mergebot.lock.json.tmp"
-    tmp.write_text(json.dumps(lock, indent=2) + "\n")
-    os.replace(tmp, out_dir / "mergebot.lock.json")
-

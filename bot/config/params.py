@@ -9,7 +9,8 @@ tensor name (what `mergebot validate` can check without models).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from mergebot.config.spec import Param
 from mergebot.config.yamlsafe import YamlDoc, short
@@ -174,41 +175,45 @@ def filter_matches(flt: str | None, tensor: str) -> bool:
     return flt is None or flt == "*" or flt in tensor
 
 
-def evaluate(setting: Any, tensor: str, t: float, ptype: type) -> Any:
-    """Resolve one scope's setting for one tensor; None means "not set at this level"."""
-    if setting is None:
-        return None
+def _unpack(setting: Any) -> tuple[list[dict[str, Any]] | None, Any]:
+    """One scope's setting as (its conditionals, None) or (None, a scalar or gradient); (None, None) when it is
+    not set at this level (null, an empty list)."""
     if isinstance(setting, dict):
         setting = [setting]
     if isinstance(setting, list):
         if not setting:
-            return None
+            return None, None
         if all(_is_conditional(c) for c in setting):
-            for cond in setting:
-                if filter_matches(cond.get("filter"), tensor):
-                    return evaluate(cond["value"], tensor, t, ptype)
-            return None
-        return interpolate(setting, t, ptype)
-    return coerce(setting, ptype)
+            return setting, None
+    return None, setting
+
+
+def _plain(value: Any, t: float, ptype: type) -> Any:
+    if value is None:
+        return None
+    return interpolate(value, t, ptype) if isinstance(value, list) else coerce(value, ptype)
+
+
+def evaluate(setting: Any, tensor: str, t: float, ptype: type) -> Any:
+    """Resolve one scope's setting for one tensor; None means "not set at this level"."""
+    conditionals, plain = _unpack(setting)
+    if conditionals is None:
+        return _plain(plain, t, ptype)
+    for cond in conditionals:
+        if filter_matches(cond.get("filter"), tensor):
+            return evaluate(cond["value"], tensor, t, ptype)
+    return None
 
 
 def static_value(setting: Any, t: float, ptype: type) -> Any:
     """A (validated) setting's value at t for every tensor: None when not set at this level, UNKNOWN when a
     filter makes it depend on the tensor name (the first conditional decides for the tensors it matches)."""
-    if setting is None:
-        return None
-    if isinstance(setting, dict):
-        setting = [setting]
-    if isinstance(setting, list):
-        if not setting:
-            return None
-        if all(_is_conditional(c) for c in setting):
-            first = setting[0]
-            if first.get("filter") in (None, "*", ""):
-                return static_value(first["value"], t, ptype)
-            return UNKNOWN
-        return interpolate(setting, t, ptype)
-    return coerce(setting, ptype)
+    conditionals, plain = _unpack(setting)
+    if conditionals is None:
+        return _plain(plain, t, ptype)
+    if conditionals[0].get("filter") in (None, "*", ""):
+        return static_value(conditionals[0]["value"], t, ptype)
+    return UNKNOWN
 
 
 def resolve(scopes: Iterable[dict[str, Any] | None], param: Param, tensor: str, t: float) -> Any:

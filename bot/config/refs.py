@@ -11,6 +11,7 @@ repo id wherever one is looked for (mergebot.io.local).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,15 @@ class ModelRef:
 
 class RefSyntaxError(ValueError):
     """A model reference that breaks the grammar; the message is the reason (no file or line)."""
+
+
+def unique(refs: Iterable[ModelRef | None]) -> list[ModelRef]:
+    """The references in order, each once (§5.8: config order, never hash order); None entries skipped."""
+    seen: dict[str, ModelRef] = {}
+    for ref in refs:
+        if ref is not None:
+            seen.setdefault(str(ref), ref)
+    return list(seen.values())
 
 
 def _parts(text: str) -> list[list[str]]:

@@ -82,25 +82,25 @@ class Sums:
     LOW = -1200  # below every block exponent (float64 subnormals reach −1074)
 
     @classmethod
-    def of(cls, part: torch.Tensor, shape: tuple[int, ...] | None = None) -> "Sums":
+    def of(cls, part: torch.Tensor, shape: tuple[int, ...] | None = None) -> Sums:
         """From `partials(...)` ([k, 2, blocks])."""
         s = cls(part.shape[0], shape)
         s.add(part)
         return s
 
     @classmethod
-    def of_terms(cls, terms: Sequence[torch.Tensor], shape: tuple[int, ...] | None = None) -> "Sums":
+    def of_terms(cls, terms: Sequence[torch.Tensor], shape: tuple[int, ...] | None = None) -> Sums:
         return cls.of(partials(terms), shape)
 
     @classmethod
-    def of_counts(cls, counts: Sequence[int]) -> "Sums":
+    def of_counts(cls, counts: Sequence[int]) -> Sums:
         """Integer quantities (e.g. element counts), exact already."""
         s = cls(len(counts))
         s.ints = [int(c) << (FRAC - cls.LOW) for c in counts]  # as if one block with e = FRAC
         return s
 
     @classmethod
-    def cat(cls, *parts: "Sums") -> "Sums":
+    def cat(cls, *parts: Sums) -> Sums:
         """The quantities of several Sums, one after the other (flat)."""
         s = cls(0)
         for p in parts:
@@ -120,7 +120,7 @@ class Sums:
                     acc += q << (e - self.LOW)
             self.ints[j] += acc
 
-    def __add__(self, other: "Sums") -> "Sums":
+    def __add__(self, other: Sums) -> Sums:
         out = Sums(len(self.ints), self.shape)
         out.ints = [a + b for a, b in zip(self.ints, other.ints)]
         out.nonfinite = [a or b for a, b in zip(self.nonfinite, other.nonfinite)]
@@ -143,6 +143,6 @@ def _to_float(v: int, exp: int) -> float:
         return math.copysign(math.inf, v)
 
 
-def totals(reduced: "Sums | torch.Tensor | None") -> torch.Tensor | None:
+def totals(reduced: Sums | torch.Tensor | None) -> torch.Tensor | None:
     """What a method's `apply` receives from its `reduce`: float64 totals (None when there was no reduce)."""
     return reduced.values() if isinstance(reduced, Sums) else reduced

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from mergebot.engine import exact, fuse
-from mergebot.errors import ModelError
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 from mergebot.engine.plan import Plan, TensorJob
 from mergebot.engine.rng import stream_key
-from mergebot.tokenizer.vocab import align_inputs
+from mergebot.errors import ModelError
 from mergebot.io.writer import ShardedWriter
+from mergebot.tokenizer.align import align_inputs
 
 CHUNK = 1 << 24  # 16M elements: 64 MB per float32 working tensor; divides 2**32 (see mergebot.engine.rng)
 EAGER_CHUNK = 1 << 20  # eager kernels: 4 MB float32 buffers that stay in cache across their passes

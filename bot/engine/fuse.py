@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import shutil
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 

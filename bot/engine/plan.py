@@ -14,19 +14,20 @@ from typing import Any
 
 import torch
 
-from mergebot.engine import architecture as arch
 from mergebot.config.dense import MergeConfig, Slice, Source
+from mergebot.config.params import resolve
 from mergebot.config.refs import ModelRef
 from mergebot.config.spec import REQUIRED
 from mergebot.config.yamlsafe import keypath
+from mergebot.engine import architecture as arch
 from mergebot.engine.dtypes import dtype_name, torch_dtype
 from mergebot.engine.methods import METHODS
-from mergebot.errors import ConfigError, ModelError
-from mergebot.io.weights import ModelWeights
 from mergebot.engine.methods.base import MergeMethod
-from mergebot.config.params import resolve
-from mergebot.hub.fetch import ResolvedModel
-from mergebot.tokenizer.vocab import plan_alignment, set_vocab_size
+from mergebot.errors import ConfigError, ModelError
+from mergebot.io.local import ResolvedModel
+from mergebot.io.reader import TensorReader
+from mergebot.tokenizer.align import plan_alignment
+from mergebot.tokenizer.vocab import set_vocab_size
 
 
 @dataclass
@@ -64,7 +65,7 @@ class TensorJob:
 class Plan:
     method: MergeMethod
     jobs: list[TensorJob]
-    models: dict[str, ModelWeights]
+    models: dict[str, TensorReader]
     resolved: dict[str, ResolvedModel]
     donor: str
     out_config: dict
@@ -83,7 +84,7 @@ class Plan:
             for i in j.inputs:
                 if (i.model, i.tensor) not in seen:
                     seen.add((i.model, i.tensor))
-                    total += self.models[i.model].info(i.tensor).nbytes
+                    total += self.models[i.model].header(i.tensor).nbytes
         return total
 
 
@@ -94,12 +95,12 @@ def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
     return out
 
 
-def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: dict[str, ModelWeights], *,
+def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: dict[str, TensorReader], *,
                vocab: Any = None) -> Plan:
     method = METHODS[cfg.method_name]
     donor_ref = cfg.base_model or cfg.referenced_models()[0]
     donor = str(donor_ref)
-    layouts = {key: arch.infer_layout(list(w.tensors), resolved[key].config) for key, w in weights.items()}
+    layouts = {key: arch.infer_layout(list(w.keys()), resolved[key].config) for key, w in weights.items()}
     layout = layouts[donor]
     warnings: list[str] = []
 
@@ -163,16 +164,16 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
     return Plan(method, jobs, weights, resolved, donor, out_config, warnings, vocab=vocab)
 
 
-def _lookup(w: ModelWeights, name: str) -> str | None:
-    if w.has(name):
+def _lookup(w: TensorReader, name: str) -> str | None:
+    if name in w.keys():
         return name
     for alt in arch.TIED_FALLBACK.get(name, ()):
-        if w.has(alt):
+        if alt in w.keys():
             return alt
     return None
 
 
-def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, ModelWeights], sl, out_name: str,
+def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, TensorReader], sl, out_name: str,
          source_name, t: float, fixed: str | None, warnings: list[str], vocab: Any = None) -> list[TensorJob]:
     s, sources, base, ranges = sl
     order = list(range(len(sources)))
@@ -186,16 +187,16 @@ def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, ModelWeights]
         wanted = source_name(ranges[i])
         found = _lookup(w, wanted)
         if found is None:
-            if wanted == "lm_head.weight" or fixed is not None and not w.tensors:
+            if wanted == "lm_head.weight" or fixed is not None and not w.keys():
                 continue
-            if fixed is not None and wanted not in weights[str(sources[0].model)].tensors:
+            if fixed is not None and wanted not in weights[str(sources[0].model)].keys():
                 continue
             raise ModelError(f"{src.model}: tensor {wanted!r} not present (needed for output tensor {out_name!r})")
         inputs.append(Input(str(src.model), found, i, src.is_base))
         srcs.append(src)
     if not inputs:
         return []
-    infos = [weights[i.model].info(i.tensor) for i in inputs]
+    infos = [weights[i.model].header(i.tensor) for i in inputs]
     shapes = {inf.shape for inf in infos}
     is_vocab, align = False, None
     if vocab is not None:  # vocabulary-indexed: only the non-vocab dims must match (§2.0, §4.3)

@@ -82,7 +82,7 @@ class Stream32:
     cut: int | None
 
     @staticmethod
-    def of(key: int, start: int, count: int, thr: int) -> "Stream32":
+    def of(key: int, start: int, count: int, thr: int) -> Stream32:
         if (start & M32) + count > 1 << 32:
             raise ValueError(f"chunk [{start}, {start + count}) crosses a 2**32 index boundary")
         cut = None if thr >= 1 << 32 else thr + _MIN32

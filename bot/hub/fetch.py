@@ -1,71 +1,46 @@
-"""Where a model reference's files are: a local directory, or a Hub repo pinned to a commit sha.
+"""Parents on the Hub: a model's or an adapter's files at a revision pinned to its commit sha, or only the
+safetensors headers a dry run needs (HTTP range requests, no tensor data).
 
-Hub models are fetched with huggingface_hub at the requested revision, only the files a merge needs
-(safetensors shards + index, or `.bin` when there are no safetensors; json and tokenizer files), and the
-resolved commit sha is recorded for the card and the lock file (merge-semantics.md §1.1 Hub download).
+`resolve` is where every model reference is found: its local directory when it names one (mergebot.io.local),
+else the Hub repo, downloading only what a merge needs (safetensors shards + index, or `.bin` when there are no
+safetensors; json and tokenizer files; license files). The resolved sha goes into the card and the lock file
+(merge-semantics.md §1.1).
 """
 
 from __future__ import annotations
 
-import json
-import os
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
+import re
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
-from mergebot.io import confine
 from mergebot.config.refs import ModelRef, is_repo_id
-from mergebot.errors import ModelError
+from mergebot.errors import MergebotError, ModelError
+from mergebot.hub import errors
+from mergebot.hub.client import client, resolve_endpoint
+from mergebot.io import confine
+from mergebot.io.local import ResolvedModel, is_local, local_model, read_json_object
+from mergebot.io.lora import (
+    ADAPTER_BIN,
+    ADAPTER_CONFIG,
+    ADAPTER_SAFETENSORS,
+    LoraWeights,
+    adapter_config,
+    adapter_tensors,
+)
+from mergebot.io.reader import TensorReader
+from mergebot.io.safetensors import (
+    ST_INDEX,
+    ST_SINGLE,
+    HeaderEntry,
+    one_line,
+    parse_safetensors_header,
+    read_weight_map,
+)
+from mergebot.io.weights import ModelWeights
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja", "chat_template.json")
-
-
-@dataclass
-class ResolvedModel:
-    ref: ModelRef
-    directory: Path
-    is_hub: bool
-    sha: str | None  # resolved commit for Hub models
-    config: dict
-
-    @property
-    def label(self) -> str:
-        return str(self.ref)
-
-
-_NAMED: ContextVar[dict[str, Path]] = ContextVar("named_models", default={})
-
-
-@contextmanager
-def named_models(mapping: dict[str, Path]) -> Iterator[None]:
-    """Within the block, a reference whose path is one of these names means that directory (the outputs of
-    earlier merges of a mergekit-multi file, mergebot.config.multi); names win over directories and repo ids."""
-    token = _NAMED.set(dict(mapping))
-    try:
-        yield
-    finally:
-        _NAMED.reset(token)
-
-
-def is_local(ref: ModelRef, search: list[Path]) -> Path | None:
-    named = _NAMED.get().get(ref.path)
-    if named is not None:
-        return named
-    if confine.workspace() is not None and not is_repo_id(ref.path):
-        confine.local_reference(ref.path, str(ref))  # in the Action: inside the workspace, or refused
-    p = Path(ref.path).expanduser()
-    candidates = [p] if p.is_absolute() else [Path.cwd() / p] + [d / p for d in search]
-    for c in candidates:
-        if c.is_dir():
-            real = c.resolve()
-            ws = confine.workspace()
-            if ws is not None and not confine.is_inside(real, ws):  # e.g. a symlinked folder in the checkout
-                raise ModelError(f"{ref}: this local directory leads outside the workspace")
-            return real
-    return None
+_HUB_FIRST = 100_000  # bytes asked for in the first range request: most headers fit, one round trip
+MODEL_FILES = ["*.json", "tokenizer.model", "merges.txt", "*.jinja", "LICENSE*", "LICENCE*", "USE_POLICY*", "NOTICE*"]
+HEADER_FILES = ["*.json", "*.jinja", "tokenizer.model"]  # a dry run: everything but the weights
 
 
 def resolve(ref: ModelRef, search: list[Path] | None = None, *, download: bool = True,
@@ -73,63 +48,162 @@ def resolve(ref: ModelRef, search: list[Path] | None = None, *, download: bool =
     """Find a model's files; for Hub models pin the revision to a commit sha and download what is needed."""
     local = is_local(ref, search or [])
     if local is not None:
-        if ref.revision:
-            raise ModelError(f"{ref}: a revision (@{ref.revision}) only applies to Hub models; {local} is a local directory")
-        confine.audit(local, str(ref))
-        return ResolvedModel(ref, local, False, None, _read_config(local, str(ref)))
+        return local_model(ref, local)
     if not is_repo_id(ref.path):
         raise ModelError(f"{ref}: no such local directory, and not a Hugging Face repo id")
-    return _from_hub(ref, download=download, token=token)
-
-
-def read_json_object(directory: Path, name: str, label: str, missing_hint: str = "") -> dict:
-    """A JSON object file of a model or adapter directory; every problem names the model and the file."""
-    text = confine.read_text(directory, name, label)
-    if text is None:
-        raise ModelError(f"{label}: no {name} in {directory}{missing_hint}")
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise ModelError(f"{label}: {name} is not valid JSON: {str(e)[:200]}") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{label}: {name} is not a JSON object")
-    return data
-
-
-def _read_config(directory: Path, label: str) -> dict:
-    return read_json_object(directory, "config.json", label)
-
-
-def _from_hub(ref: ModelRef, *, download: bool, token: str | None) -> ResolvedModel:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
-    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT"), token=token)
-    try:
-        info = api.model_info(ref.path, revision=ref.revision, files_metadata=False)
-    except GatedRepoError:
-        raise ModelError(f"{ref}: gated repo on the Hub: accept its terms on the model page and use a token "
-                         "(HF_TOKEN) of an account that has access") from None
-    except RepositoryNotFoundError:
-        raise ModelError(f"{ref}: not a local directory, and no such model on the Hub (or it is private)") from None
-    except RevisionNotFoundError:
-        raise ModelError(f"{ref}: revision {ref.revision!r} not found on the Hub") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelError(f"{ref}: cannot reach the Hub: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    sha = info.sha
+    info = _model_info(ref, str(ref), "model", token)
     names = [s.rfilename for s in (info.siblings or [])]
     weights = ["*.safetensors", "*.safetensors.index.json"] if any(n.endswith(".safetensors") for n in names) \
         else ["*.bin", "*.bin.index.json"]
-    patterns = weights + ["*.json", "tokenizer.model", "merges.txt", "*.jinja", "LICENSE*", "LICENCE*", "USE_POLICY*",
-                          "NOTICE*"]
-    if not download:
-        patterns = ["*.json", "*.jinja", "tokenizer.model"]
-    try:
-        directory = snapshot_download(ref.path, revision=sha, allow_patterns=patterns, token=token,
-                                      endpoint=os.environ.get("HF_ENDPOINT"))
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelError(f"{ref}: download failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    d = Path(directory)
+    d = _download(ref, str(ref), info.sha, weights + MODEL_FILES if download else HEADER_FILES, token)
     confine.audit(d, str(ref))
-    return ResolvedModel(ref, d, True, sha, _read_config(d, str(ref)))
+    return ResolvedModel(ref, d, True, info.sha, read_json_object(d, "config.json", str(ref)))
+
+
+def resolve_adapter(ref: ModelRef, search: list[Path] | None = None, *, download: bool = True,
+                    token: str | None = None) -> ResolvedModel:
+    """Find a PEFT adapter: a local directory, or a Hub repo pinned to a commit sha (only the adapter files).
+
+    `ResolvedModel.config` holds adapter_config.json (adapters have no config.json, which `resolve` requires,
+    hence this sibling of it)."""
+    local = is_local(ref, search or [])
+    if local is not None:
+        if ref.revision:
+            raise ModelError(f"LoRA {ref}: a revision (@{ref.revision}) only applies to Hub repos; "
+                             f"{local} is a local directory")
+        return ResolvedModel(ref, local, False, None, adapter_config(local, ref))
+    if not is_repo_id(ref.path):
+        raise ModelError(f"LoRA {ref}: no such local directory, and not a Hugging Face repo id")
+    info = _model_info(ref, f"LoRA {ref}", "repo", token)
+    names = {s.rfilename for s in (info.siblings or [])}
+    if ADAPTER_CONFIG not in names:
+        raise ModelError(f"LoRA {ref}: the Hub repo has no {ADAPTER_CONFIG}: not a PEFT adapter")
+    if ADAPTER_SAFETENSORS not in names and ADAPTER_BIN not in names:
+        raise ModelError(f"LoRA {ref}: the Hub repo has no {ADAPTER_SAFETENSORS} (or {ADAPTER_BIN})")
+    patterns = [ADAPTER_CONFIG]
+    if download:
+        patterns.append(ADAPTER_SAFETENSORS if ADAPTER_SAFETENSORS in names else ADAPTER_BIN)
+    d = _download(ref, f"LoRA {ref}", info.sha, patterns, token)
+    return ResolvedModel(ref, d, True, info.sha, adapter_config(d, ref))
+
+
+def _model_info(ref: ModelRef, who: str, noun: str, token: str | None) -> Any:
+    try:
+        return client(token=token).model_info(ref.path, revision=ref.revision, files_metadata=False)
+    except Exception as e:
+        msg = errors.message("fetch", e, who=who, noun=noun, revision=ref.revision)
+        if msg is None:
+            raise
+        raise ModelError(msg) from None
+
+
+def _download(ref: ModelRef, who: str, sha: str | None, patterns: list[str], token: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(ref.path, revision=sha, allow_patterns=patterns, token=token,
+                                      endpoint=resolve_endpoint()))
+    except Exception as e:
+        msg = errors.message("download", e, who=who)
+        if msg is None:
+            raise
+        raise ModelError(msg) from None
+
+
+# ------------------------------------------------------------------------------------------- readers
+
+def weights(ref: ModelRef, resolved: ResolvedModel, search: list[Path], *, headers_only: bool = False,
+            token: str | None = None) -> TensorReader:
+    """The tensors of a resolved model (names and shapes only from the Hub's headers for a dry run of a Hub
+    model), with its `+lora` adapter folded in (mergebot.io.lora, §1.1)."""
+    reader: TensorReader
+    if resolved.is_hub and headers_only:
+        reader = hub_headers(ref.path, resolved.sha or "main", str(ref), token)
+    else:
+        reader = ModelWeights(resolved.directory, str(ref))
+    if ref.lora is None:
+        return reader
+    adapter = resolve_adapter(ref.lora, search, download=not headers_only, token=token)
+    if adapter.is_hub and headers_only:  # dry run: the header via HTTP range requests, no tensor data
+        tensors = ModelWeights(adapter.directory, f"LoRA {adapter.ref}", discover=False)
+        add_hub_safetensors(tensors, adapter.ref.path, ADAPTER_SAFETENSORS, adapter.sha, token)
+    else:
+        tensors = adapter_tensors(adapter)
+    return LoraWeights(reader, adapter, tensors, resolved.config)
+
+
+def hub_headers(repo_id: str, sha: str, label: str, token: str | None = None) -> ModelWeights:
+    """Names, dtypes and shapes read from the safetensors headers on the Hub (HTTP range requests),
+    without downloading any tensor data: what `--dry-run` needs."""
+    from huggingface_hub import hf_hub_download
+
+    api = client(token=token)
+    try:
+        if api.file_exists(repo_id, ST_SINGLE, revision=sha):
+            files = [ST_SINGLE]
+        elif api.file_exists(repo_id, ST_INDEX, revision=sha):
+            index = Path(hf_hub_download(repo_id, ST_INDEX, revision=sha, token=token, endpoint=resolve_endpoint()))
+            files = list(dict.fromkeys(read_weight_map(index.parent, ST_INDEX, label).values()))
+        else:
+            raise ModelError(f"{label}: no {ST_SINGLE} or {ST_INDEX} on the Hub (a dry run reads "
+                             "safetensors headers only)")
+    except MergebotError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any network or HTTP failure: we cannot read the headers
+        raise ModelError(f"{label}: cannot read safetensors headers from the Hub: {type(e).__name__}: "
+                         f"{one_line(e)}") from None
+    w = ModelWeights(Path(repo_id), label, discover=False)
+    for file in files:
+        add_hub_safetensors(w, repo_id, file, sha, token)
+    return w
+
+
+def add_hub_safetensors(w: ModelWeights, repo_id: str, filename: str, revision: str | None,
+                        token: str | None = None) -> None:
+    """The tensors a Hub file's header declares (validated; names and shapes only, nothing mapped)."""
+    entries, start = hub_safetensors_header(repo_id, filename, revision, f"{w.label}: {filename}", token)
+    w.add_entries(entries, Path(filename), start, filename)
+
+
+def hub_safetensors_header(repo_id: str, filename: str, revision: str | None, where: str,
+                           token: str | None = None, endpoint: str | None = None) -> tuple[list[HeaderEntry], int]:
+    """A Hub file's header by HTTP range requests (no tensor data), validated by `parse_safetensors_header`
+    against the file size the server reports (Content-Range)."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    url = hf_hub_url(repo_id, filename, revision=revision, endpoint=resolve_endpoint(endpoint))
+    headers = build_hf_headers(token=token)
+
+    def get(first: int, last: int) -> tuple[bytes, int]:
+        try:
+            r = get_session().get(url, headers={**headers, "range": f"bytes={first}-{last}"},
+                                  timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT)
+            hf_raise_for_status(r)
+        except MergebotError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any network or HTTP failure: we cannot read the header
+            raise ModelError(f"{where}: cannot read the header from the Hub: {type(e).__name__}: "
+                             f"{one_line(e)}") from None
+        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", r.headers.get("content-range", "").strip())
+        if r.status_code != 206 or m is None or int(m[1]) != first:
+            raise ModelError(f"{where}: the Hub did not answer a range request for the header")
+        body, total = r.content, int(m[3])
+        if len(body) != int(m[2]) - first + 1 or int(m[2]) >= total:
+            raise ModelError(f"{where}: the Hub's answer to a range request has the wrong length")
+        return body, total
+
+    head, size = get(0, _HUB_FIRST - 1)
+
+    def read(offset: int, length: int) -> bytes:
+        if offset + length <= len(head):
+            return head[offset:offset + length]
+        data, _ = get(offset, offset + length - 1)
+        if len(data) != length:
+            raise ModelError(f"{where}: the Hub's answer to a range request has the wrong length")
+        return data
+
+    return parse_safetensors_header(read, size, where)
+
+

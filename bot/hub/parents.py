@@ -12,26 +12,21 @@ license for the analysis to flag, rather than stopping the merge.
 
 from __future__ import annotations
 
-import json
-import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from mergebot.config.refs import looks_local, split_ref
-from mergebot.io import confine
-from mergebot.errors import ConfigError, MergebotError, ModelError
 from mergebot.config.yamlsafe import load_front_matter
-
-LOCK_FILE = "mergebot.lock.json"
+from mergebot.errors import ConfigError, MergebotError, ModelError
+from mergebot.hub import errors
+from mergebot.hub.client import client, resolve_endpoint
+from mergebot.io import confine
 
 
 class ParentMetadataError(MergebotError):
     """A parent's metadata cannot be read (missing repo, network down, bad README)."""
-
-
-class LockFileError(MergebotError):
-    """`mergebot.lock.json` is missing or malformed (the output directory is not a mergebot output)."""
 
 
 class GatedParentError(ParentMetadataError):
@@ -147,41 +142,16 @@ def parent_from_hub(
 
     `ref` is the parent as the config wrote it (default: `repo_id`); it names the parent in cards and reports.
     """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
     endpoint = resolve_endpoint(endpoint)
-    api = HfApi(endpoint=endpoint, token=token)
     at = sha or revision
     where = f"{repo_id}@{at}" if at else repo_id
     try:
-        info = api.model_info(repo_id, revision=at)
-    except GatedRepoError as e:
-        raise GatedParentError(
-            f"parent {where} is gated on {endpoint}: accept its terms at {endpoint}/{repo_id} with the account "
-            "whose token mergebot uses") from e
-    except RevisionNotFoundError as e:
-        raise ParentMetadataError(f"parent {where}: revision {at!r} not found on {endpoint}") from e
-    except RepositoryNotFoundError as e:
-        raise ParentMetadataError(
-            f"parent {repo_id}: repository not found on {endpoint} (or private and the token has no access)") from e
-    except OfflineModeIsEnabled as e:
-        raise ParentMetadataError(f"parent {where}: HF_HUB_OFFLINE is set, cannot read its metadata") from e
-    except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else "?"
-        raise ParentMetadataError(f"parent {where}: {endpoint} answered HTTP {status}") from e
-    except Exception as e:  # httpx2 transport errors: DNS, refused, timeout
-        if type(e).__module__.split(".")[0] in ("httpx2", "httpcore2", "httpx", "httpcore") or isinstance(e, OSError):
-            raise ParentMetadataError(
-                f"parent {where}: cannot reach {endpoint} ({type(e).__name__}); check the network or HF_ENDPOINT"
-            ) from e
-        raise
+        info = client(endpoint, token).model_info(repo_id, revision=at)
+    except Exception as e:
+        msg = errors.message("parent", e, where=where, repo=repo_id, revision=at, endpoint=endpoint)
+        if msg is None:
+            raise
+        raise (GatedParentError if errors.kind_of(e) == "gated" else ParentMetadataError)(msg) from e
     card = info.card_data.to_dict() if info.card_data is not None else {}
     parent = _from_metadata(ref or repo_id, card, is_hub=True, revision=revision, sha=sha or info.sha, role=role)
     parent.gated = info.gated or False
@@ -195,32 +165,6 @@ def parent_from_hub(
     if parent.pipeline_tag is None:
         parent.pipeline_tag = info.pipeline_tag
     return parent
-
-
-def resolve_endpoint(endpoint: str | None = None) -> str:
-    """Explicit endpoint, else `HF_ENDPOINT` read now (huggingface_hub only reads it at import), else the default."""
-    from huggingface_hub import constants
-
-    return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
-
-
-def read_lock(out_dir: Path) -> dict[str, Any]:
-    """The engine's `mergebot.lock.json`, checked for the keys the card and the commit message need."""
-    path = Path(out_dir) / LOCK_FILE
-    try:
-        lock = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise LockFileError(f"{path}: missing; is {out_dir} a mergebot output directory?") from None
-    except json.JSONDecodeError as e:
-        raise LockFileError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(lock, dict):
-        raise LockFileError(f"{path}: must be a JSON object")
-    for key in ("config_sha256", "merge_method", "parents"):
-        if key not in lock:
-            raise LockFileError(f"{path}: key {key!r} is missing")
-    if not isinstance(lock["parents"], list) or not all(isinstance(p, dict) and "ref" in p for p in lock["parents"]):
-        raise LockFileError(f"{path}: key 'parents' must be a list of objects with a 'ref'")
-    return lock
 
 
 def parents_from_lock(

@@ -16,15 +16,17 @@ Why this shape:
 from __future__ import annotations
 
 import hashlib
-import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
-from mergebot.errors import MergebotError
 from mergebot.card.licenses import LicenseReport
-from mergebot.hub.parents import LOCK_FILE, read_lock, resolve_endpoint
+from mergebot.errors import MergebotError
+from mergebot.hub.client import client, resolve_endpoint, resolve_token
+from mergebot.hub.errors import is_transport
+from mergebot.io.lockfile import LOCK_FILE, read_lock
 
 T = TypeVar("T")
 PRESERVED_REMOTE = frozenset({".gitattributes"})  # never deleted even though the engine does not write it
@@ -147,18 +149,6 @@ def plan_changes(local: dict[str, LocalFile], remote: dict[str, RemoteFile]) -> 
     return uploads, deletes
 
 
-def resolve_token(token: str | None) -> str | None:
-    """Explicit token, else HF_TOKEN, else huggingface_hub's stored login (or OIDC when configured)."""
-    if token:
-        return token
-    env = os.environ.get("HF_TOKEN")
-    if env:
-        return env
-    from huggingface_hub import get_token
-
-    return get_token()
-
-
 def commit_message(lock: dict[str, Any]) -> tuple[str, str]:
     """(summary, description): the summary names the config hash, the description every parent's sha."""
     summary = f"mergebot: {lock.get('merge_method') or lock.get('kind', 'merge')} merge, config sha256 " \
@@ -214,8 +204,7 @@ class _Publisher:
             return status == 429 or status >= 500
         cur: BaseException | None = e
         while cur is not None:
-            module = type(cur).__module__.split(".")[0]
-            if module in ("httpx2", "httpcore2", "httpx", "httpcore") or isinstance(cur, (ConnectionError, TimeoutError)):
+            if is_transport(cur) or isinstance(cur, (ConnectionError, TimeoutError)):
                 return True
             cur = cur.__cause__
         return False
@@ -292,7 +281,7 @@ def publish(
     `license_report` is the gate: a `block` verdict refuses to publish unless `allow_license_risk`.
     Returns `changed=False` and the current head when the remote already holds exactly these files.
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -314,9 +303,7 @@ def publish(
     if not resolved:
         raise PublishAuthError(
             f"no Hugging Face token for {endpoint}: pass --token, set HF_TOKEN, or run `hf auth login`")
-    from mergebot import __version__
-
-    hf = api or HfApi(endpoint=endpoint, token=resolved, library_name="mergebot", library_version=__version__)
+    hf = api or client(endpoint, resolved)
     pub = _Publisher(hf, resolved, endpoint, repo_id, retry)
 
     pub.call("creating the repo", lambda: hf.create_repo(repo_id, private=private, exist_ok=True, token=resolved))

@@ -18,17 +18,19 @@ loaded, i.e. before anything is written.
 from __future__ import annotations
 
 import math
-import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from mergebot.config.refs import ModelRef, is_repo_id
+from mergebot.config.refs import ModelRef
 from mergebot.errors import ModelError
-from mergebot.io.weights import ModelWeights, TensorInfo, load_bin_tensors
-from mergebot.hub.fetch import ResolvedModel, is_local, read_json_object
+from mergebot.io.local import ResolvedModel, read_json_object
+from mergebot.io.reader import TensorReader
+from mergebot.io.weights import ModelWeights, TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_SAFETENSORS = "adapter_model.safetensors"
@@ -54,68 +56,18 @@ class _Fold:
     transpose: bool = False
 
 
-def resolve_adapter(ref: ModelRef, search: list[Path] | None = None, *, download: bool = True,
-                    token: str | None = None) -> ResolvedModel:
-    """Find a PEFT adapter: a local directory, or a Hub repo pinned to a commit sha (only the adapter files).
-
-    `ResolvedModel.config` holds adapter_config.json (adapters have no config.json, which `sources.resolve`
-    requires, hence this sibling of it)."""
-    local = is_local(ref, search or [])
-    if local is not None:
-        if ref.revision:
-            raise ModelError(f"LoRA {ref}: a revision (@{ref.revision}) only applies to Hub repos; "
-                             f"{local} is a local directory")
-        return ResolvedModel(ref, local, False, None, _adapter_config(local, ref))
-    if not is_repo_id(ref.path):
-        raise ModelError(f"LoRA {ref}: no such local directory, and not a Hugging Face repo id")
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
-
-    endpoint = os.environ.get("HF_ENDPOINT")
-    try:
-        info = HfApi(endpoint=endpoint, token=token).model_info(ref.path, revision=ref.revision, files_metadata=False)
-    except GatedRepoError:
-        raise ModelError(f"LoRA {ref}: gated repo on the Hub: accept its terms and use a token with access") from None
-    except RepositoryNotFoundError:
-        raise ModelError(f"LoRA {ref}: not a local directory, and no such repo on the Hub (or it is private)") from None
-    except RevisionNotFoundError:
-        raise ModelError(f"LoRA {ref}: revision {ref.revision!r} not found on the Hub") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelError(f"LoRA {ref}: cannot reach the Hub: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    names = {s.rfilename for s in (info.siblings or [])}
-    if ADAPTER_CONFIG not in names:
-        raise ModelError(f"LoRA {ref}: the Hub repo has no {ADAPTER_CONFIG}: not a PEFT adapter")
-    if ADAPTER_SAFETENSORS not in names and ADAPTER_BIN not in names:
-        raise ModelError(f"LoRA {ref}: the Hub repo has no {ADAPTER_SAFETENSORS} (or {ADAPTER_BIN})")
-    patterns = [ADAPTER_CONFIG]
-    if download:
-        patterns.append(ADAPTER_SAFETENSORS if ADAPTER_SAFETENSORS in names else ADAPTER_BIN)
-    try:
-        d = Path(snapshot_download(ref.path, revision=info.sha, allow_patterns=patterns, token=token,
-                                   endpoint=endpoint))
-    except (HfHubHTTPError, OSError) as e:
-        raise ModelError(f"LoRA {ref}: download failed: {type(e).__name__}: {str(e).splitlines()[0]}") from None
-    return ResolvedModel(ref, d, True, info.sha, _adapter_config(d, ref))
-
-
-def _adapter_config(directory: Path, ref: ModelRef) -> dict:
+def adapter_config(directory: Path, ref: ModelRef) -> dict[str, Any]:
     return read_json_object(directory, ADAPTER_CONFIG, f"LoRA {ref}", ": not a PEFT adapter directory")
 
 
-def _adapter_tensors(adapter: ResolvedModel, *, headers_only: bool, token: str | None) -> ModelWeights:
+def adapter_tensors(adapter: ResolvedModel) -> ModelWeights:
+    """The adapter's own tensors, from its directory (safetensors, else a weights_only `.bin`)."""
     label = f"LoRA {adapter.ref}"
     w = ModelWeights(adapter.directory, label, discover=False)
-    if adapter.is_hub and headers_only:  # dry run: the header via HTTP range requests, no tensor data
-        w.add_hub_safetensors(adapter.ref.path, ADAPTER_SAFETENSORS, adapter.sha, token, os.environ.get("HF_ENDPOINT"))
-        return w
-    st, binf = adapter.directory / ADAPTER_SAFETENSORS, adapter.directory / ADAPTER_BIN
-    if st.exists():
-        w._add_safetensors(st)
-    elif binf.exists():
-        real, w._bin = load_bin_tensors(adapter.directory, ADAPTER_BIN, label)  # weights_only, flat dict only
-        for k, v in w._bin.items():
-            w.tensors[k] = TensorInfo(k, v.dtype, tuple(v.shape), real, 0, v.numel() * v.element_size())
+    if (adapter.directory / ADAPTER_SAFETENSORS).exists():
+        w.add_safetensors(ADAPTER_SAFETENSORS)
+    elif (adapter.directory / ADAPTER_BIN).exists():
+        w.add_bin(ADAPTER_BIN)
     else:
         raise ModelError(f"{label}: no {ADAPTER_SAFETENSORS} (or {ADAPTER_BIN}) in {adapter.directory}")
     return w
@@ -130,24 +82,24 @@ def _pattern(patterns: dict, module: str):
 
 
 class LoraWeights:
-    """A `ModelWeights` look-alike: the base model's tensors, adapted ones folded on `get` (§1.1)."""
+    """A TensorReader: the base model's tensors, adapted ones folded on `get` (§1.1)."""
 
-    def __init__(self, base: ModelWeights, adapter: ResolvedModel, adapter_tensors: ModelWeights, model_config: dict):
+    def __init__(self, base: TensorReader, adapter: ResolvedModel, adapter_tensors: TensorReader,
+                 model_config: dict[str, Any]):
         self.base = base
         self.adapter = adapter
         self.lora = adapter_tensors
         self.label = base.label
         self.directory = base.directory
-        self.tensors = base.tensors
         self.folds: dict[str, list[_Fold]] = {}
         self._plan(model_config)
 
-    # --------------------------------------------------------------------------------- ModelWeights API
-    def has(self, name: str) -> bool:
-        return self.base.has(name)
+    # --------------------------------------------------------------------------------------- TensorReader
+    def keys(self) -> Collection[str]:
+        return self.base.keys()
 
-    def info(self, name: str) -> TensorInfo:
-        return self.base.info(name)
+    def header(self, name: str) -> TensorInfo:
+        return self.base.header(name)
 
     def prefetch(self, name: str) -> None:
         self.base.prefetch(name)
@@ -205,7 +157,7 @@ class LoraWeights:
         conv1d_model = model_config.get("model_type") in CONV1D_MODEL_TYPES
 
         lora_parts: dict[str, dict[str, str]] = {}
-        for key in self.lora.tensors:
+        for key in self.lora.keys():
             rel = key[len(PREFIX):] if key.startswith(PREFIX) else key
             rel = rel.replace(".base_layer.", ".")  # save_embedding_layers keeps the wrapped layer's name
             if "lora_magnitude_vector" in rel:
@@ -217,7 +169,7 @@ class LoraWeights:
             if re.search(r"\.(lora_\w+|trainable_tokens\w*|token_adapter)\b", rel):
                 raise ModelError(f"{where}: adapter tensor {key!r} is of a kind mergebot cannot fold")
             # a full tensor saved with the adapter (modules_to_save, trained biases): it replaces the base's
-            self._target(rel, key, where, self.lora.info(key).shape)
+            self._target(rel, key, where, self.lora.header(key).shape)
             self.folds.setdefault(self._resolve(rel), []).insert(0, _Fold("replace", a=key))
 
         for module, parts in lora_parts.items():
@@ -230,7 +182,7 @@ class LoraWeights:
                 missing = ka if ka not in parts else kb
                 raise ModelError(f"{where}: module {module!r} has no {missing.split('.')[0]} tensor")
             a, b = parts[ka], parts[kb]
-            sa, sb = self.lora.info(a).shape, self.lora.info(b).shape
+            sa, sb = self.lora.header(a).shape, self.lora.header(b).shape
             target = module + ".weight"
             wshape = self._target(target, a, where)
             if len(sa) != 2 or len(sb) != 2 or sa[0] != sb[1]:
@@ -256,16 +208,16 @@ class LoraWeights:
             if "lora_B.bias" in parts:
                 bias = module + ".bias"
                 bshape = self._target(bias, parts["lora_B.bias"], where)
-                if tuple(bshape) != tuple(self.lora.info(parts["lora_B.bias"]).shape):
+                if tuple(bshape) != tuple(self.lora.header(parts["lora_B.bias"]).shape):
                     raise ModelError(f"{where}: shape mismatch for {bias}: the model has {list(bshape)}, the "
-                                     f"adapter's lora_B.bias has {list(self.lora.info(parts['lora_B.bias']).shape)}")
+                                     f"adapter's lora_B.bias has {list(self.lora.header(parts['lora_B.bias']).shape)}")
                 self.folds.setdefault(self._resolve(bias), []).append(_Fold("bias", b=parts["lora_B.bias"], scale=scale))
 
     def _resolve(self, name: str) -> str | None:
         """The checkpoint's name for a module path: as is, or without/with the base-model prefix (legacy GPT-2
         checkpoints say `h.0.attn.c_attn` where the module path is `transformer.h.0.attn.c_attn`)."""
         for cand in (name, name.split(".", 1)[1] if "." in name else None, "model." + name):
-            if cand and self.base.has(cand):
+            if cand and cand in self.base.keys():
                 return cand
         return None
 
@@ -274,17 +226,8 @@ class LoraWeights:
         if found is None:
             raise ModelError(f"{where}: the adapter's {key!r} targets tensor {name!r}, which {self.base.label} "
                              "does not have (is this adapter for another model?)")
-        wshape = self.base.info(found).shape
+        wshape = self.base.header(found).shape
         if shape is not None and tuple(shape) != tuple(wshape):
             raise ModelError(f"{where}: shape mismatch for {name}: the model has {list(wshape)}, the adapter's "
                              f"{key!r} has {list(shape)}")
         return wshape
-
-
-def with_lora(base: ModelWeights, ref: ModelRef, model_config: dict, search: list[Path] | None = None, *,
-              token: str | None = None, headers_only: bool = False) -> LoraWeights:
-    """The `+lora` part of `ref` folded over `base` (the weights of `ref` without its LoRA)."""
-    assert ref.lora is not None
-    adapter = resolve_adapter(ref.lora, search, download=not headers_only, token=token)
-    tensors = _adapter_tensors(adapter, headers_only=headers_only, token=token)
-    return LoraWeights(base, adapter, tensors, model_config)

@@ -12,13 +12,13 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from mergebot.io import confine
 from mergebot.errors import OutputError
-from mergebot.hub.fetch import TOKENIZER_FILES
+from mergebot.io import confine
+from mergebot.io.local import TOKENIZER_FILES
 
 DONOR_FILES = TOKENIZER_FILES + ("generation_config.json", "preprocessor_config.json")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from mergebot.io.weights import DTYPE_NAMES
+from mergebot.io.safetensors import DTYPE_NAMES
 
 PAGE = mmap.PAGESIZE
 

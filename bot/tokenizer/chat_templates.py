@@ -10,8 +10,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from mergebot.io import confine
 from mergebot.errors import ModelError
+from mergebot.io import confine
 
 BUILTIN: dict[str, str] = {
     "alpaca": (

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mergebot.io import confine
-from mergebot.tokenizer.chat_templates import apply_template, resolve_template
 from mergebot.config.dense import MergeConfig
+from mergebot.io import confine
+from mergebot.io.local import TOKENIZER_FILES
 from mergebot.io.output import copy_donor_files, write_json
+from mergebot.tokenizer.chat_templates import apply_template, resolve_template
 from mergebot.tokenizer.vocab import OutputVocab
 
 KEEP_FROM_DONOR = ("special_tokens_map.json", "chat_template.jinja", "chat_template.json")
@@ -78,3 +79,50 @@ def write_tokenizer_files(cfg: MergeConfig, vocab: OutputVocab | None, donor_dir
     except OSError as e:
         warnings.append(f"chat_template: could not be written: {e}")
     return warnings
+
+
+# ------------------------------------------------------------------------------------------------ MoE (§3.6)
+
+def _token_text(value: object) -> str | None:
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def special_token(directory: Path, name: str) -> str | None:
+    """`bos_token` / `eos_token` text from tokenizer_config.json, else special_tokens_map.json."""
+    for f in ("tokenizer_config.json", "special_tokens_map.json"):
+        data = confine.json_object(directory, f, f"model {directory.name}")
+        tok = _token_text(data.get(name)) if data is not None else None
+        if tok:
+            return tok
+    return None
+
+
+def tokenizer_identity(directory: Path) -> str | None:
+    """The vocabulary of a tokenizer.json (model and added tokens), to tell whether two tokenizers are one."""
+    data = confine.json_object(directory, "tokenizer.json", f"model {directory.name}")
+    if data is None:
+        return None
+    return json.dumps([data.get("model"), data.get("added_tokens")], sort_keys=True)
+
+
+def write_moe_tokenizer(base: Path, donor: Path, work: Path, copy: bool) -> list[str]:
+    """A MoE's (§3.6): generation_config.json from the base; the donor's tokenizer files, with the pad token set to bos (eos if
+    none) as mergekit saves it."""
+    copied = copy_donor_files(base, work, only=("generation_config.json",))
+    if not copy:
+        return copied
+    copied += copy_donor_files(donor, work, only=TOKENIZER_FILES)
+    pad = special_token(donor, "bos_token") or special_token(donor, "eos_token")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        f = work / name
+        if pad and f.is_file():
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except ValueError:
+                continue
+            if isinstance(data, dict):
+                data["pad_token"] = pad
+                write_json(f, data)
+    return copied

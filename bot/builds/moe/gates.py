@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from mergebot.io import confine
-from mergebot.errors import MergebotError, ModelError
-from mergebot.io.weights import ModelWeights
 from mergebot.config.moe import Expert
 from mergebot.engine.rng import hash_u32, stream_key
-from mergebot.hub.fetch import ResolvedModel
+from mergebot.errors import MergebotError, ModelError
+from mergebot.io import confine
+from mergebot.io.local import ResolvedModel
+from mergebot.io.reader import TensorReader
+from mergebot.tokenizer.files import special_token
 
 RANDOM_MODES = ("random", "uniform_random")
 HIDDEN_MODES = ("hidden", "hidden_last", "hidden_avg")
@@ -81,22 +81,6 @@ def random_gates(mode: str, layers: int, n: int, hidden: int, seed: int, first: 
 
 
 # ----------------------------------------------------------------------------------------- tokenization
-
-def _token_text(value: object) -> str | None:
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) and value else None
-
-
-def special_token(directory: Path, name: str) -> str | None:
-    """`bos_token` / `eos_token` text from tokenizer_config.json, else special_tokens_map.json."""
-    for f in ("tokenizer_config.json", "special_tokens_map.json"):
-        data = confine.json_object(directory, f, f"model {directory.name}")
-        tok = _token_text(data.get(name)) if data is not None else None
-        if tok:
-            return tok
-    return None
-
 
 def _added_token(value: object):
     from tokenizers import AddedToken
@@ -191,9 +175,9 @@ def cheap_embed_vector(embed: torch.Tensor, vocab: int, ids: list[list[int]], la
     return _normed(total)
 
 
-def cheap_embed_gates(base: ResolvedModel, weights: ModelWeights, experts: list[Expert], layers: int
+def cheap_embed_gates(base: ResolvedModel, weights: TensorReader, experts: list[Expert], layers: int
                       ) -> tuple[torch.Tensor, PromptEncoder]:
-    if not weights.has(EMBED):
+    if EMBED not in weights.keys():
         raise ModelError(f"{base.label}: gate_mode cheap_embed needs the tensor {EMBED!r}, which the base lacks")
     embed = weights.get(EMBED)
     vocab = int(base.config.get("vocab_size") or embed.shape[0])
@@ -260,7 +244,7 @@ def degenerate_layers(gates: torch.Tensor, threshold: float = 5.0) -> list[int]:
     return [i for i in range(gates.shape[0]) if float(torch.linalg.cond(gates[i].float())) > threshold]
 
 
-def compute_gates(mode: str, base: ResolvedModel, weights: ModelWeights, experts: list[Expert],
+def compute_gates(mode: str, base: ResolvedModel, weights: TensorReader, experts: list[Expert],
                   shared: list[Expert], *, layers: int, hidden: int, seed: int, device: str = "cpu") -> GateVectors:
     """Gate vectors for the routed experts, and for the shared ones when they have prompts or the mode is
     random/uniform_random (§3.4)."""

@@ -18,8 +18,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from mergebot.errors import ModelError, NotSupportedYet
 from mergebot.config.moe import MoeConfig
+from mergebot.errors import ModelError, NotSupportedYet
 
 
 @dataclass(frozen=True)

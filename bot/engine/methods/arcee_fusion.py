@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import torch
 
+from mergebot.config.methods import SPECS
 from mergebot.engine import rng
 from mergebot.engine.methods._rows import map_rows, row_blocks
-from mergebot.config.methods import SPECS
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 QUANTILE_SAMPLE_SIZE = 1_000_000

@@ -28,9 +28,9 @@ import math
 
 import torch
 
-from mergebot.engine.methods._linalg import gram, lincomb
-from mergebot.engine.exact import Sums
 from mergebot.config.methods import SPECS
+from mergebot.engine.exact import Sums
+from mergebot.engine.methods._linalg import gram, lincomb
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 

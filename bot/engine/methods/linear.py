@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from mergebot.engine.fuse import enabled, fusable, scratch
 from mergebot.config.methods import SPECS
+from mergebot.engine.fuse import enabled, fusable, scratch
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 

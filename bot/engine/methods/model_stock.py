@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from mergebot.engine.methods._rows import map_rows
-from mergebot.engine.methods._linalg import gram
-from mergebot.engine.exact import Sums
 from mergebot.config.methods import SPECS
+from mergebot.engine.exact import Sums
+from mergebot.engine.methods._linalg import gram
+from mergebot.engine.methods._rows import map_rows
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 NORM_EPS = 1e-6

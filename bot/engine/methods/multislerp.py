@@ -17,11 +17,11 @@ import math
 
 import torch
 
-from mergebot.errors import ModelError
-from mergebot.engine.methods._linalg import gram, lincomb, tensor_label
-from mergebot.engine.exact import Sums
 from mergebot.config.methods import SPECS
+from mergebot.engine.exact import Sums
+from mergebot.engine.methods._linalg import gram, lincomb, tensor_label
 from mergebot.engine.methods.base import MergeCall, MergeMethod
+from mergebot.errors import ModelError
 
 
 def _vectors(call: MergeCall) -> tuple[list[torch.Tensor], torch.Tensor | None]:

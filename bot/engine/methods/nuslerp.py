@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from mergebot.engine.methods._rows import map_rows, row_blocks
-from mergebot.engine.exact import Sums
 from mergebot.config.methods import SPECS
+from mergebot.engine.exact import Sums
+from mergebot.engine.methods._rows import map_rows, row_blocks
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 EPS = 1e-8

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from mergebot.engine.exact import Sums
 from mergebot.config.methods import SPECS
+from mergebot.engine.exact import Sums
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 

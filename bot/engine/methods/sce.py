@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from mergebot.engine.methods import _sparsify
-from mergebot.engine.exact import Sums
 from mergebot.config.methods import SPECS
+from mergebot.engine.exact import Sums
+from mergebot.engine.methods import _sparsify
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 from mergebot.engine.methods.task_arithmetic.combine import mergekit_precision
 

@@ -11,9 +11,9 @@ import math
 
 import torch
 
+from mergebot.config.methods import SPECS
 from mergebot.engine.exact import Sums, partials
 from mergebot.engine.fuse import enabled, fusable, scratch
-from mergebot.config.methods import SPECS
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 DOT_THRESHOLD = 0.9995

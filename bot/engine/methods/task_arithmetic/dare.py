@@ -15,8 +15,7 @@ from mergebot.engine import rng
 from mergebot.engine.exact import Sums, partials
 from mergebot.engine.fuse import fusable
 from mergebot.engine.methods.base import MergeCall
-from mergebot.engine.methods.task_arithmetic.combine import (Mix, combine, kernel_masked, l1_partials,
-                                                              rescale_factor)
+from mergebot.engine.methods.task_arithmetic.combine import Mix, combine, kernel_masked, l1_partials, rescale_factor
 
 Streams = list[tuple]  # rng.Stream32.tensors() per non-base model (0-d int32 tensors)
 

@@ -17,8 +17,7 @@ import torch
 from mergebot.engine.fuse import fusable
 from mergebot.engine.methods import _sparsify
 from mergebot.engine.methods.base import MergeCall
-from mergebot.engine.methods.task_arithmetic.combine import (Mix, combine, merge_pruned, mergekit_precision,
-                                                              rescales)
+from mergebot.engine.methods.task_arithmetic.combine import Mix, combine, merge_pruned, mergekit_precision, rescales
 
 
 def _bits(x: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,0 +1,203 @@
+"""Breadcrumbs and DELLA, the task-arithmetic variants with their own sparsifiers (merge-semantics.md §2.7),
+against independent float64 references of the family's tail."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergebot.engine import executor, rng
+from mergebot.engine.methods import METHODS
+from mergebot.errors import ConfigError, ModelError
+from mergebot.tinymodels import load_tensors
+from tests.helpers import close, f64, merge_yaml, models_yaml
+
+# --------------------------------------------------------------------------------------------------- GTA tail
+
+def gta_tail64(base, deltas, weights, consensus, normalize, lam):
+    D = [w * d for w, d in zip(weights, deltas)]
+    if consensus:
+        sgn = torch.where(sum(D) >= 0, 1.0, -1.0).double()
+        mixed = torch.zeros_like(base)
+        div = torch.zeros_like(base)
+        for d, w in zip(D, weights):
+            m = (torch.sign(d) == sgn).double()
+            mixed = mixed + d * m
+            div = div + w * m
+        div[div == 0] = 1
+    else:
+        mixed = sum(D)
+        div = sum(weights)
+        div = 1.0 if abs(div) < 1e-8 else div
+    if normalize:
+        mixed = mixed / div
+    return base + lam * mixed
+
+
+def l1_rescaled64(d, keep, rescale):
+    masked = d * keep
+    if not rescale:
+        return masked
+    before, after = float(d.abs().sum()), float(masked.abs().sum())
+    return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
+
+
+# --------------------------------------------------------------------------------------------------- breadcrumbs
+
+def outliers64(d, density, gamma):
+    n = d.numel()
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    order = torch.sort(d.reshape(-1).abs()).indices  # values are distinct: any sort gives this order
+    keep = torch.zeros(n, dtype=torch.float64)
+    keep[order[n_bot:n_bot + target]] = 1
+    return keep.reshape(d.shape)
+
+
+@pytest.mark.parametrize("method,rescale", [("breadcrumbs", False), ("breadcrumbs_ties", False),
+                                            ("breadcrumbs_ties", True)])
+def test_breadcrumbs(family, tmp_path, method, rescale):
+    base, a, b, _ = family
+    X32, A32, B32 = load_tensors(base), load_tensors(a), load_tensors(b)
+    X = f64(base)
+    out = merge_yaml(tmp_path, models_yaml((base, None), (a, "{weight: 0.8, density: 0.6, gamma: 0.05}"),
+                                       (b, "{weight: 0.5, density: 0.4}"))
+                     + f"merge_method: {method}\nbase_model: {base}\n"
+                     + f"parameters: {{lambda: 1.3, rescale: {str(rescale).lower()}}}\n")
+    ref = {}
+    for k in X:
+        deltas = []
+        for M, dens, gamma in ((A32, 0.6, 0.05), (B32, 0.4, 0.01)):
+            d = (M[k] - X32[k]).double()
+            deltas.append(l1_rescaled64(d, outliers64(d, dens, gamma), rescale))
+        ref[k] = gta_tail64(X[k], deltas, [0.8, 0.5], method == "breadcrumbs_ties", False, 1.3)
+    close(out, ref)
+
+
+def test_breadcrumbs_tiny_tensors_keep_their_largest_entries(family, tmp_path):
+    # A norm weight has 32 < 1/gamma elements: int(gamma·n) = 0 outliers, keep the int(density·n) largest
+    # (0.1.5; the 0.1.4 snapshot's [n_bot:-0] slice zeroed such tensors).
+    base, a, _, _ = family
+    X32, A32 = load_tensors(base), load_tensors(a)
+    out = merge_yaml(tmp_path, models_yaml((a, "{weight: 1.0, density: 0.5}")) + f"merge_method: breadcrumbs\nbase_model: {base}\n")
+    k = "model.layers.1.input_layernorm.weight"
+    d = (A32[k] - X32[k]).double()
+    got = out[k].double() - X32[k].double()
+    kept = got.abs() > 0
+    assert int(kept.sum()) == 16
+    assert torch.equal(kept, d.abs() >= d.abs().sort(descending=True).values[15])
+    q = "model.layers.1.mlp.up_proj.weight"  # 1536 elements: 15 top outliers dropped, then the smallest
+    dq = (A32[q] - X32[q]).double().reshape(-1)
+    kept = (out[q].double() - X32[q].double()).reshape(-1).abs() > 0
+    order = dq.abs().sort(descending=True).indices
+    assert not kept[order[:15]].any() and kept[order[15:15 + 768]].all() and int(kept.sum()) == 768
+
+
+# --------------------------------------------------------------------------------------------------- della
+
+def della_keep64(d32, density, eps, key):
+    d = d32.double()
+    rows = d.reshape(1, -1) if d.dim() < 2 else d
+    n = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).double()
+    rhat = ranks / (n - 1)
+    p = ((density - eps) + rhat * 2 * eps).reshape(-1)
+    idx = torch.arange(p.numel(), dtype=torch.int64)
+    return (rng.hash_u32(idx, key) < (p * 4294967296.0).long()).double().reshape(d.shape)
+
+
+DELLA_PARAMS = [(0.6, 0.5, 0.2), (0.4, 0.3, 0.1)]  # weight, density, epsilon of ft1 and ft2
+
+
+def _della_text(family, method):
+    base, a, b, _ = family
+    (w1, d1, e1), (w2, d2, e2) = DELLA_PARAMS
+    return (models_yaml((base, None), (a, f"{{weight: {w1}, density: {d1}, epsilon: {e1}}}"),
+                    (b, f"{{weight: {w2}, density: {d2}, epsilon: {e2}}}"))
+            + f"merge_method: {method}\nbase_model: {base}\nparameters: {{lambda: 0.9}}\n")
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+def test_della_deterministic_given_the_hash_rng(family, tmp_path, method):
+    base, a, b, _ = family
+    X32, A32, B32 = load_tensors(base), load_tensors(a), load_tensors(b)
+    X = f64(base)
+    seed = 1234
+    out = merge_yaml(tmp_path, _della_text(family, method), random_seed=seed)
+    consensus = normalize = method == "della"
+    ref = {}
+    for k in X:
+        deltas = []
+        for pos, (M, (_, dens, eps)) in enumerate(zip((A32, B32), DELLA_PARAMS), start=1):
+            d = M[k] - X32[k]
+            keep = della_keep64(d, dens, eps, rng.stream_key(seed, k, pos))
+            deltas.append(l1_rescaled64(d.double(), keep, True))
+        ref[k] = gta_tail64(X[k], deltas, [w for w, _, _ in DELLA_PARAMS], consensus, normalize, 0.9)
+    close(out, ref, atol=5e-6)
+
+
+def test_della_reproducible_across_runs_threads_and_chunk_sizes(family, tmp_path, monkeypatch):
+    text = _della_text(family, "della")
+    one = merge_yaml(tmp_path, text, name="one", random_seed=42, threads=1)
+    two = merge_yaml(tmp_path, text, name="two", random_seed=42, threads=2)
+    monkeypatch.setattr(executor, "CHUNK", 256)
+    monkeypatch.setattr(executor, "EAGER_CHUNK", 256)
+    small = merge_yaml(tmp_path, text, name="small", random_seed=42)
+    other = merge_yaml(tmp_path, text, name="other", random_seed=43)
+    torch.set_num_threads(2)
+    for k in one:
+        assert torch.equal(one[k], two[k]) and torch.equal(one[k], small[k]), k
+    assert any(not torch.equal(one[k], other[k]) for k in one)
+
+
+def test_della_kept_fraction_follows_the_rank(family, tmp_path):
+    base, a, _, _ = family
+    X32, A32 = load_tensors(base), load_tensors(a)
+    out = merge_yaml(tmp_path, models_yaml((a, "{weight: 1.0, density: 0.5, epsilon: 0.2}"))
+                     + f"merge_method: della_linear\nbase_model: {base}\nparameters: {{rescale: false}}\n",
+                     random_seed=8)
+    stats = {True: [0, 0.0, 0.0], False: [0, 0.0, 0.0]}  # upper half of each row: kept, Σp, Σp(1−p)
+    for k in X32:
+        d = (A32[k] - X32[k]).double()
+        got = out[k].double() - X32[k].double()
+        kept = got.abs() > 0
+        assert torch.allclose(got[kept], d[kept], atol=1e-7)  # kept entries unscaled (rescale: false)
+        rows = d.reshape(1, -1) if d.dim() < 2 else d
+        n = rows.shape[1]
+        ranks = rows.abs().argsort(dim=1).argsort(dim=1)
+        p = 0.3 + ranks.double() / (n - 1) * 0.4  # density − ε + r̂·2ε
+        kr = kept.reshape(rows.shape)
+        for upper in (True, False):
+            sel = ranks >= n // 2 if upper else ranks < n // 2
+            stats[upper][0] += int(kr[sel].sum())
+            stats[upper][1] += float(p[sel].sum())
+            stats[upper][2] += float((p[sel] * (1 - p[sel])).sum())
+    for kept, mean, var in stats.values():  # within 4σ of the Bernoulli(p) expectation
+        assert abs(kept - mean) < 4 * math.sqrt(var), (kept, mean)
+    (k_hi, m_hi, _), (k_lo, m_lo, _) = stats[True], stats[False]
+    assert k_hi / m_hi > 0.95 and k_lo / m_lo < 1.05 and k_hi / k_lo > 1.4  # larger changes survive more often
+
+
+@pytest.mark.parametrize("density,epsilon", [(0.1, 0.15), (0.9, 0.1), (0.5, 0.5)])
+def test_della_epsilon_bounds_error(family, tmp_path, density, epsilon):
+    base, a, _, _ = family
+    text = (models_yaml((a, f"{{weight: 1.0, density: {density}}}"))
+            + f"merge_method: della\nbase_model: {base}\nparameters: {{epsilon: {epsilon}}}\n")
+    # the config alone decides it: refused when read, pointing at the model's density
+    with pytest.raises(ConfigError, match=rf"models\[0\]\.parameters\.density \(line \d+\): della .*epsilon "
+                                          f"{epsilon:g} does not fit density {density:g}"):
+        merge_yaml(tmp_path, text, random_seed=1)
+    # behind a filter only the planner knows the value: refused per tensor, before anything is written
+    text = (models_yaml((a, f"{{weight: 1.0, density: [{{filter: mlp, value: {density}}}, {{value: 1}}]}}"))
+            + f"merge_method: della\nbase_model: {base}\nparameters: {{epsilon: {epsilon}}}\n")
+    with pytest.raises(ModelError, match=f"mlp.*epsilon {epsilon:g} does not fit density {density:g}"):
+        merge_yaml(tmp_path, text, name="filtered", random_seed=1)
+    assert not (tmp_path / "filtered").exists()
+    hook = METHODS["della"].validate
+    with pytest.raises(ModelError, match="model.layers.0.mlp.up_proj.weight"):
+        hook("model.layers.0.mlp.up_proj.weight", {}, [{}, {"density": density, "epsilon": epsilon}])
+    hook("x", {}, [{}, {"density": 1.0, "epsilon": epsilon}])  # density 1 or 0: no sampling, no check
+    hook("x", {}, [{}, {"density": 0.0, "epsilon": epsilon}])

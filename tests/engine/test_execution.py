@@ -1,0 +1,192 @@
+"""How the executor runs any method: chunking and whole tensors give the same bytes, bf16 computed in float32,
+the counter-based RNG, compiled kernels equal to eager ones, and mergekit's bf16 smoke scenarios."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergebot.engine import executor, rng
+from mergebot.engine.methods import METHODS
+from mergebot.tinymodels import load_tensors
+from tests.helpers import f64, merge_dare, merge_yaml, models_yaml
+
+
+def test_chunked_execution_equals_whole_tensor(family, tmp_path, monkeypatch):
+    """Chunking (two-pass reduce/apply, index-addressed RNG) must not change the result."""
+    monkeypatch.setattr(executor, "CHUNK", 1 << 30)
+    monkeypatch.setattr(executor, "EAGER_CHUNK", 1 << 30)
+    whole = merge_dare(family, tmp_path, "whole", random_seed=5)
+    monkeypatch.setattr(executor, "CHUNK", 64 * 3)
+    monkeypatch.setattr(executor, "EAGER_CHUNK", 64 * 3)
+    chunked = merge_dare(family, tmp_path, "chunked", random_seed=5)
+    for k in whole:
+        assert torch.allclose(whole[k], chunked[k], atol=1e-6, rtol=0), k
+    # slerp's global norms summed over chunks
+    base, a, _, _ = family
+    text = f"models:\n  - model: {base}\n  - model: {a}\nmerge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.3}}\n"
+    s_chunked = merge_yaml(tmp_path, text, name="s_chunked")
+    monkeypatch.setattr(executor, "CHUNK", 1 << 30)
+    monkeypatch.setattr(executor, "EAGER_CHUNK", 1 << 30)
+    s_whole = merge_yaml(tmp_path, text, name="s_whole")
+    for k in s_whole:
+        assert torch.allclose(s_whole[k], s_chunked[k], atol=1e-6, rtol=0), k
+
+
+def test_bf16_inputs_compute_in_float32_cast_once(family_bf16, tmp_path):
+    base, a, b = family_bf16
+    X, A, B = f64(base), f64(a), f64(b)
+    out = merge_yaml(tmp_path, f"""
+models:
+  - model: {a}
+    parameters: {{weight: 0.25}}
+  - model: {b}
+    parameters: {{weight: 0.75}}
+merge_method: linear
+""")
+    for k in X:
+        assert out[k].dtype == torch.bfloat16
+        ref = (0.25 * A[k] + 0.75 * B[k]).to(torch.bfloat16)
+        assert torch.equal(out[k], ref), k
+
+
+def test_rng_streams_are_uniform_and_independent():
+    n = 1 << 20
+    k1, k2 = rng.stream_key(7, "model.layers.0.mlp.up_proj.weight", 1), rng.stream_key(7, "model.layers.0.mlp.up_proj.weight", 2)
+    assert k1 != k2
+    m1, m2 = rng.keep_mask(0, n, k1, 0.3), rng.keep_mask(0, n, k2, 0.3)
+    assert float(m1.float().mean()) == pytest.approx(0.3, abs=0.003)
+    assert float((m1 & m2).float().mean()) == pytest.approx(0.09, abs=0.002)  # independent streams
+    assert float((m1[1:] & m1[:-1]).float().mean()) == pytest.approx(0.09, abs=0.002)  # no neighbour correlation
+    # addressable: any window equals the same slice of the whole stream, also past 2**32
+    assert torch.equal(rng.keep_mask(1000, 5000, k1, 0.3), m1[1000:6000])
+    big = (1 << 32) - 10
+    assert torch.equal(rng.keep_mask(big, 20, k1, 0.5)[10:], rng.keep_mask(big + 10, 10, k1, 0.5))
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp", "ties", "dare_ties"])
+def test_compiled_kernels_equal_eager(family, tmp_path, method):
+    """torch.compile'd kernels (used for large merges) give the eager results bit for bit (linear and slerp stay
+    eager in every mode: their in-place form is mergekit's fused multiply-add)."""
+    pytest.importorskip("torch._inductor")
+    from mergebot.engine import fuse
+    if not fuse.compiler_available():
+        pytest.skip("no C compiler")
+    base, a, b, _ = family
+    params = {"linear": "{weight: 0.6}", "slerp": "{}", "ties": "{weight: 0.6, density: 0.5}",
+              "dare_ties": "{weight: 0.6, density: 0.5}"}[method]
+    text = (f"models:\n  - model: {base}\n  - model: {a}\n    parameters: {params}\n"
+            f"merge_method: {method}\nbase_model: {base}\nparameters: {{t: 0.4, weight: 0.5}}\n")
+    if method == "linear":
+        text = text.replace(f"  - model: {base}\n", f"  - model: {base}\n    parameters: {{weight: 0.4}}\n", 1)
+    eager = merge_yaml(tmp_path, text, name="eager", random_seed=9, compile="off")
+    fused = merge_yaml(tmp_path, text, name="fused", random_seed=9, compile="on")
+    for k in eager:
+        assert torch.equal(eager[k], fused[k]), k
+
+
+def test_auto_compile_only_for_large_cpu_merges_of_methods_that_gain(monkeypatch):
+    """`--compile auto` (mergebot.engine.fuse.configure): never on CUDA (eager beats a cold Triton compile there), never
+    for small merges or methods with a fast eager form, never without a C compiler."""
+    from mergebot.engine import fuse
+    big, small = fuse.AUTO_MIN_ELEMENTS, fuse.AUTO_MIN_ELEMENTS - 1
+    monkeypatch.setattr(fuse, "compiler_available", lambda: True)
+    assert fuse.configure("auto", big, True, "cpu")
+    assert not fuse.configure("auto", big, True, "cuda")
+    assert not fuse.configure("auto", small, True, "cpu")
+    assert not fuse.configure("auto", big, False, "cpu")
+    assert fuse.configure("on", 1, True, "cpu") and not fuse.configure("off", big, True, "cpu")
+    assert not fuse.configure("on", big, True, "cuda")  # GPU kernels are eager in every mode
+    # methods whose eager form is one in-place pass (linear, slerp) stay eager even with --compile on
+    assert not fuse.configure("on", big, False, "cpu")
+    monkeypatch.setattr(fuse, "compiler_available", lambda: False)
+    assert not fuse.configure("auto", big, True, "cpu")
+    fuse.configure("off", 0)
+
+
+@pytest.mark.parametrize("start", [0, 5, (1 << 31) - 100, (1 << 32) - 1000, 1 << 32, 3 * (1 << 32) + 12345])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.9999, 1.0])
+def test_int32_keep_mask_is_the_int64_hash_bit_for_bit(start, p):
+    """mergebot.engine.rng.keep32 (int32 lanes, wrapping products: what the DARE kernels use) draws exactly the bits of
+    the reference int64 hash, across the int32 sign boundary and past 2**32, eager and compiled."""
+    n, key = 1000, 987654321
+    thr = rng.threshold(p)
+    stream = rng.Stream32.of(key, start, n, thr)
+    ref = rng.hash_u32(torch.arange(n, dtype=torch.int64) + start, key) < thr
+    assert torch.equal(rng.keep32(torch.arange(n, dtype=torch.int32), *stream.args()), ref)
+    assert ref.float().mean().item() == pytest.approx(p, abs=0.06)
+
+
+def test_int32_keep_mask_compiled_and_chunk_boundary():
+    pytest.importorskip("torch._inductor")
+    from mergebot.engine import fuse
+    if not fuse.compiler_available():
+        pytest.skip("no C compiler")
+    n, start, key = 5000, (1 << 31) - 2000, 12345
+    stream = rng.Stream32.of(key, start, n, rng.threshold(0.4))
+    compiled = torch.compile(lambda i, a: rng.keep32(i, *a), dynamic=True)
+    ref = rng.hash_u32(torch.arange(n, dtype=torch.int64) + start, key) < rng.threshold(0.4)
+    assert torch.equal(compiled(torch.arange(n, dtype=torch.int32), stream.tensors("cpu")), ref)
+    assert torch.equal(rng.keep32(torch.arange(n, dtype=torch.int32), *stream.tensors("cpu")), ref)
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        rng.Stream32.of(key, (1 << 32) - 10, 11, 5)
+
+
+# --------------------------------------------------------------------------------------------------- chunking
+
+@pytest.mark.parametrize("method,params", [
+    ("nuslerp", None), ("multislerp", None), ("karcher", None), ("model_stock", None), ("sce", None),
+    ("ram", None), ("ramplus_tl", None), ("nearswap", "{t: 0.01}"),
+    # whole-tensor modes: the executor must not chunk them
+    ("nuslerp", "{nuslerp_flatten: false}"), ("model_stock", "{filter_wise: true}"), ("sce", "{select_topk: 0.5}"),
+    ("breadcrumbs", "{density: 0.5, gamma: 0.05}"), ("arcee_fusion", None),
+])
+def test_chunked_streaming_equals_whole_tensor(family, tmp_path, monkeypatch, method, params):
+    """Global reductions summed over chunks (reduce/apply) give the whole-tensor result."""
+    base, a, b, c = family
+    m = METHODS[method]
+    per = "{weight: 0.6}" if m.param("weight") else None
+    per2 = "{weight: 0.3}" if m.param("weight") else None
+    entries = [(a, per), (b, per2), (c, per2)][:m.max_non_base or 3]
+    text = models_yaml(*entries) + f"merge_method: {method}\nbase_model: {base}\n"
+    if params:
+        text += f"parameters: {params}\n"
+    whole = merge_yaml(tmp_path, text, name="whole", random_seed=3)
+    monkeypatch.setattr(executor, "CHUNK", 256)
+    monkeypatch.setattr(executor, "EAGER_CHUNK", 256)
+    chunked = merge_yaml(tmp_path, text, name="chunked", random_seed=3)
+    for k in whole:
+        assert torch.allclose(whole[k], chunked[k], atol=1e-6, rtol=0), k
+
+
+# --------------------------------------------------------------------------------------------------- §8 smoke
+
+SMOKE = {  # mergekit's test_basic_merges scenarios for these methods (bf16 models, weights .6/.4)
+    "nuslerp": "", "multislerp": "", "karcher": "", "model_stock": "", "model_stock_fw": "{filter_wise: true}",
+    "breadcrumbs": "", "breadcrumbs_ties": "", "sce": "{select_topk: 0.5}", "ram": "", "ramplus_tl": "",
+    "arcee_fusion": "", "nearswap": "{t: 0.0001}", "della": "{lambda: 0.5}", "della_linear": "",
+}
+
+
+@pytest.mark.parametrize("name", list(SMOKE))
+def test_bf16_smoke(family_bf16, tmp_path, name):
+    base, a, b = family_bf16
+    method = name.removesuffix("_fw")
+    m = METHODS[method]
+    per = [{}, {}]
+    if m.param("weight"):
+        per = [{"weight": 0.6}, {"weight": 0.4}]
+    if method.startswith("della"):
+        for p in per:
+            p.update(density=0.66, epsilon=0.05)
+    entries = [(a, str(per[0]) if per[0] else None), (b, str(per[1]) if per[1] else None)]
+    if method in ("nearswap", "arcee_fusion"):
+        entries = entries[:1]
+    text = models_yaml(*entries) + f"merge_method: {method}\nbase_model: {base}\n"
+    if SMOKE[name]:
+        text += f"parameters: {SMOKE[name]}\n"
+    out = merge_yaml(tmp_path, text, random_seed=0)
+    X = load_tensors(base)
+    assert set(out) == set(X)
+    for k, v in out.items():
+        assert v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all(), k

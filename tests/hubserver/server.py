@@ -1,0 +1,172 @@
+"""The FakeHub: the in-memory Hub (state.py), what tests read and inject directly, and its HTTP server."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+import threading
+from collections.abc import Callable
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+from tests.hubserver.state import (
+    DEFAULT_GITATTRIBUTES,
+    LFS_EXTENSIONS,
+    Commit,
+    HubError,
+    Repo,
+    StoredFile,
+    Token,
+    now,
+)
+
+
+class FakeHub:
+    """The in-memory Hub plus its HTTP server. Thread-safe: one lock around all state."""
+
+    def __init__(self, tokens: dict[str, str | Token] | None = None, lfs_threshold: int = 10 * 1024 * 1024):
+        self.tokens: dict[str, Token] = {
+            k: (v if isinstance(v, Token) else Token(user=v)) for k, v in (tokens or {}).items()
+        }
+        self.lfs_threshold = lfs_threshold
+        self.repos: dict[str, Repo] = {}
+        self.lfs_store: dict[str, bytes] = {}
+        self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
+        self.jobs: list[dict[str, Any]] = []  # HF Jobs submitted (POST /api/jobs/{ns})
+        self.unhandled: list[tuple[str, str]] = []
+        self.crashes: list[str] = []  # handler exceptions (FakeHub bugs), answered with 500
+        self.lock = threading.RLock()
+        self._counter = itertools.count(1)
+        self._lfs_failures: list[int] = []  # statuses for the next LFS uploads
+        self._commit_failures: list[tuple[int, bool]] = []  # (status, apply the commit before failing)
+        self._before_commit: list[Callable[[], None]] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.url = ""
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> FakeHub:
+        from tests.hubserver.handler import (
+            _Handler,  # the handler reads the FakeHub: built once both exist
+        )
+
+        hub = self
+
+        class Handler(_Handler):
+            fake = hub
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self) -> FakeHub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ direct state access for tests
+    def create_repo(self, repo_id: str, *, private: bool = False, gated: str | bool = False,
+                    author: str = "system") -> Repo:
+        with self.lock:
+            if repo_id in self.repos:
+                return self.repos[repo_id]
+            repo = Repo(repo_id=repo_id, private=private, gated=gated, created_at=now())
+            self.repos[repo_id] = repo
+            self._make_commit(repo, None, {".gitattributes": StoredFile(DEFAULT_GITATTRIBUTES, lfs=False)},
+                              "initial commit", "", author, ref="main")
+            return repo
+
+    def commit(self, repo_id: str, files: dict[str, bytes], *, message: str = "direct commit",
+               deletes: tuple[str, ...] = (), ref: str = "main", author: str = "someone-else") -> str:
+        """Commit straight into the state (seeding parents, or a concurrent push from someone else)."""
+        with self.lock:
+            repo = self._repo(repo_id)
+            parent = repo.refs[ref]
+            tree = dict(repo.commits[parent].files)
+            for path in deletes:
+                tree.pop(path, None)
+            for path, data in files.items():
+                tree[path] = StoredFile(data, lfs=self._is_lfs(path, len(data)))
+                if tree[path].lfs:
+                    self.lfs_store[tree[path].sha256] = data
+            return self._make_commit(repo, parent, tree, message, "", author, ref=ref).oid
+
+    def head(self, repo_id: str, ref: str = "main") -> str:
+        with self.lock:
+            return self._repo(repo_id).refs[ref]
+
+    def files(self, repo_id: str, rev: str = "main") -> dict[str, bytes]:
+        with self.lock:
+            repo = self._repo(repo_id)
+            return {p: f.data for p, f in repo.commits[self._resolve(repo, rev)].files.items()}
+
+    def history(self, repo_id: str, ref: str = "main") -> list[Commit]:
+        """Commits reachable from `ref`, newest first."""
+        with self.lock:
+            repo = self._repo(repo_id)
+            out, oid = [], repo.refs[ref]
+            while oid is not None:
+                out.append(repo.commits[oid])
+                oid = repo.commits[oid].parent
+            return out
+
+    def count(self, method: str, pattern: str) -> int:
+        """How many requests matched `method` and the regex `pattern` on the path."""
+        return sum(1 for m, p, _ in self.requests if m == method and re.search(pattern, p))
+
+    # ------------------------------------------------------------------ fault injection
+    def fail_next_lfs_uploads(self, times: int = 1, status: int = 500) -> None:
+        """The next `times` LFS PUTs answer `status` (the body is read and dropped)."""
+        with self.lock:
+            self._lfs_failures.extend([status] * times)
+
+    def fail_next_commit(self, status: int = 500, *, after_apply: bool = False) -> None:
+        """The next commit request answers `status`; with `after_apply` the commit lands first (lost response)."""
+        with self.lock:
+            self._commit_failures.append((status, after_apply))
+
+    def inject_concurrent_commit(self, repo_id: str, files: dict[str, bytes], *, ref: str = "main",
+                                 message: str = "concurrent commit") -> None:
+        """Just before the next commit request is applied, someone else pushes `files` to `ref`."""
+        with self.lock:
+            self._before_commit.append(lambda: self.commit(repo_id, files, message=message, ref=ref))
+
+    # ------------------------------------------------------------------ internals
+    def _is_lfs(self, path: str, size: int) -> bool:
+        return size > 0 and (size >= self.lfs_threshold or path.lower().endswith(LFS_EXTENSIONS))
+
+    def _repo(self, repo_id: str) -> Repo:
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            raise HubError(404, f"Repository Not Found: {repo_id}", "RepoNotFound")
+        return repo
+
+    def _resolve(self, repo: Repo, rev: str) -> str:
+        if rev in repo.refs:
+            return repo.refs[rev]
+        if re.fullmatch(r"[0-9a-f]{7,40}", rev):
+            hits = [oid for oid in repo.commits if oid.startswith(rev)]
+            if len(hits) == 1:
+                return hits[0]
+        raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+
+    def _make_commit(self, repo: Repo, parent: str | None, files: dict[str, StoredFile], title: str,
+                     message: str, author: str, ref: str) -> Commit:
+        n = next(self._counter)
+        seed = f"{repo.repo_id}\n{parent}\n{title}\n{n}\n" + "\n".join(f"{p}:{f.oid}" for p, f in sorted(files.items()))
+        oid = hashlib.sha1(seed.encode()).hexdigest()
+        commit = Commit(oid, parent, title, message, author, now(), files)
+        repo.commits[oid] = commit
+        repo.refs[ref] = oid
+        return commit
