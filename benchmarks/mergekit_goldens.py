@@ -8,7 +8,6 @@ Usage: /path/to/mergekit-venv/bin/python benchmarks/mergekit_goldens.py
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch

@@ -1,8 +1,8 @@
 """`mergebot demo`: the whole pipeline offline, on small models it makes itself.
 
 Three Llama-shaped models (a base and two "fine-tunes") with license front matter, a config in the style
-of seed 001 (dare_ties with per-filter gradients), then merge -> license check -> card -> the list of files
-a `--push-to` would commit.
+of seed 001 (dare_ties with per-filter gradients), then merge -> quality check -> license check -> card -> the
+list of files a `--push-to` would commit.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mergebot.builds.base import MergeOptions
+from mergebot.check.gate import GateOptions
 from mergebot.config.dense import load_config
 from mergebot.pipeline import PipelineResult, run
 from mergebot.tinymodels import make_family
@@ -64,6 +65,8 @@ def run_demo(root: Path, *, progress: bool = True) -> PipelineResult:
     cwd = os.getcwd()
     os.chdir(root)  # the config's model paths are relative to it, as a user's would be
     try:
-        return run(cfg, root / "out", MergeOptions(random_seed=42, force=True, progress=progress))
+        # the quality gate a --push-to would run, so the demo's card shows the evaluation table too
+        return run(cfg, root / "out", MergeOptions(random_seed=42, force=True, progress=progress),
+                   check=GateOptions(device="cpu"))
     finally:
         os.chdir(cwd)

@@ -1,21 +1,26 @@
-"""The whole job for one config: merge -> license check -> card -> (optional) one Hub commit.
+"""The whole job for one config: merge -> quality check -> license check -> card -> (optional) one Hub commit.
 
 Used by `mergebot merge --push-to`, `mergebot demo` and the GitHub Action, so all three behave alike.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from mergebot.builds import build_for
 from mergebot.builds.base import BuildResult, MergeOptions
 from mergebot.card.licenses import LicenseOverride, LicensePolicy, LicenseReport, analyze
 from mergebot.card.render import card_context_from_output, write_card
+from mergebot.check.gate import GateOptions, GateOutcome, raise_if_rejected, run_gate
 from mergebot.config.configfile import Config
+from mergebot.errors import ModelError
 from mergebot.hub.client import resolve_endpoint, resolve_token
+from mergebot.hub.digests import record_digests
 from mergebot.hub.parents import ParentInfo, parent_from_hub, parent_from_local
 from mergebot.hub.publish import LicenseGateError, PublishResult, publish
+from mergebot.hub.stream import StreamStats, open_session
 
 
 @dataclass
@@ -25,6 +30,8 @@ class PipelineResult:
     report: LicenseReport
     repo_id: str | None
     published: PublishResult | None
+    streamed: StreamStats | None = None  # a streamed merge's traffic and peak disk (mergebot.hub.stream)
+    check: GateOutcome | None = None  # the quality gate's outcome; None when no check was asked for
 
 
 def parents_of(result: BuildResult, endpoint: str | None, token: str | None) -> list[ParentInfo]:
@@ -48,6 +55,40 @@ def parents_of(result: BuildResult, endpoint: str | None, token: str | None) -> 
     return out
 
 
+def check_parents(result: BuildResult) -> list[tuple[Path, str]]:
+    """(directory, ref) of each parent the quality check compares the merge with. A parent with a LoRA folded
+    in is left out: its directory holds the model without the adapter, which is not what the merge read."""
+    return [(p.resolved.directory, p.key) for p in result.parents() if p.adapter is None]
+
+
+def lock_check_parents(lock: dict[str, Any], base_dir: Path | None, token: str | None) -> list[tuple[Path, str]]:
+    """(directory, ref) of each parent a lock lists, for checking an existing output (`mergebot publish`): local
+    paths against `base_dir` (default: cwd), Hub parents downloaded at the recorded commit. LoRA entries and
+    parents with a LoRA folded in are left out, as in `check_parents`."""
+    from mergebot.config.refs import ModelRef, looks_local, split_ref
+    from mergebot.hub.fetch import resolve
+
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    out: list[tuple[Path, str]] = []
+    for entry in lock["parents"]:
+        ref = str(entry["ref"])
+        path, revision, lora = split_ref(ref)
+        if lora or entry.get("role") == "lora":
+            continue
+        local = entry.get("local")
+        if local if local is not None else looks_local(path):
+            d = Path(path).expanduser()
+            out.append((d if d.is_absolute() else base / d, ref))
+        else:
+            try:
+                directory = resolve(ModelRef(path, entry.get("sha") or revision), token=token).directory
+            except ModelError as e:
+                raise ModelError(f"quality check: parent {ref}: {e} (the check compares the merge with its "
+                                 "parents' weights; --check off skips it)") from None
+            out.append((directory, ref))
+    return out
+
+
 def license_and_card(result: BuildResult, repo_id: str | None, *, endpoint: str | None = None,
                      token: str | None = None, license_id: str | None = None,
                      template: Path | None = None) -> LicenseReport:
@@ -65,10 +106,32 @@ def license_and_card(result: BuildResult, repo_id: str | None, *, endpoint: str 
 def run(cfg: Config, out_dir: Path, options: MergeOptions, *, push_to: str | None = None,
         private: bool = False, create_pr: bool = False, license_id: str | None = None,
         allow_license_risk: bool = False, template: Path | None = None,
-        endpoint: str | None = None) -> PipelineResult:
+        endpoint: str | None = None, stream: str = "auto", check: GateOptions | None = None) -> PipelineResult:
+    """`stream`: auto | on | off, whether Hub parents are read by range and shards uploaded as they finish.
+    `check`: the quality gate; by default on when publishing, none otherwise. It runs before the card is written
+    (the card shows it) and a rejection raises QualityGateError before any Hub commit. A streamed output is never
+    whole on disk, so its check is recorded as skipped."""
+    if check is None and push_to:
+        check = GateOptions(device=options.device)
     endpoint = resolve_endpoint(endpoint)
     token = resolve_token(options.token)
-    result = build_for(cfg).run(out_dir, options)
+    session = open_session(cfg, out_dir, stream, push_to, token, endpoint=endpoint, private=private,
+                           create_pr=create_pr)
+    if session is not None:
+        options = replace(options, stream=session)
+    try:
+        result = build_for(cfg).run(out_dir, options)
+        preuploaded = session.finish(out_dir) if session is not None else []
+    finally:
+        if session is not None:
+            session.close()
+    # the digests of what the merge read from each Hub parent: scheduled runs compare content, not commits
+    record_digests(out_dir, endpoint=endpoint, token=token, template=template)
+    outcome = None
+    if check is not None:
+        if session is not None and check.mode != "off":
+            check = replace(check, mode="streamed")
+        outcome = run_gate(out_dir, lambda: check_parents(result), check)
     report = license_and_card(result, push_to or cfg.hub_repo, endpoint=endpoint, token=token,
                               license_id=license_id, template=template)
     published = None
@@ -76,6 +139,10 @@ def run(cfg: Config, out_dir: Path, options: MergeOptions, *, push_to: str | Non
         if report.verdict == "block" and not allow_license_risk:
             raise LicenseGateError(f"license check blocks publishing {out_dir} to {push_to}: "
                                    + "; ".join(report.reasons) + " (pass --allow-license-risk after a human review)")
+    if outcome is not None:
+        raise_if_rejected(outcome, push_to)
+    if push_to:
         published = publish(out_dir, push_to, token=token, private=private, create_pr=create_pr,
-                            endpoint=endpoint, license_report=report, allow_license_risk=allow_license_risk)
-    return PipelineResult(out_dir, result, report, push_to, published)
+                            endpoint=endpoint, license_report=report, allow_license_risk=allow_license_risk,
+                            preuploaded=preuploaded)
+    return PipelineResult(out_dir, result, report, push_to, published, session.stats if session else None, outcome)

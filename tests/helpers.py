@@ -114,3 +114,27 @@ merge_method: dare_ties
 base_model: {base}
 dtype: float32
 """, name=name, **opts)
+
+
+def counting_tensors(cfg: dict, seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
+    """A Llama model that counts: orthonormal embeddings and an LM head mapping token t to t+1, small random
+    layers on top. Low perplexity on counting text, and it continues "w10 w11 w12" with w13 w14 ..., so a merge
+    that breaks it shows in both numbers of the quality check (random tiny models predict noise)."""
+    g = torch.Generator().manual_seed(seed)
+    v, h, inter = cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    emb = torch.linalg.qr(torch.randn(h, h, generator=g))[0][:v]
+    t = {"model.embed_tokens.weight": emb.clone(), "lm_head.weight": 8 * emb.roll(1, 0),
+         "model.norm.weight": torch.ones(h)}
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * scale
+
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t.update({p + "self_attn.q_proj.weight": r(h, h), p + "self_attn.k_proj.weight": r(kv, h),
+                  p + "self_attn.v_proj.weight": r(kv, h), p + "self_attn.o_proj.weight": r(h, h),
+                  p + "mlp.gate_proj.weight": r(inter, h), p + "mlp.up_proj.weight": r(inter, h),
+                  p + "mlp.down_proj.weight": r(h, inter), p + "input_layernorm.weight": torch.ones(h),
+                  p + "post_attention_layernorm.weight": torch.ones(h)})
+    return t

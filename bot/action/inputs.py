@@ -11,12 +11,15 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mergebot.errors import MergebotError
+from mergebot.io.confine import is_inside
 
 DEFAULT_CONFIGS = "merges/**/*.y*ml"
 MODES = ("auto", "all", "changed", "stale", "dry-run")
 LICENSE_POLICIES = ("strict", "warn")
+CHECK_CHOICES = ("on", "off")
 _TRUE = ("true", "yes", "1", "on")
 _FALSE = ("false", "no", "0", "off", "")
 
@@ -37,6 +40,9 @@ class ActionInputs:
     private: bool = False
     license_policy: str = "strict"
     force: bool = False
+    check: str = "on"  # on | off: the quality gate before every publish
+    max_perplexity_ratio: float = 1.5
+    eval_text: str | None = None  # a path in the repository (confined to the workspace when the run starts)
 
 
 def input_value(env: Mapping[str, str], name: str) -> str | None:
@@ -77,6 +83,35 @@ def split_patterns(value: str | None) -> list[str]:
     return [p for p in items if p] or [DEFAULT_CONFIGS]
 
 
+def parse_ratio(name: str, value: str | None, default: float) -> float:
+    if value is None:
+        return default
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = float("nan")
+    if not (0 < ratio < float("inf")):
+        raise ActionInputError(f"input {name}: {value!r} is not a positive number")
+    return ratio
+
+
+def eval_text_path(value: str, workspace: Path) -> Path:
+    """The `eval_text` input as a file of the checkout, confined like config files: a relative path whose real
+    location (links followed) lies inside the workspace, naming a regular file. Returns it relative to the
+    workspace, as the check reads it (mergebot.check.text resolves it against the workspace)."""
+    if value.startswith("~") or Path(value).is_absolute():
+        raise ActionInputError(f"input eval_text: {value[:200]!r} is outside the workspace: give a path relative to "
+                               "the repository")
+    root = workspace.resolve()
+    real = (root / value).resolve()
+    if not is_inside(real, root):
+        raise ActionInputError(f"input eval_text: {value[:200]!r} leads outside the workspace (a symbolic link "
+                               "or '..'): it is read only from inside the repository")
+    if not real.is_file():
+        raise ActionInputError(f"input eval_text: {value[:200]!r}: no such file in the repository")
+    return Path(value)
+
+
 def check_namespace(value: str | None) -> str | None:
     if value is None:
         return None
@@ -100,4 +135,7 @@ def read_inputs(env: Mapping[str, str] | None = None) -> ActionInputs:
         license_policy=parse_choice("license_policy", input_value(env, "license_policy"), LICENSE_POLICIES,
                                     "strict"),
         force=parse_bool("force", input_value(env, "force")),
+        check=parse_choice("check", input_value(env, "check"), CHECK_CHOICES, "on"),
+        max_perplexity_ratio=parse_ratio("max_perplexity_ratio", input_value(env, "max_perplexity_ratio"), 1.5),
+        eval_text=input_value(env, "eval_text"),
     )

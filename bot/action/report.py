@@ -30,8 +30,8 @@ __all__ = ["Result", "STATUS_ICON", "action_outputs", "annotation", "append_summ
            "format_output", "mask", "results_json", "scrub", "summary_markdown", "write_outputs"]
 
 STATUS_ICON = {"published": "✅", "unchanged": "✅", "up-to-date": "💤", "planned": "📝", "blocked": "⛔",
-               "failed": "❌"}
-FAILED = ("failed", "blocked")
+               "failed": "❌", "card-refreshed": "📇", "rejected": "🚫"}
+FAILED = ("failed", "blocked", "rejected")
 _HEX = re.compile(r"[0-9a-f]{7,64}")
 
 
@@ -41,7 +41,7 @@ class Result:
 
     config: str
     repo: str | None
-    status: str  # published | unchanged | up-to-date | planned | blocked | failed
+    status: str  # published | unchanged | card-refreshed | up-to-date | planned | blocked | rejected | failed
     commit: str | None = None
     parents_changed: str = ""
     license: str = ""
@@ -49,13 +49,16 @@ class Result:
     link: str | None = None
     error: str | None = None
     details: list[str] = field(default_factory=list)  # dry-run plan lines
+    check: str | None = None  # the quality gate's line with its numbers (mergebot.check.gate.summary_line)
+    streamed: str | None = None  # a streamed merge's bytes fetched/uploaded and peak disk (mergebot.hub.stream)
 
     @property
     def failed(self) -> bool:
         return self.status in FAILED
 
     def output(self) -> dict[str, str | None]:
-        return {"config": self.config, "repo": self.repo, "status": self.status, "commit": self.commit}
+        return {"config": self.config, "repo": self.repo, "status": self.status, "commit": self.commit,
+                "check": self.check}
 
 
 # ------------------------------------------------------------------------------------------ runner text
@@ -109,13 +112,16 @@ def summary_markdown(results: list[Result], *, title: str, notes: list[str],
     if notes:
         lines.append("")
     if results:
-        lines += ["| Config | Target repo | Status | Parents changed | License | Time | Link |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| Config | Target repo | Status | Parents changed | License | Quality check | Time | Link |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in results:
             lines.append(" | ".join([
                 f"| {code(r.config)}", code(r.repo), f"{STATUS_ICON.get(r.status, '')} {text(r.status)}",
-                text(r.parents_changed), text(r.license), f"{r.seconds:.1f} s", _link(r) + " |"]))
+                text(r.parents_changed), text(r.license), text(r.check), f"{r.seconds:.1f} s", _link(r) + " |"]))
         lines.append("")
+    streamed = [r for r in results if r.streamed]
+    if streamed:  # merged by HTTP range on a disk smaller than the parents (issue 15)
+        lines += ["### Streamed merges", ""] + [f"- {code(r.config)}: {text(r.streamed)}" for r in streamed] + [""]
     errors = [r for r in results if r.error]
     if errors:
         lines += ["### Problems", ""]

@@ -18,7 +18,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Mapping
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -27,16 +27,19 @@ from typing import TextIO
 from mergebot.action.credentials import has_credentials, token_note, without_hub_credentials
 from mergebot.action.dryrun import dry_run, read_parents
 from mergebot.action.events import Event
-from mergebot.action.inputs import ActionInputs
+from mergebot.action.inputs import ActionInputs, eval_text_path
+from mergebot.action.refresh import refresh_in_action
 from mergebot.action.report import Result, action_outputs, failure_markdown, summary_markdown
 from mergebot.action.runner_log import RunnerLog, append_summary, exception_message, one_line, write_outputs
 from mergebot.action.select import ConfigEntry, Selection, select
 from mergebot.action.staleness import Decision, StalenessChecker, decide
 from mergebot.builds.base import MergeOptions, seed_from_env
 from mergebot.card.licenses import LicensePolicy, analyze
+from mergebot.check.gate import GateOptions, QualityGateError
 from mergebot.errors import MergebotError
 from mergebot.hub.client import resolve_endpoint
 from mergebot.hub.publish import LicenseGateError
+from mergebot.hub.stream import stream_mode_default
 from mergebot.io.confine import reset_workspace, set_workspace
 from mergebot.pipeline import run as pipeline_run
 
@@ -84,6 +87,8 @@ class Runner:
         assert entry.cfg is not None and entry.repo is not None
         for w in entry.cfg.warnings:
             self.log.annotate("warning", self.clean(w), file=entry.path)
+        if decision.refresh_card and selection.publish:  # weights up to date, card inputs changed: no merge
+            return refresh_in_action(self, entry, result)
         if not decision.run:
             result.status = "up-to-date"
             if decision.staleness and decision.staleness.license:
@@ -123,11 +128,18 @@ class Runner:
                 done = pipeline_run(entry.cfg, Path(tmp) / "out", options, push_to=entry.repo,
                                     private=self.inputs.private,
                                     allow_license_risk=self.inputs.license_policy == "warn",
-                                    endpoint=self.endpoint)
+                                    endpoint=self.endpoint, check=self.gate(), stream=stream_mode_default())
             except LicenseGateError as e:
                 result.license = "block"
                 return self.fail(result, str(e), status="blocked")
+            except QualityGateError as e:  # nothing committed: what is on the Hub stays as it was
+                result.check = _cell(e.outcome.line())
+                return self.fail(result, str(e), status="rejected")
         result.license = f"{done.report.verdict} ({done.report.license})"
+        if done.streamed is not None:
+            result.streamed = done.streamed.line()
+        if done.check is not None:
+            result.check = _cell(done.check.line())
         if done.report.verdict == "block":
             self.log.annotate("warning", self.clean("published although the license check says block "
                                                     "(license_policy: warn): " + "; ".join(done.report.reasons)),
@@ -138,6 +150,14 @@ class Runner:
         result.commit = pub.commit
         result.link = f"{pub.endpoint}/{entry.repo}/commit/{pub.commit}"
         return result
+
+    def gate(self) -> GateOptions:
+        """The quality gate every publish of this run goes through (inputs check, max_perplexity_ratio,
+        eval_text); its progress goes to the log."""
+        i = self.inputs
+        return GateOptions(mode="off" if i.check == "off" else "on", max_perplexity_ratio=i.max_perplexity_ratio,
+                           eval_text=Path(i.eval_text) if i.eval_text else None, device=i.device,
+                           log=lambda msg: self.say(f"check: {msg}"))
 
     def guarded(self, entry: ConfigEntry, selection: Selection, checker: StalenessChecker) -> Result:
         """`decide` + `one`, with every error turned into a failed result so the loop goes on."""
@@ -169,7 +189,7 @@ def run_action(inputs: ActionInputs, event: Event, *, out: TextIO | None = None,
     log = RunnerLog(out, secrets=[inputs.token], workspace=event.workspace)
     log.mask(inputs.token)
     done = ActionRun(None)
-    credentials = nullcontext()
+    credentials: AbstractContextManager[None] = nullcontext()
     if event.is_pull_request:
         if inputs.token or has_credentials(os.environ):
             done.notes.append(token_note(event.name))
@@ -195,6 +215,12 @@ def _select_and_run(done: ActionRun, inputs: ActionInputs, event: Event, log: Ru
                     env: Mapping[str, str]) -> None:
     for note in done.notes:
         log.annotate("notice", note)
+    if inputs.eval_text is not None:
+        try:
+            eval_text_path(inputs.eval_text, event.workspace)
+        except MergebotError as e:  # before any merge: a bad input stops the run, as a bad `configs` would
+            _stopped(done, log, "bad input", e)
+            return
     try:
         runner = Runner(inputs, event, log, env)
         selection = select(event, inputs)
@@ -214,6 +240,11 @@ def _select_and_run(done: ActionRun, inputs: ActionInputs, event: Event, log: Ru
             done.results.append(runner.guarded(entry, selection, checker))
         except Exception as e:  # noqa: BLE001 - a fault in the guard itself: still only this config's failure
             done.results.append(Result(entry.path, entry.repo, "failed", error=runner.clean(exception_message(e))))
+
+
+def _cell(line: str) -> str:
+    """The gate's line as the summary's cell: `passed: merge perplexity ...` (the column says what it is)."""
+    return line.removeprefix("quality check ")
 
 
 def _stopped(done: ActionRun, log: RunnerLog, what: str, e: Exception) -> None:

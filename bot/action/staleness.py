@@ -1,9 +1,14 @@
 """Is a published merge out of date? Compare the target repo's `mergebot.lock.json` with the world now.
 
 A merge is stale when it was never published (no repo, or no lock in it), when the config text changed (its
-sha256 differs from the lock's `config_sha256`), or when a Hub parent's revision now resolves to a different
-commit than the one the lock recorded. Local parents have no commit to compare and are taken as unchanged.
-Parents shared by several configs are resolved once per run.
+sha256 differs from the lock's `config_sha256`), or when a file a merge reads from a Hub parent changed: the
+lock records each file's Hub digest (mergebot.hub.digests), so a parent commit that only edits its README is no
+reason to download and re-merge. Locks written before digests existed fall back to comparing commit shas.
+
+When no weights changed but what the card reads did (a parent's license metadata or LICENSE file, mergebot's
+version or card template), only the card is stale: `Staleness.card_stale`, refreshed without a merge
+(mergebot.card.refresh). Local parents have no commit to compare and are taken as unchanged. Parents shared by
+several configs are looked up once per run.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from typing import Any
 
 from mergebot.action.select import ConfigEntry, Selection
 from mergebot.config.configfile import Config
-from mergebot.config.refs import ModelRef, is_repo_id
+from mergebot.config.refs import ModelRef, is_repo_id, split_ref
 from mergebot.errors import MergebotError
-from mergebot.hub import errors
 from mergebot.hub.client import client
+from mergebot.hub.digests import DigestError, ParentState, card_inputs, changed_paths, parent_state
 from mergebot.io.local import is_local
 from mergebot.io.lockfile import LOCK_FILE
 
@@ -32,9 +37,14 @@ class ParentChange:
     ref: str
     old: str | None  # sha in the published lock (None: not in the lock)
     new: str
+    files: list[str] | None = None  # the merge's files whose digest changed (None: a lock without digests)
 
     def __str__(self) -> str:
-        return f"{self.ref} ({(self.old or 'new')[:7]} → {self.new[:7]})"
+        moved = f"{self.ref} ({(self.old or 'new')[:7]} → {self.new[:7]})"
+        if not self.files:
+            return moved
+        shown = ", ".join(self.files[:3]) + (f" and {len(self.files) - 3} more" if len(self.files) > 3 else "")
+        return f"weights changed in {moved}: {shown}"
 
 
 @dataclass
@@ -46,14 +56,22 @@ class Staleness:
     head: str | None = None  # the target repo's current commit, when it exists
     lock: dict[str, Any] | None = None
     license: str | None = None  # what the published card declares
+    card: list[str] = field(default_factory=list)  # why the card is out of date ("card inputs changed in X: ...")
+
+    @property
+    def card_stale(self) -> bool:
+        """Only the card is out of date: refresh README.md and NOTICE, no merge."""
+        return self.published and not self.stale and bool(self.card)
 
     def describe(self) -> str:
-        """The summary's "parents changed" cell."""
+        """The summary's "parents changed" cell: why the config was re-merged, refreshed or left alone."""
         if not self.published:
             return "never published"
         parts = [str(c) for c in self.changed]
         if self.config_changed:
             parts.append("config changed")
+        if not self.stale:
+            parts += self.card
         return ", ".join(parts) if parts else "none"
 
 
@@ -64,27 +82,59 @@ def hub_refs(cfg: Config) -> list[ModelRef]:
 
 
 class StalenessChecker:
-    """One per run: holds the HfApi and the parent sha cache."""
+    """One per run: holds the HfApi and the parents' current states (sha + digests), each looked up once."""
 
-    def __init__(self, endpoint: str, token: str | None):
+    def __init__(self, endpoint: str, token: str | None, *, template: Path | None = None):
         self.endpoint = endpoint
         self.api = client(endpoint, token or None)
-        self._shas: dict[tuple[str, str | None], str] = {}
+        self.template = template  # the card template this run renders with (None: the built-in one)
+        self._states: dict[tuple[str, str | None, bool], ParentState] = {}
+
+    def state(self, repo_id: str, revision: str | None, *, adapter: bool = False) -> ParentState:
+        """A Hub parent now: the commit its revision (default: main) points at, and its files' digests."""
+        key = (repo_id, revision, adapter)
+        if key not in self._states:
+            try:
+                self._states[key] = parent_state(self.api, repo_id, revision, adapter=adapter,
+                                                 endpoint=self.endpoint)
+            except DigestError as e:
+                raise StalenessError(str(e)) from None
+        return self._states[key]
 
     def parent_sha(self, ref: ModelRef) -> str:
         """The commit `ref`'s revision (default: main) points at now."""
-        key = (ref.path, ref.revision)
-        if key not in self._shas:
-            where = f"{ref.path}@{ref.revision}" if ref.revision else ref.path
-            try:
-                info = self.api.model_info(ref.path, revision=ref.revision)
-            except Exception as e:  # HTTP errors, connection errors: say what failed, not the request
-                raise StalenessError(errors.message("current", e, where=where, repo=ref.path,
-                                                    endpoint=self.endpoint)) from None
-            if not info.sha:
-                raise StalenessError(f"parent {where}: {self.endpoint} returned no commit sha")
-            self._shas[key] = info.sha
-        return self._shas[key]
+        return self.state(ref.path, ref.revision).sha
+
+    def compare(self, key: str, repo_id: str, revision: str | None, entry: dict[str, Any] | None,
+                *, adapter: bool = False) -> tuple[ParentChange | None, list[str]]:
+        """(weights change, card reasons) of one Hub parent against its lock entry."""
+        now = self.state(repo_id, revision, adapter=adapter)
+        if entry is None:
+            return ParentChange(key, None, now.sha), []
+        old = entry.get("sha")
+        if not isinstance(entry.get("files"), dict):  # a lock written before digests: commits decide
+            return (ParentChange(key, old, now.sha) if old != now.sha else None), []
+        files = changed_paths(entry["files"], now.files)
+        if files:
+            return ParentChange(key, old, now.sha, files), []
+        card: dict[str, Any] = entry["card"] if isinstance(entry.get("card"), dict) else {}
+        what = ["license metadata"] if card.get("metadata") != now.card["metadata"] else []
+        what += changed_paths(card.get("files") or {}, now.card["files"])
+        return None, ([f"card inputs changed in {key}: {', '.join(what)}"] if what else [])
+
+    def own_card_inputs(self, lock: dict[str, Any]) -> list[str]:
+        """Why mergebot's own card inputs differ from the lock's (none for a lock that did not record them,
+        or a card rendered with a user template this run does not have)."""
+        old = lock.get("card_inputs")
+        if not isinstance(old, dict) or old.get("template") != ("custom" if self.template else "builtin"):
+            return []
+        now = card_inputs(self.template)
+        out = []
+        if old.get("template_sha256") != now["template_sha256"]:
+            out.append("card template changed")
+        if old.get("mergebot_version") != now["mergebot_version"]:
+            out.append(f"mergebot {old.get('mergebot_version')} → {now['mergebot_version']}")
+        return out
 
     def published_lock(self, repo: str) -> tuple[str | None, dict[str, Any] | None]:
         """(head commit, lock) of the target repo; (None, None) when the repo does not exist."""
@@ -123,15 +173,22 @@ class StalenessChecker:
         if lock is None:
             return Staleness(stale=True, published=False, head=head)
         config_changed = lock.get("config_sha256") != cfg.sha256
-        recorded = {p.get("ref"): p.get("sha") for p in lock["parents"] if isinstance(p, dict)}
-        changed = []
-        for ref in hub_refs(cfg):
-            now = self.parent_sha(ref)
-            old = recorded.get(str(ref))
-            if old != now:
-                changed.append(ParentChange(str(ref), old, now))
+        entries = {str(p.get("ref")): p for p in lock["parents"] if isinstance(p, dict)}
+        changed: list[ParentChange] = []
+        card: list[str] = []
+        targets = [(str(ref), ref.path, ref.revision, False) for ref in hub_refs(cfg)]
+        for key, e in entries.items():  # LoRA adapters on the Hub: compared by digest when the lock has them
+            if e.get("role") == "lora" and not e.get("local") and isinstance(e.get("files"), dict):
+                repo_id, revision, _ = split_ref(key)
+                targets.append((key, repo_id, revision, True))
+        for key, repo_id, revision, adapter in targets:
+            change, why = self.compare(key, repo_id, revision, entries.get(key), adapter=adapter)
+            if change is not None:
+                changed.append(change)
+            card += why
+        card += self.own_card_inputs(lock)
         return Staleness(stale=config_changed or bool(changed), published=True, config_changed=config_changed,
-                         changed=changed, head=head, lock=lock, license=license_id)
+                         changed=changed, head=head, lock=lock, license=license_id, card=card)
 
 
 @dataclass
@@ -143,6 +200,7 @@ class Decision:
     staleness: Staleness | None = None
     note: str = ""  # "parents changed" cell
     error: str | None = None
+    refresh_card: bool = False  # not merged, but the card's inputs changed: refresh README.md and NOTICE
 
 
 def decide(entry: ConfigEntry, selection: Selection, checker: StalenessChecker) -> Decision:
@@ -159,5 +217,5 @@ def decide(entry: ConfigEntry, selection: Selection, checker: StalenessChecker) 
             return Decision(entry, run=False, error=f"{entry.path}: cannot tell whether it is up to date: {e}")
         return Decision(entry, run=True, note=f"unknown ({e})")
     if selection.skip_up_to_date and not st.stale:
-        return Decision(entry, run=False, staleness=st, note=st.describe())
+        return Decision(entry, run=False, staleness=st, note=st.describe(), refresh_card=st.card_stale)
     return Decision(entry, run=True, staleness=st, note=st.describe())

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import torch
 
@@ -25,6 +25,9 @@ from mergebot.engine.executor import RunStats
 from mergebot.errors import MergebotError
 from mergebot.io.local import ResolvedModel
 from mergebot.io.writer import ShardedWriter, ShardEntry
+
+if TYPE_CHECKING:
+    from mergebot.hub.stream import StreamSession
 
 DEFAULT_SHARD = 5_000_000_000
 
@@ -42,6 +45,7 @@ class MergeOptions:
     compile: str = "auto"  # auto | on | off: fuse method kernels with torch.compile (mergebot.engine.fuse)
     allow_all_same_experts: bool = False  # MoE: every expert the same model (only useful with training)
     rng: str = "hash"  # hash (order-independent, mergebot.engine.rng) | mergekit (DARE masks with mergekit's bits)
+    stream: StreamSession | None = field(default=None, repr=False)  # Hub -> Hub by range (mergebot.hub.stream)
 
 
 @dataclass(frozen=True)
@@ -144,7 +148,9 @@ def streamed_shards(work: Path, entries: list[ShardEntry], options: MergeOptions
                     total: int) -> Iterator[tuple[ShardedWriter, Callable[[int], None] | None]]:
     """The output shards plus a progress callback; closed (fsynced, indexed) on success, aborted on error."""
     bar = _progress_bar(total, options.progress)
-    writer = ShardedWriter(work, entries, options.out_shard_size, metadata={"mergebot_version": __version__})
+    meta = {"mergebot_version": __version__}
+    writer = (options.stream.writer(work, entries, options.out_shard_size, meta) if options.stream is not None
+              else ShardedWriter(work, entries, options.out_shard_size, metadata=meta))
     try:
         yield writer, (bar.update if bar else None)
         writer.close()

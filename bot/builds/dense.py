@@ -60,7 +60,12 @@ def load_models(cfg: MergeConfig, options: MergeOptions,
     search = [Path(cfg.file).resolve().parent]
     resolved: dict[str, ResolvedModel] = {}
     readers: dict[str, TensorReader] = {}
+    stream = None if headers_only else options.stream
     for ref in cfg.referenced_models():
+        if stream is not None:  # Hub parents: small files only, tensors by range (mergebot.hub.stream)
+            r = resolved[str(ref)] = stream.resolve(ref, search)
+            readers[str(ref)] = stream.reader(ref, r)
+            continue
         r = resolve(ref, search, token=options.token, download=not headers_only)
         resolved[str(ref)] = r
         readers[str(ref)] = fetch.weights(ref, r, search, headers_only=headers_only, token=options.token)
@@ -109,6 +114,8 @@ def run_merge(cfg: MergeConfig, out_dir: Path, options: MergeOptions) -> MergeRe
         plan.jobs.sort(key=lambda j: j.name)  # mergekit draws in sorted-name order (§2.7)
     seed = options.random_seed if options.random_seed is not None else (secrets.randbits(63) if uses_rng else None)
     entries = [ShardEntry(j.name, j.out_dtype, j.shape, j.nbytes) for j in plan.jobs]
+    if options.stream is not None:
+        options.stream.plan_reads(plan)  # the read-ahead follows the executor's job order
     with staged_output(out_dir, options.force) as work:
         with streamed_shards(work, entries, options, plan.total_bytes) as (writer, progress):
             stats = run_plan(plan, writer, load_dtype=torch_dtype(cfg.dtype), seed=seed or 0, device=device,

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 
-class LicenseClass(str, Enum):
+class LicenseClass(str, Enum):  # noqa: UP042 (str() of a member must stay its qualified name)
     """The classes of doc §5.3 rule 2."""
 
     PERMISSIVE = "permissive"

@@ -253,6 +253,7 @@ def analyze(
             permissive = [c for c in known if c.klass == LicenseClass.PERMISSIVE]
             if permissive:
                 out_spec = max(permissive, key=lambda c: c.spec.rank).spec  # type: ignore[union-attr]
+                assert out_spec is not None  # permissive parents have a known spec
                 keys = _unique(c.key for c in permissive)
                 if len(keys) > 1:
                     add("info", "mixed-permissive",
@@ -301,7 +302,7 @@ def analyze(
 
     # -- naming rules of the Llama licenses
     obligations: list[str] = []
-    rules = _unique(c.spec.name_rule for c in known if c.spec and c.spec.name_rule)  # type: ignore[misc]
+    rules = _unique(c.spec.name_rule for c in known if c.spec and c.spec.name_rule)
     for rule in rules:
         owner = next(c for c in known if c.spec and c.spec.name_rule == rule)
         assert owner.spec is not None

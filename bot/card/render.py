@@ -22,7 +22,8 @@ import yaml
 from mergebot.card.licenses import LicenseReport, render_notice
 from mergebot.config.methods import SPECS
 from mergebot.config.refs import split_ref
-from mergebot.errors import MergebotError
+from mergebot.config.yamlsafe import load_yaml
+from mergebot.errors import ConfigError, MergebotError
 from mergebot.hub.parents import ParentInfo, union_languages
 from mergebot.io.lockfile import read_lock
 
@@ -132,6 +133,7 @@ class CardContext:
     moe: MoeDetails | None = None
     hub_url: str = HUB_URL
     extra_tags: list[str] = field(default_factory=list)
+    check: dict[str, Any] | None = None  # the lock's quality-check record (mergebot.check.gate), None: never run
 
     @property
     def base_model_ids(self) -> list[str]:
@@ -162,6 +164,13 @@ class CardContext:
     def other_parents(self) -> list[CardParent]:
         return [p for p in self.parents if p.role != "base"]
 
+    @property
+    def check_markdown(self) -> str:
+        """The evaluation section: merge vs each parent, the text used, the gate's verdict."""
+        from mergebot.check.gate import card_markdown  # torch-free callers render cards without a check
+
+        return card_markdown(self.check)
+
     def front_matter(self) -> dict[str, Any]:
         """Card metadata (doc §6 recommended front matter); `base_model*` omitted when no parent is on the Hub."""
         fm: dict[str, Any] = {}
@@ -178,6 +187,12 @@ class CardContext:
             fm["language"] = list(self.languages)
         fm["pipeline_tag"] = self.pipeline_tag
         fm["tags"] = self.tags
+        if self.check:
+            from mergebot.check.gate import card_model_index
+
+            index = card_model_index(self.check, self.usage_id)
+            if index:  # the Hub shows it as the card's evaluation results
+                fm["model-index"] = index
         return fm
 
 
@@ -204,10 +219,10 @@ def _read_config(out_dir: Path) -> tuple[str, str]:
 
 
 def _moe_details(config_text: str, config_file: str, num_experts: int) -> MoeDetails:
-    try:
-        cfg = yaml.safe_load(config_text) or {}
-    except yaml.YAMLError as e:
-        raise CardError(f"{config_file}: not valid YAML: {e}") from e
+    try:  # the bounded loader: a card refresh reads this file back from the Hub, where anyone with write access put it
+        cfg = load_yaml(config_text, config_file).data or {}
+    except ConfigError as e:
+        raise CardError(f"{config_file}: not valid YAML: {e.reason}") from None
     if not isinstance(cfg, dict):
         raise CardError(f"{config_file}: must be a mapping")
     experts = cfg.get("experts")
@@ -264,10 +279,10 @@ def card_context_from_output(
             repo_id=parent_id,
         ))
 
-    kind = "moe" if lock.get("kind") == "moe" else "merge"
+    kind: Literal["merge", "moe"] = "moe" if lock.get("kind") == "moe" else "merge"
     method = "moe" if kind == "moe" and not lock.get("merge_method") else str(lock["merge_method"])
     pretty, url = method_info(method)
-    gh = lock.get("github") if isinstance(lock.get("github"), dict) else {}
+    gh: dict[str, Any] = lock["github"] if isinstance(lock.get("github"), dict) else {}
     provenance = Provenance(
         mergebot_version=str(lock.get("mergebot_version") or _own_version()),
         created=str(lock.get("created") or "unknown"),
@@ -301,6 +316,7 @@ def card_context_from_output(
         pipeline_tag=pipeline_tags[0] if pipeline_tags else "text-generation",
         moe=_moe_details(config_text, config_file, len(card_parents)) if kind == "moe" else None,
         hub_url=hub_url,
+        check=lock["check"] if isinstance(lock.get("check"), dict) else None,
     )
 
 

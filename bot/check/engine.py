@@ -25,6 +25,10 @@ from mergebot.io import confine
 from mergebot.io.local import read_json_object
 from mergebot.io.weights import ModelWeights
 
+# parents whose perplexity is at least vocab ** NEAR_CHANCE remove less than a fifth of a uniform guess's
+# uncertainty (a 32k-vocabulary model would score over 4000; real ones score about 10 on prose)
+NEAR_CHANCE = 0.8
+
 
 @dataclass
 class CheckOptions:
@@ -83,6 +87,48 @@ def _perplexity(mean_nll: float) -> float:
     return math.exp(mean_nll) if mean_nll < 700 else math.inf
 
 
+def _excuse_generations(report: CheckReport, parents: list[tuple[Path, str, dict]], opts: CheckOptions,
+                        device: torch.device, vocab: int) -> None:
+    """Mark the merge's degenerate generations that its parents do no better on (`Generation.excused`). Parents
+    near chance level on the text (cross-entropy at least NEAR_CHANCE of a uniform guess's, e.g. random test
+    models; real language models score far below) model nothing their greedy output could be judged by.
+    Otherwise each parent continues the flagged prompts, and a prompt every parent loops on too is the family's
+    habit (base models often loop under greedy decoding), not damage. The parents generate only when the merge
+    degenerated, so a healthy merge costs no extra pass."""
+    flagged = [g for g in report.generations if g.degenerate]
+    if not flagged or not parents:
+        return
+    t0 = time.perf_counter()
+    best = min((p.ratio_basis for p in report.parents if math.isfinite(p.ratio_basis)), default=math.inf)
+    chance = vocab ** NEAR_CHANCE
+    if best >= chance:
+        for g in flagged:
+            g.excused = (f"the parents are near chance level on the evaluation text (best perplexity {best:.4g} >= "
+                         f"vocabulary size {vocab} ^ {NEAR_CHANCE:g} = {chance:.4g})")
+    else:
+        fine: set[str] = set()  # prompts some parent continues well
+        for directory, name, cfg in parents:
+            prompts = [g.prompt for g in flagged if g.prompt not in fine]
+            if not prompts:
+                break
+            tok = TextTokenizer(directory, name)
+            stop = _stop_ids(directory, cfg, name)
+            model = LayerwiseModel(directory, name, cfg, device, opts.budget)
+            for prompt, ids in zip(prompts, model.greedy([tok.encode(p) for p in prompts], opts.max_new_tokens,
+                                                         stop)):
+                body = ids[:-1] if ids and ids[-1] in stop else ids
+                if degenerate(body, tok.decode(body)) is None:
+                    fine.add(prompt)
+        for g in flagged:
+            if g.prompt not in fine:
+                g.excused = "every parent's generation is degenerate on this prompt too"
+        report.timings["parents_generation"] = time.perf_counter() - t0
+    for n, g in enumerate(report.generations, 1):
+        if g.excused:
+            report.warnings.append(f"generation {n} is degenerate ({g.degenerate}), not held against the merge: "
+                                   f"{g.excused}")
+
+
 def run_check(out_dir: Path, parents: list[Path], options: CheckOptions | None = None, *,
               labels: list[str] | None = None) -> CheckReport:
     """Check the merge in `out_dir` against `parents` (model directories; `labels` names them in the report,
@@ -113,10 +159,10 @@ def run_check(out_dir: Path, parents: list[Path], options: CheckOptions | None =
     report = CheckReport(verdict="", reasons=[], model=label, architecture=spec.architecture, device=str(device),
                          max_perplexity_ratio=opts.max_perplexity_ratio, tensors=tensors, timings=timings)
     if tensors.flagged_count:
-        worst = tensors.flagged[0]
+        first = tensors.flagged[0]
         report.warnings.append(f"{tensors.flagged_count} tensor(s) have a norm outside {opts.norm_range[0]:g}.."
-                               f"{opts.norm_range[1]:g}x every parent's (e.g. {worst.tensor}: "
-                               f"{'inf' if worst.ratio is None else f'{worst.ratio:.3g}'}x)")
+                               f"{opts.norm_range[1]:g}x every parent's (e.g. {first.tensor}: "
+                               f"{'inf' if first.ratio is None else f'{first.ratio:.3g}'}x)")
     if not tensors.finite:
         report.warnings.append("perplexity and generation skipped: the merge has non-finite tensors")
         decide(report)
@@ -124,7 +170,8 @@ def run_check(out_dir: Path, parents: list[Path], options: CheckOptions | None =
         return report
 
     text = load_eval_text(opts.eval_text, out_dir)
-    report.eval_text = EvalTextInfo(text.name, text.sha256, text.nbytes, [n for n, _ in text.sections], text.chat)
+    info = EvalTextInfo(text.name, text.sha256, text.nbytes, [n for n, _ in text.sections], text.chat)
+    report.eval_text = info
 
     def score(directory: Path, name: str, cfg: dict, model_spec: DecoderSpec) -> tuple[ModelScore, list[list[int]]]:
         t0 = time.perf_counter()
@@ -134,7 +181,7 @@ def run_check(out_dir: Path, parents: list[Path], options: CheckOptions | None =
             raise ModelError(f"{name}: the evaluation text gives fewer than 2 tokens")
         model = LayerwiseModel(directory, name, cfg, device, opts.budget)
         nll, n = model.nll(wins)
-        report.eval_text.truncated |= cut
+        info.truncated |= cut
         ppl = _perplexity(nll / n)
         result = ModelScore(name, ppl, nll, n, time.perf_counter() - t0)
         log(f"perplexity of {name}: {ppl:.4g} over {n} tokens ({result.seconds:.1f} s)")
@@ -144,6 +191,7 @@ def run_check(out_dir: Path, parents: list[Path], options: CheckOptions | None =
     report.merge.ratio_basis = report.merge.perplexity
     timings["merge_perplexity"] = report.merge.seconds
     report.eval_text.windows = len(merge_windows)
+    scored: list[tuple[Path, str, dict]] = []  # the parents the forward pass can run, for the generation check
     for directory, name, cfg in zip(parents, labels, parent_configs):
         try:
             pspec = DecoderSpec.from_config(cfg, name)
@@ -158,6 +206,7 @@ def run_check(out_dir: Path, parents: list[Path], options: CheckOptions | None =
             report.warnings.append(f"{name}: its tokenizer splits the text differently; compared by the text's "
                                    "likelihood over the merge's token count")
         report.parents.append(result)
+        scored.append((directory, name, cfg))
         timings["parents_perplexity"] = timings.get("parents_perplexity", 0.0) + result.seconds
     if report.eval_text.truncated:
         report.warnings.append(f"the evaluation text was cut to {opts.max_eval_tokens} tokens")
@@ -175,6 +224,7 @@ def run_check(out_dir: Path, parents: list[Path], options: CheckOptions | None =
             report.generations.append(Generation(prompt, text_out, ids, degenerate(body, text_out)))
         timings["generation"] = time.perf_counter() - t0
         log(f"generation: {len(outputs)} prompts x {opts.max_new_tokens} tokens ({timings['generation']:.1f} s)")
+        _excuse_generations(report, scored, opts, device, spec.vocab)
     decide(report)
     report.seconds = time.perf_counter() - start
     return report

@@ -196,9 +196,10 @@ class LayerwiseModel:
             vh = projected[2][n].reshape(T, s.kv_heads, s.head_dim).transpose(0, 1)
             kpos = q.positions
             if cache:
-                if q.keys[i] is not None:
-                    kh = torch.cat((q.keys[i], kh), dim=1)
-                    vh = torch.cat((q.values[i], vh), dim=1)
+                past_k, past_v = q.keys[i], q.values[i]
+                if past_k is not None and past_v is not None:
+                    kh = torch.cat((past_k, kh), dim=1)
+                    vh = torch.cat((past_v, vh), dim=1)
                 q.keys[i], q.values[i] = kh, vh
                 kpos = torch.arange(kh.shape[1])
             attended.append(self._attend(qh, kh, vh, q.positions, kpos, s.windows[i]))
@@ -235,6 +236,7 @@ class LayerwiseModel:
             out = y if out is None else out + y
             del gate, up, down, gb, ub
         db = self._bias(p + "mlp.down_proj.bias")
+        assert out is not None  # at least one column block
         return out if db is None else out + db
 
     def _run(self, seqs: list[_Seq], cache: bool) -> None:

@@ -37,6 +37,9 @@ class Generation:
     text: str
     tokens: list[int]
     degenerate: str | None = None  # why it looks broken, or None
+    # why a degenerate generation is not held against the merge: its parents do no better (every parent loops
+    # on this prompt too, or they are at chance level on the evaluation text), so it is no sign of damage
+    excused: str | None = None
 
 
 @dataclass
@@ -99,7 +102,8 @@ def _num(x: float | None) -> str:
 
 def decide(report: CheckReport) -> None:
     """Fill `verdict`, `reasons` and the ratio: rejected for a non-finite tensor, a non-finite or too-high
-    perplexity (merge over the best parent, when parents were scored), or a degenerate generation."""
+    perplexity (merge over the best parent, when parents were scored), or a degenerate generation that its
+    parents do not excuse (`Generation.excused`; with no parents, every degenerate generation counts)."""
     reasons: list[str] = []
     t = report.tensors
     if not t.finite:
@@ -118,7 +122,7 @@ def decide(report: CheckReport) -> None:
                                f"parent's ({best.label}: {_num(best.ratio_basis)}); the gate allows "
                                f"{report.max_perplexity_ratio:g}x")
     for n, g in enumerate(report.generations, 1):
-        if g.degenerate:
+        if g.degenerate and not g.excused:
             reasons.append(f"generation {n} ({g.prompt[:40]!r}) is degenerate: {g.degenerate}")
     report.reasons = reasons
     report.verdict = REJECTED if reasons else PASSED
@@ -138,8 +142,7 @@ def model_index(report: CheckReport, model_name: str) -> list[dict[str, Any]]:
                         "args": {"sha256": e.sha256, "tokens": report.merge.tokens}},
             "metrics": [{"type": "perplexity", "value": round(report.merge.perplexity, 4), "name": "Perplexity",
                          "verified": False}],
-            "source": {"name": "mergebot check"},
-        }],
+        }],  # no `source`: the Hub requires a URL with its name, and the card itself is where this comes from
     }]
 
 
@@ -179,8 +182,10 @@ def markdown(report: CheckReport, merge_label: str = "this merge") -> str:
         lines.append(f"Evaluation text: {_cell(e.name)}, {e.bytes / 1000:.1f} KB ({_cell(what)}{chat}){cut}, "
                      f"sha256 `{e.sha256[:16]}`.")
     gate = (f"perplexity at most {report.max_perplexity_ratio:g}x the best parent's, " if report.parents else "")
+    excused = any(g.degenerate and g.excused for g in report.generations)
+    generation = "no degenerate generation its parents do not share" if excused else "no degenerate generation"
     if report.passed:
-        lines.append(f"Quality gate: **passed** ({gate}no degenerate generation, all tensors finite).")
+        lines.append(f"Quality gate: **passed** ({gate}{generation}, all tensors finite).")
     else:
         lines.append("Quality gate: **rejected**: " + "; ".join(_cell(r) for r in report.reasons) + ".")
     return "\n".join(lines) + "\n"

@@ -50,7 +50,8 @@ def _data(name: str) -> str:
 def builtin_sections() -> list[tuple[str, str]]:
     """data/eval.txt split at its `@@ name` lines."""
     sections: list[tuple[str, str]] = []
-    name, lines = None, []
+    name: str | None = None
+    lines: list[str] = []
     for line in _data("eval.txt").splitlines(keepends=True):
         if line.startswith("@@ "):
             if name is not None:
@@ -131,6 +132,9 @@ def load_eval_text(eval_file: Path | None, merge_dir: Path) -> EvalText:
     if eval_file is not None:
         label = "--eval-text"
         confine.local_reference(str(eval_file), label)
+        root = confine.workspace()
+        if root is not None:  # in the Action: the path is the repository's, whatever the working directory
+            eval_file = root / eval_file
         if not eval_file.is_file():
             raise ModelError(f"{label}: {eval_file}: no such file")
         data = confine.read_bytes(eval_file.parent, eval_file.name, label, MAX_EVAL_FILE)
@@ -185,7 +189,9 @@ class TextTokenizer:
     def _id(self, token: str) -> int | None:
         if self._fast is not None:
             return self._fast.token_to_id(token)
-        return self._auto.convert_tokens_to_ids(token)
+        assert self._auto is not None
+        found = self._auto.convert_tokens_to_ids(token)
+        return found if isinstance(found, int) else None
 
     def encode(self, text: str, special: bool = True) -> list[int]:
         """Ids as the model's own tokenizer gives them; `special`: with its BOS/post-processing (plain text),
@@ -193,15 +199,18 @@ class TextTokenizer:
         if self._fast is not None:
             ids = self._fast.encode(text, add_special_tokens=special).ids
         else:
+            assert self._auto is not None
             ids = list(self._auto.encode(text, add_special_tokens=special))
-        if special and self.add_bos and (not ids or ids[0] != self.bos_id):
-            ids = [self.bos_id] + ids
+        bos = self.bos_id
+        if special and self.add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos] + ids
         return ids
 
     def decode(self, ids: list[int]) -> str:
         if self._fast is not None:
             return self._fast.decode(ids, skip_special_tokens=True)
-        return self._auto.decode(ids, skip_special_tokens=True)
+        assert self._auto is not None
+        return str(self._auto.decode(ids, skip_special_tokens=True))
 
 
 def windows(tok: TextTokenizer, text: EvalText, window: int, max_tokens: int) -> tuple[list[list[int]], bool]:

@@ -16,6 +16,7 @@ from mergebot.errors import CheckUnsupported, MergebotError, ModelError
 
 if TYPE_CHECKING:
     from mergebot.check import CheckReport
+    from mergebot.check.gate import GateOptions
 
 EXIT_PASSED, EXIT_REJECTED, EXIT_ERROR, EXIT_UNSUPPORTED = 0, 1, 2, CheckUnsupported.exit_code
 
@@ -50,6 +51,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="print the model card's section (table of merge vs parents, text used, verdict) on stdout")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(run=run)
+
+
+def positive_ratio(text: str) -> float:
+    """--max-perplexity-ratio: a positive finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def add_gate_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, default: str) -> None:
+    """The quality gate's flags of `merge` and `publish` (the gate itself: mergebot.check.gate)."""
+    p.add_argument("--check", choices=("auto", "on", "off"), default=default,
+                   help="quality check before publishing: perplexity against the parents and a short generation "
+                        "(auto: on when publishing; off: publish unchecked, the card says so)")
+    p.add_argument("--max-perplexity-ratio", type=positive_ratio, default=1.5, metavar="X",
+                   help="the gate rejects a merge whose perplexity exceeds X times the best parent's (default 1.5)")
+    p.add_argument("--eval-text", type=Path, default=None, metavar="FILE",
+                   help="score this UTF-8 text instead of the built-in multilingual one")
+
+
+def gate_options(args: argparse.Namespace, publishing: bool, device: str) -> GateOptions | None:
+    """What `--check` asks of the pipeline: None when there is nothing to gate (auto without publishing)."""
+    from mergebot.check.gate import GateOptions
+
+    if args.check == "auto" and not publishing:
+        return None
+    log = (lambda msg: print(safe_line(f"check: {msg}"), file=sys.stderr, flush=True)) \
+        if not getattr(args, "quiet", False) else None
+    return GateOptions(mode="off" if args.check == "off" else "on", max_perplexity_ratio=args.max_perplexity_ratio,
+                       eval_text=args.eval_text, device=device, log=log)
 
 
 def _parent(ref: str) -> tuple[Path, str]:

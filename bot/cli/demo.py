@@ -31,6 +31,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"license: {r.license}{' (' + r.license_name + ')' if r.license_name else ''}, check: {r.verdict}")
     for reason in r.reasons:
         print(f"  - {reason}")
+    if result.check is not None:
+        print(result.check.line())
     print("a --push-to ORG/NAME would commit, in one commit:")
     for f in sorted(out.iterdir()):
         print(f"  {f.name:40s} {human_bytes(f.stat().st_size):>10s}")

@@ -11,7 +11,7 @@ import threading
 from mergebot import __version__
 from mergebot.cli._errors import run_guarded
 
-COMMANDS = ("merge", "validate", "publish", "plan", "action", "demo", "check")
+COMMANDS = ("merge", "validate", "publish", "plan", "action", "demo", "check", "card", "watch")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergebot.cli._output import warn
+from mergebot.cli.check import add_gate_arguments, gate_options
 from mergebot.config.configfile import load
 from mergebot.units import human_bytes, parse_size
 
@@ -59,7 +60,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     hub.add_argument("--license", default=None, metavar="ID", help="declare this license instead of the computed one")
     hub.add_argument("--allow-license-risk", action="store_true",
                      help="publish even when the license check says block (after a human review)")
+    hub.add_argument("--stream", nargs="?", const="on", default=None, choices=("auto", "on", "off"),
+                     help="with --push-to: read Hub parents by HTTP range and upload each output shard as it "
+                          "finishes (never the whole parents on disk); auto (default, or MERGEBOT_STREAM) streams "
+                          "when OUT_DIR has less free space than the parents plus the output")
     hub.add_argument("--card-template", type=Path, default=None, metavar="PATH", help="your own Jinja2 card template")
+    add_gate_arguments(hub, "auto")
     p.set_defaults(run=run)
 
 
@@ -93,11 +99,16 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(plan.describe()))
         return 0
     from mergebot import pipeline
+    from mergebot.hub.stream import stream_mode_default
 
     done = pipeline.run(cfg, args.out_dir, opts, push_to=args.push_to, private=args.private,
                         create_pr=args.create_pr, license_id=args.license,
-                        allow_license_risk=args.allow_license_risk, template=args.card_template)
+                        allow_license_risk=args.allow_license_risk, template=args.card_template,
+                        stream=args.stream or stream_mode_default(),
+                        check=gate_options(args, args.push_to is not None, opts.device))
     result = done.merge
+    if done.check is not None:
+        print(done.check.line(), file=sys.stderr)
     warn(result.plan_warnings)
     report = done.report
     print(f"license: {report.license}, check: {report.verdict}", file=sys.stderr)
@@ -105,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     if done.published is not None:
         pub = done.published
         print(("unchanged: " if not pub.changed else "published: ") + f"{pub.repo_url} @ {pub.commit}", file=sys.stderr)
+    if done.streamed is not None:
+        print(done.streamed.line(), file=sys.stderr)
     s = result.stats
     print(f"merged {s.tensors} tensors, {human_bytes(s.bytes_written)} in {s.seconds:.2f} s, "
           f"peak RSS {human_bytes(result.peak_rss_bytes)}{' (fused kernels)' if s.compiled else ''} -> {args.out_dir}",

@@ -1,4 +1,4 @@
-"""`mergebot publish OUT_DIR --repo ORG/NAME`: license check, model card, one atomic commit to the Hub."""
+"""`mergebot publish OUT_DIR --repo ORG/NAME`: license check, quality gate, model card, one atomic commit to the Hub."""
 
 from __future__ import annotations
 
@@ -6,10 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from mergebot.action.runner_log import safe_line
 from mergebot.card.license_table import LICENSES
 from mergebot.card.licenses import LicenseOverride, LicensePolicy, analyze
 from mergebot.card.render import card_context_from_output, write_card
 from mergebot.cli._output import warn
+from mergebot.cli.check import add_gate_arguments, gate_options
 from mergebot.cli.merge import TOKEN_FLAG_WARNING
 from mergebot.hub.client import resolve_endpoint, resolve_token
 from mergebot.hub.parents import parents_from_lock
@@ -47,6 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="Jinja2 template for README.md (may extend the built-in card.md.j2)")
     p.add_argument("--models-dir", type=Path, default=None, metavar="DIR",
                    help="directory that local parent paths in the lock are relative to (default: cwd)")
+    p.add_argument("--device", default="auto", help="device of the quality check: auto | cpu | cuda[:N] (default auto)")
+    add_gate_arguments(p, "on")
     p.set_defaults(run=run)
     return p
 
@@ -72,8 +76,16 @@ def run(args: argparse.Namespace) -> int:
             f"license check blocks publishing {out_dir} to {repo_id}; fix the parents or the name, or pass "
             "--allow-license-risk after a human review")
 
-    ctx = card_context_from_output(out_dir, parents, report, repo_id)
+    from mergebot.check.gate import raise_if_rejected, run_gate  # torch: only once a check runs
+    from mergebot.pipeline import lock_check_parents
+
+    gate = gate_options(args, True, args.device)
+    assert gate is not None  # publishing: only --check off turns the check off
+    outcome = run_gate(out_dir, lambda: lock_check_parents(lock, args.models_dir, token or None), gate)
+    print(safe_line(outcome.line()), file=sys.stderr)
+    ctx = card_context_from_output(out_dir, parents, report, repo_id)  # after the gate: the card shows it
     write_card(out_dir, ctx, args.card_template)
+    raise_if_rejected(outcome, repo_id)
 
     result = publish(out_dir, repo_id, token=token, private=args.private, create_pr=args.create_pr,
                      revision=args.revision, endpoint=endpoint, license_report=report,

@@ -4,7 +4,7 @@ merges separated by `---` (mergekit-multi). Total on any bytes: a config or one 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 from mergebot.config.dense import parse_config
 from mergebot.config.moe import parse_moe
@@ -19,7 +19,7 @@ class Config(Protocol):
     mergekit-multi file (multi.MultiConfig). Callers use these and never ask which kind they hold; a build
     (mergebot.builds) is chosen by `kind`."""
 
-    kind: str  # "merge" | "moe" | "multi"
+    kind: ClassVar[str]  # "merge" | "moe" | "multi"
     file: str
     text: str
     warnings: list[str]

@@ -162,12 +162,12 @@ def parse_config(text: str, file: str, doc: YamlDoc | None = None) -> MergeConfi
     if slices and sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in slices
                       if s.sources[0].layer_range) > MAX_LAYERS:
         raise doc.error(("slices",), f"the slices make more than {MAX_LAYERS:,} output layers")
-    names: list[ModelRef] | None = [src.model for s in slices for src in s.sources]
-    names += [s.base_model for s in slices if s.base_model]
+    listed = [src.model for s in slices for src in s.sources] + [s.base_model for s in slices if s.base_model]
+    names: list[ModelRef] | None = listed
     if "modules" in data:  # not parsed yet (pending): a tokenizer source cannot be checked against its models
         names = None
     else:
-        names += [base_model] if base_model else []
+        names = listed + ([base_model] if base_model else [])
     tok_src, tok, chat = tokenizer_keys(doc, data, pending, names)
     hub_repo = data.get("hub_repo")
     if hub_repo is not None and (not isinstance(hub_repo, str) or hub_repo.count("/") != 1):
@@ -250,7 +250,7 @@ def _slices(doc: YamlDoc, slices: Any, base: ModelRef | None) -> list[Slice]:
         if not isinstance(srcs, list) or not srcs:
             raise doc.error(path + ("sources",), "expected a non-empty list of {model, layer_range}")
         sources = [_source(doc, path + ("sources", j), e, with_range=True) for j, e in enumerate(srcs)]
-        lengths = {src.layer_range[1] - src.layer_range[0] for src in sources}
+        lengths = {src.layer_range[1] - src.layer_range[0] for src in sources if src.layer_range}
         if len(lengths) > 1:
             raise doc.error(path + ("sources",), f"all sources of a slice must cover the same number of layers, got {sorted(lengths)}")
         sbase = parse_ref(doc, path + ("base_model",), s["base_model"]) if s.get("base_model") is not None else None

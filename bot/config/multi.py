@@ -16,6 +16,7 @@ from mergebot.config.dense import MergeConfig, parse_config
 from mergebot.config.moe import MoeConfig, parse_moe
 from mergebot.config.refs import ModelRef, unique
 from mergebot.config.yamlsafe import YamlDoc, short
+from mergebot.errors import ConfigError
 
 NAME = "name"
 
@@ -107,8 +108,9 @@ def parse_multi(docs: list[YamlDoc], text: str, file: str) -> MultiConfig:
         stage.needs = [r.path for r in stage.cfg.referenced_models() if r.path in by_name]
         for ref in stage.cfg.referenced_models():
             if ref.path in by_name and (ref.revision or ref.lora):
-                raise stage.cfg.doc.error((), f"{ref}: {ref.path!r} is a merge of this file; it has no revisions "
-                                              "or adapters")
+                reason = f"{ref}: {ref.path!r} is a merge of this file; it has no revisions or adapters"
+                where = stage.cfg.doc
+                raise where.error((), reason) if where else ConfigError(stage.cfg.file, None, None, reason)
     unnamed = [i for i, s in enumerate(stages) if s.name is None]
     if len(unnamed) > 1:
         second = docs[unnamed[1]]

@@ -194,7 +194,7 @@ class _BoundedLoader(yaml.SafeLoader):
         mark = event.start_mark
         return ConfigError(self.file, None, mark.line + 1 if mark else None, reason)
 
-    def compose_node(self, parent, index):  # type: ignore[override]
+    def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent):
             self.aliases += 1

@@ -12,11 +12,18 @@ from __future__ import annotations
 import functools
 import shutil
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, Protocol, cast
 
 import torch
 
-F = TypeVar("F", bound=Callable)
+
+class Kernel(Protocol):
+    """A fusable kernel: the function as written, callable with `out=`; `eager` is the uncompiled function."""
+
+    eager: Callable[..., torch.Tensor]
+
+    def __call__(self, *args: Any, out: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor: ...
+
 
 _state = {"on": False}
 AUTO_MIN_ELEMENTS = 200_000_000
@@ -61,7 +68,7 @@ def enabled() -> bool:
     return _state["on"]
 
 
-def fusable(fn: F) -> F:
+def fusable(fn: Callable[..., torch.Tensor]) -> Kernel:
     """Mark a pure tensor kernel; it runs compiled (dynamic shapes, no recompiles per size) when enabled.
 
     Called with `out=`, the result is stored into `out` (e.g. the output file's mapped pages); compiled,
@@ -83,7 +90,7 @@ def fusable(fn: F) -> F:
         return compiled[key](*args, **kwargs) if out is None else compiled[key](out, *args, **kwargs)
 
     wrapper.eager = fn  # type: ignore[attr-defined]
-    return wrapper  # type: ignore[return-value]
+    return cast(Kernel, wrapper)
 
 
 _scratch: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}

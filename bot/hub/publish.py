@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -275,11 +275,14 @@ def publish(
     allow_license_risk: bool = False,
     retry: RetryPolicy = RetryPolicy(),
     api: Any = None,
+    preuploaded: Sequence[Any] = (),
 ) -> PublishResult:
     """Publish every file of `out_dir` to `repo_id` in one commit on `revision` (or one PR with `create_pr`).
 
     `license_report` is the gate: a `block` verdict refuses to publish unless `allow_license_risk`.
     Returns `changed=False` and the current head when the remote already holds exactly these files.
+    `preuploaded`: files already on the Hub's LFS storage and no longer on disk (mergebot.hub.stream.Uploaded:
+    path, size, sha256, the uploaded CommitOperationAdd), committed with the others.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
@@ -295,6 +298,9 @@ def publish(
             + "\nfix the parents or the name, or pass --allow-license-risk after a human review")
     lock = read_lock(out_dir)
     files = local_files(out_dir)
+    streamed = {u.path: u.operation for u in preuploaded}
+    for u in preuploaded:  # compared by sha256 and size like any LFS file; never read from disk
+        files[u.path] = LocalFile(u.path, out_dir / u.path, u.size, _sha256=u.sha256)
     if LOCK_FILE not in files:
         raise PublishError(f"{out_dir}: {LOCK_FILE} must be published with the weights")
 
@@ -319,6 +325,9 @@ def publish(
         # fresh objects per attempt: the client mutates them; sha256 is passed in so files are hashed once
         ops: list[Any] = []
         for f in files.values():
+            if f.path in streamed:  # uploaded already: the client only names it in the commit
+                ops.append(streamed[f.path])
+                continue
             op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(f.abspath))
             op.upload_info.sha256 = bytes.fromhex(f.sha256)
             ops.append(op)

@@ -7,11 +7,12 @@ the others, pinned to a commit sha for the card and the lock file, merge-semanti
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from mergebot.config.refs import ModelRef, is_repo_id
@@ -35,7 +36,7 @@ class ResolvedModel:
         return str(self.ref)
 
 
-_NAMED: ContextVar[dict[str, Path]] = ContextVar("named_models", default={})
+_NAMED: ContextVar[Mapping[str, Path]] = ContextVar("named_models", default=MappingProxyType({}))
 
 
 @contextmanager

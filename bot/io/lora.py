@@ -28,13 +28,11 @@ import torch
 
 from mergebot.config.refs import ModelRef
 from mergebot.errors import ModelError
+from mergebot.io.filenames import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS
 from mergebot.io.local import ResolvedModel, read_json_object
 from mergebot.io.reader import TensorReader
 from mergebot.io.weights import ModelWeights, TensorInfo
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_SAFETENSORS = "adapter_model.safetensors"
-ADAPTER_BIN = "adapter_model.bin"
 PREFIX = "base_model.model."
 ROW_BLOCK = 1 << 22  # elements of B @ A computed at a time
 # transformers `Conv1D` layers store W as (in, out); PEFT switches fan_in_fan_out on for them by itself.
@@ -50,8 +48,8 @@ class _Fold:
     """How one base tensor is changed by the adapter."""
 
     kind: str  # "linear" | "embedding" | "bias" | "replace"
-    a: str | None = None  # adapter tensor names
-    b: str | None = None
+    a: str = ""  # adapter tensor names
+    b: str = ""
     scale: float = 1.0
     transpose: bool = False
 
@@ -73,7 +71,7 @@ def adapter_tensors(adapter: ResolvedModel) -> ModelWeights:
     return w
 
 
-def _pattern(patterns: dict, module: str):
+def _pattern(patterns: dict | None, module: str) -> Any:
     """PEFT's `get_pattern_key`: the first key k with `(.*\\.)?k$` matching the module name."""
     for k, v in (patterns or {}).items():
         if re.match(rf"(.*\.)?({k})$", module):
@@ -170,7 +168,7 @@ class LoraWeights:
                 raise ModelError(f"{where}: adapter tensor {key!r} is of a kind mergebot cannot fold")
             # a full tensor saved with the adapter (modules_to_save, trained biases): it replaces the base's
             self._target(rel, key, where, self.lora.header(key).shape)
-            self.folds.setdefault(self._resolve(rel), []).insert(0, _Fold("replace", a=key))
+            self.folds.setdefault(self._known(rel), []).insert(0, _Fold("replace", a=key))
 
         for module, parts in lora_parts.items():
             r = _pattern(cfg.get("rank_pattern"), module) or r0
@@ -203,7 +201,7 @@ class LoraWeights:
             if tuple(wshape) != got:
                 raise ModelError(f"{where}: shape mismatch for {target}: the model has {list(wshape)}, the adapter's "
                                  f"B @ A{'ᵀ' if transpose else ''} gives {list(got)} (is this adapter for another model?)")
-            self.folds.setdefault(self._resolve(target), []).append(
+            self.folds.setdefault(self._known(target), []).append(
                 _Fold("embedding" if emb else "linear", a, b, scale, transpose))
             if "lora_B.bias" in parts:
                 bias = module + ".bias"
@@ -211,7 +209,7 @@ class LoraWeights:
                 if tuple(bshape) != tuple(self.lora.header(parts["lora_B.bias"]).shape):
                     raise ModelError(f"{where}: shape mismatch for {bias}: the model has {list(bshape)}, the "
                                      f"adapter's lora_B.bias has {list(self.lora.header(parts['lora_B.bias']).shape)}")
-                self.folds.setdefault(self._resolve(bias), []).append(_Fold("bias", b=parts["lora_B.bias"], scale=scale))
+                self.folds.setdefault(self._known(bias), []).append(_Fold("bias", b=parts["lora_B.bias"], scale=scale))
 
     def _resolve(self, name: str) -> str | None:
         """The checkpoint's name for a module path: as is, or without/with the base-model prefix (legacy GPT-2
@@ -220,6 +218,12 @@ class LoraWeights:
             if cand and cand in self.base.keys():
                 return cand
         return None
+
+    def _known(self, name: str) -> str:
+        """The checkpoint's name of a module path `_target` has accepted."""
+        found = self._resolve(name)
+        assert found is not None, name
+        return found
 
     def _target(self, name: str, key: str, where: str, shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
         found = self._resolve(name)

@@ -191,13 +191,13 @@ def _parse(read: Callable[[int, int], bytes], file_size: int) -> tuple[list[Head
         raise Invalid(f"{len(header)} tensors (at most {MAX_TENSORS})")
     entries = [_entry(name, m, data_size) for name, m in header.items()]
     pos, previous = 0, None
-    for e in sorted(entries, key=lambda e: (e.begin, e.end)):  # the reference's order: by offsets
-        if e.begin < pos:
-            raise Invalid(f"tensor {clip(e.name)} (bytes {e.begin}..{e.end}) overlaps tensor "
+    for t in sorted(entries, key=lambda t: (t.begin, t.end)):  # the reference's order: by offsets
+        if t.begin < pos:
+            raise Invalid(f"tensor {clip(t.name)} (bytes {t.begin}..{t.end}) overlaps tensor "
                            f"{clip(previous)} (which ends at byte {pos})")
-        if e.begin > pos:
-            raise Invalid(f"bytes {pos}..{e.begin} of the data, before tensor {clip(e.name)}, belong to no tensor")
-        pos, previous = e.end, e.name
+        if t.begin > pos:
+            raise Invalid(f"bytes {pos}..{t.begin} of the data, before tensor {clip(t.name)}, belong to no tensor")
+        pos, previous = t.end, t.name
     if pos != data_size:
         raise Invalid(f"the tensors cover {pos} of the {data_size} data bytes; the rest belongs to no tensor")
     return entries, 8 + n

@@ -96,7 +96,7 @@ def plan_alignment(ov: OutputVocab, out_name: str, models: list[str], tensors: l
             if spec.token_id is not None:
                 row = spec.token_id
             else:
-                row = ov.models[spec.model].vocab.get(spec.source_token, -1)
+                row = ov.models[spec.model].vocab.get(spec.source_token or "", -1)
                 if row < 0:
                     raise ModelError(f"tokenizer.tokens.{spec.token}: token {spec.source_token!r} not found in "
                                      f"model {spec.model}")

@@ -215,7 +215,7 @@ def test_any_exception_in_one_config_is_only_that_configs_failure(hub, tiny_mode
             raise ValueError("card\n::error::pwned")
         if push_to.endswith("/memory"):
             raise MemoryError()
-        warnings.warn("the Hub says\n::error::pwned", UserWarning)  # e.g. validate-yaml's warnings on a card
+        warnings.warn("the Hub says\n::error::pwned", UserWarning, stacklevel=2)  # e.g. validate-yaml's warnings on a card
         return real_pipeline(cfg, out, options, push_to=push_to, **kw)
 
     monkeypatch.setattr(select_module, "load", load)

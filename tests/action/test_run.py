@@ -18,9 +18,6 @@ from mergebot.action.inputs import ActionInputError, read_inputs
 from mergebot.action.report import Result, annotation, format_output, summary_markdown
 from mergebot.action.select import valid_repo_id
 from mergebot.cli.main import main
-
-pytestmark = pytest.mark.filterwarnings("ignore:Use .content=<...>. to upload raw:DeprecationWarning")
-
 from tests.action.support import (
     PARENTS,
     ROOT,
@@ -34,6 +31,8 @@ from tests.action.support import (
     push,
     upload_parents,
 )
+
+pytestmark = pytest.mark.filterwarnings("ignore:Use .content=<...>. to upload raw:DeprecationWarning")
 
 
 def test_push_merges_exactly_the_changed_config(hub, tiny_models, checkout, monkeypatch, capsys):
@@ -189,6 +188,7 @@ def test_entrypoint_subprocess_dispatch_with_force(hub, tiny_models, checkout, m
                           env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     results = json.loads(parse_outputs(output.read_text())["results"])
+    assert results[0].pop("check").startswith("passed: merge perplexity ")  # the tiny parents' merge passes
     assert results == [{"config": "merges/a.yml", "repo": f"{hub.user}/a", "status": "published",
                         "commit": hub.server.head(f"{hub.user}/a")}]
     assert (done.stdout + done.stderr).count(hub.token) == 1
@@ -234,7 +234,7 @@ def test_outputs_annotations_and_summary_format():
                                   "https://hub/o/a/commit/" + "c" * 40)], title="T", notes=["n"])
     # user text is shown, never markup: `|` as a character reference, names in <code> (a backtick span
     # cannot hold `|` nor show `<` escaped)
-    assert ("| <code>m/a.yml</code> | <code>o/a</code> | ✅ published | x &#124; y | ok (mit) | 1.2 s | "
+    assert ("| <code>m/a.yml</code> | <code>o/a</code> | ✅ published | x &#124; y | ok (mit) | — | 1.2 s | "
             "[ccccccc](https://hub/o/a/commit/") in md
     assert valid_repo_id("org/000_linear") and not valid_repo_id("org/a--b") and not valid_repo_id("a/b/c")
 
@@ -243,7 +243,8 @@ def test_action_metadata_and_example_workflows():
     action = yaml.safe_load((ROOT / "action.yml").read_text())
     assert action["runs"]["using"] == "composite"  # over a prebuilt image: tests/test_action_image.py
     assert set(action["inputs"]) == {"configs", "namespace", "hf_token", "mode", "device", "private",
-                                     "license_policy", "force", "image"}
+                                     "license_policy", "force", "check", "max_perplexity_ratio", "eval_text",
+                                     "image"}
     assert all(v.get("description") for v in {**action["inputs"], **action["outputs"]}.values())
     assert set(action["outputs"]) == {"results", "count"} and action["branding"]["icon"]
     assert action["inputs"]["configs"]["default"] == "merges/**/*.y*ml"

@@ -14,6 +14,7 @@ from mergebot.card.licenses import LicensePolicy, analyze
 from mergebot.card.render import (
     METHOD_INFO,
     CardError,
+    _moe_details,
     card_context_from_output,
     render_card,
     write_card,
@@ -95,7 +96,8 @@ def make_output(tmp: Path, config_text: str, parents: list[ParentInfo], *, metho
     return out
 
 
-def seed_card(tmp: Path, key: str, policy: LicensePolicy = LicensePolicy(allow_composite=True)):
+def seed_card(tmp: Path, key: str, policy: LicensePolicy | None = None):
+    policy = policy or LicensePolicy(allow_composite=True)
     seed = SEEDS[key]
     config_text = (CONFIGS / seed.config).read_text()
     out = make_output(tmp, config_text, seed.parents, method=seed.method, base=seed.base)
@@ -330,3 +332,15 @@ def test_refs_with_revision_are_linked_by_repo_id(tmp_path: Path) -> None:
     assert ModelCard(text).data.base_model == ["org/base", "org/other"]
     assert "using [org/base@v1.0](https://huggingface.co/org/base) as a base" in text
     assert f"(https://huggingface.co/org/base/tree/{sha(1)})" in text
+
+
+@pytest.mark.parametrize("text", [
+    "a: &a [x, x, x, x, x, x, x, x]\n" + "".join(f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+                                                 for p, c in zip("abcdefgh", "bcdefghi")),  # alias bomb: 8^9 nodes
+    "[" * 5000 + "]" * 5000,  # nesting past any recursion limit
+])
+def test_a_hostile_published_moe_config_is_one_card_error(text: str) -> None:
+    # a card refresh reads mergekit_moe_config.yml back from the Hub: the bounded loader, one CardError line
+    with pytest.raises(CardError) as e:
+        _moe_details(text, "mergekit_moe_config.yml", 4)
+    assert str(e.value).startswith("mergekit_moe_config.yml: ") and "\n" not in str(e.value)

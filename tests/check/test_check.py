@@ -33,6 +33,7 @@ from mergebot.check.forward import LayerwiseModel
 from mergebot.check.text import degenerate, load_eval_text
 from mergebot.cli.main import main
 from mergebot.tinymodels import llama_config, make_family, save_model, write_tokenizer
+from tests.helpers import counting_tensors as _counting
 from tests.helpers import merge_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,27 +141,6 @@ def test_cuda_gives_the_cpu_numbers(tiny_models, counting, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ the gate
-def _counting(cfg: dict, seed: int, scale: float = 0.02) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    v, h, inter = cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"]
-    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
-    emb = torch.linalg.qr(torch.randn(h, h, generator=g))[0][:v]
-    t = {"model.embed_tokens.weight": emb.clone(), "lm_head.weight": 8 * emb.roll(1, 0),
-         "model.norm.weight": torch.ones(h)}
-
-    def r(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * scale
-
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        t.update({p + "self_attn.q_proj.weight": r(h, h), p + "self_attn.k_proj.weight": r(kv, h),
-                  p + "self_attn.v_proj.weight": r(kv, h), p + "self_attn.o_proj.weight": r(h, h),
-                  p + "mlp.gate_proj.weight": r(inter, h), p + "mlp.up_proj.weight": r(inter, h),
-                  p + "mlp.down_proj.weight": r(h, inter), p + "input_layernorm.weight": torch.ones(h),
-                  p + "post_attention_layernorm.weight": torch.ones(h)})
-    return t
-
-
 @pytest.fixture(scope="module")
 def counting(tmp_path_factory) -> dict[str, Path]:
     """Two 'fine-tunes' of one counting base, an evaluation text of counting runs, and prompts that count."""

@@ -351,7 +351,10 @@ def test_cli_publish_end_to_end(hub: HubFixture, tiny_template: Path, tmp_path: 
 
     out = _cli_output(tiny_template, tmp_path, hub)
     repo = f"{hub.org}/Llama-3-tiny-merge"
-    assert cli("publish", str(out), "--repo", repo) == 0
+    assert cli("publish", str(out), "--repo", repo) == 1  # the parents are cards only: no weights to check against
+    assert "error: quality check: parent meta/llama3-parent-a: " in capsys.readouterr().err
+    assert repo not in hub.server.repos
+    assert cli("publish", str(out), "--repo", repo, "--check", "off") == 0
     captured = capsys.readouterr()
     assert "license: llama3, check: ok" in captured.err and f"published: {hub.url}/{repo} commit" in captured.out
     assert hub.token not in captured.out + captured.err
@@ -361,7 +364,7 @@ def test_cli_publish_end_to_end(hub: HubFixture, tiny_template: Path, tmp_path: 
     assert card.data.language == ["en", "fr"] and "**Built with Meta Llama 3**" in card.text
     assert b"Meta Llama 3 is licensed under" in files["NOTICE"]
 
-    assert cli("publish", str(out), "--repo", repo) == 0  # card rendered again, byte-identical: no commit
+    assert cli("publish", str(out), "--repo", repo, "--check", "off") == 0  # byte-identical card: no commit
     assert "unchanged:" in capsys.readouterr().out
     assert len(hub.server.history(repo)) == 2
 
@@ -376,7 +379,8 @@ def test_cli_refuses_a_blocked_license(hub: HubFixture, tiny_template: Path, tmp
     assert "check: block" in err and 'must begin with "Llama 3"' in err
     assert repo not in hub.server.repos and (out / "README.md").read_text() == readme
 
-    assert cli("publish", str(out), "--repo", repo, "--allow-license-risk", "--license", "llama3") == 0
+    assert cli("publish", str(out), "--repo", repo, "--allow-license-risk", "--license", "llama3",
+               "--check", "off") == 0  # the parents are cards only, without weights to check against
     assert b"License check: **block**" in hub.server.files(repo)["README.md"]
 
 

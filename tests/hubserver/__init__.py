@@ -13,7 +13,8 @@ Usage:
 
 Layout: state.py (repos, commits, files, errors), server.py (FakeHub: state access, fault injection, the
 server), handler.py (request plumbing, auth, dispatch over routes.py), and the endpoints by area: repos.py (repos
-and commits), lfs.py (preupload and LFS), resolve.py (downloads and ranges), jobs.py (HF Jobs).
+and commits), lfs.py (preupload and LFS), resolve.py (downloads and ranges), jobs.py (HF Jobs), webhooks.py
+(webhooks).
 """
 
 from tests.hubserver.handler import _Handler

@@ -15,9 +15,10 @@ from tests.hubserver.resolve import Resolve
 from tests.hubserver.routes import ROUTES
 from tests.hubserver.server import FakeHub
 from tests.hubserver.state import HubError, Repo, Token
+from tests.hubserver.webhooks import Webhooks
 
 
-class _Handler(Repos, Lfs, Resolve, Jobs, BaseHTTPRequestHandler):
+class _Handler(Repos, Lfs, Resolve, Jobs, Webhooks, BaseHTTPRequestHandler):
     """Routes one request to the FakeHub; every answer has a Content-Length so keep-alive works."""
 
     fake: FakeHub
@@ -46,6 +47,7 @@ class _Handler(Repos, Lfs, Resolve, Jobs, BaseHTTPRequestHandler):
               content_type: str = "application/json") -> None:
         # recorded before the answer leaves: a client that got it may look at `requests` at once
         self.fake.requests.append((self.command, self.path, status))
+        self.fake.sent.append((self.command, self.path, 0 if self.command == "HEAD" else len(body)))
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))

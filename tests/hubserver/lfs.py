@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 from tests.hubserver.state import HubError, git_blob_oid
@@ -58,6 +59,8 @@ class Lfs:
             failure = self.fake._lfs_failures.pop(0) if self.fake._lfs_failures else None
         if failure is not None:
             raise HubError(failure, "injected LFS upload failure")
+        if self.fake.lfs_delay:  # a slow upload link: lets a test stop a client half-way through
+            time.sleep(self.fake.lfs_delay)
         data = self.raw_body
         if len(data) != int(size) or hashlib.sha256(data).hexdigest() != oid:
             raise HubError(400, "uploaded content does not match its oid/size")

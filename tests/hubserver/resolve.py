@@ -41,4 +41,26 @@ class Resolve:
                 raise HubError(416, "range not satisfiable")
             data, status = f.data[start:end + 1], 206
             headers["Content-Range"] = f"bytes {start}-{min(end, f.size - 1)}/{f.size}"
+            with self.fake.lock:
+                fault = self.fake._range_faults.pop(0) if self.fake._range_faults and self.command == "GET" else None
+            if fault is not None and fault[0] == "status":
+                raise HubError(fault[1], "injected range failure")
+            if fault is not None:  # a connection that breaks mid-body
+                self._cut(data, fault[1], headers)
+                return
         self._send(status, data, headers, content_type="application/octet-stream")
+
+    def _cut(self, data: bytes, after: int, headers: dict[str, str]) -> None:
+        """Announce all of `data`, send `after` bytes of it, close the connection."""
+        sent = data[:after]
+        self.fake.requests.append((self.command, self.path, 206))
+        self.fake.sent.append((self.command, self.path, len(sent)))
+        self.send_response(206)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(sent)
+        self.wfile.flush()
+        self.close_connection = True

@@ -39,6 +39,13 @@ class Route:
 
 ROUTES = [
     Route("POST", ("api", "jobs", "{ns}"), "job_create"),  # HF Jobs (run_job)
+    Route("GET", ("api", "settings", "webhooks"), "webhook_list"),
+    Route("POST", ("api", "settings", "webhooks"), "webhook_create"),
+    Route("GET", ("api", "settings", "webhooks", "{webhook_id}"), "webhook_get"),
+    Route("POST", ("api", "settings", "webhooks", "{webhook_id}"), "webhook_update"),
+    Route("DELETE", ("api", "settings", "webhooks", "{webhook_id}"), "webhook_delete"),
+    Route("POST", ("api", "settings", "webhooks", "{webhook_id}", "enable"), "webhook_enable"),
+    Route("POST", ("api", "settings", "webhooks", "{webhook_id}", "disable"), "webhook_disable"),
     Route("GET", ("api", "whoami-v2"), "whoami"),
     Route("GET", ("api", "agent-harnesses"), "agent_harnesses"),
     Route("POST", ("api", "repos", "create"), "repo_create"),

@@ -33,12 +33,16 @@ class FakeHub:
         self.repos: dict[str, Repo] = {}
         self.lfs_store: dict[str, bytes] = {}
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
+        self.sent: list[tuple[str, str, int]] = []  # (method, path, body bytes sent): what a client downloaded
         self.jobs: list[dict[str, Any]] = []  # HF Jobs submitted (POST /api/jobs/{ns})
+        self.webhooks: dict[str, dict[str, Any]] = {}  # id -> webhook (with its "owner"), /api/settings/webhooks
         self.unhandled: list[tuple[str, str]] = []
         self.crashes: list[str] = []  # handler exceptions (FakeHub bugs), answered with 500
         self.lock = threading.RLock()
         self._counter = itertools.count(1)
         self._lfs_failures: list[int] = []  # statuses for the next LFS uploads
+        self.lfs_delay = 0.0  # seconds each LFS upload waits before it is stored
+        self._range_faults: list[tuple[str, int]] = []  # ("status", code) | ("cut", bytes) for the next range GETs
         self._commit_failures: list[tuple[int, bool]] = []  # (status, apply the commit before failing)
         self._before_commit: list[Callable[[], None]] = []
         self._server: ThreadingHTTPServer | None = None
@@ -121,6 +125,10 @@ class FakeHub:
                 oid = repo.commits[oid].parent
             return out
 
+    def bytes_sent(self, method: str, pattern: str) -> int:
+        """Body bytes answered to requests matching `method` and the regex `pattern` on the path."""
+        return sum(n for m, p, n in self.sent if m == method and re.search(pattern, p))
+
     def count(self, method: str, pattern: str) -> int:
         """How many requests matched `method` and the regex `pattern` on the path."""
         return sum(1 for m, p, _ in self.requests if m == method and re.search(pattern, p))
@@ -130,6 +138,16 @@ class FakeHub:
         """The next `times` LFS PUTs answer `status` (the body is read and dropped)."""
         with self.lock:
             self._lfs_failures.extend([status] * times)
+
+    def fail_next_ranges(self, times: int = 1, status: int = 503) -> None:
+        """The next `times` range GETs of resolve answer `status`."""
+        with self.lock:
+            self._range_faults.extend([("status", status)] * times)
+
+    def cut_next_ranges(self, times: int = 1, after: int = 1000) -> None:
+        """The next `times` range GETs announce their full length but send only `after` bytes, then close."""
+        with self.lock:
+            self._range_faults.extend([("cut", after)] * times)
 
     def fail_next_commit(self, status: int = 500, *, after_apply: bool = False) -> None:
         """The next commit request answers `status`; with `after_apply` the commit lands first (lost response)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from typing import Any
 
 import yaml
@@ -35,8 +36,8 @@ class StoredFile:
     def size(self) -> int:
         return len(self.data)
 
-    @property
-    def sha256(self) -> str:
+    @cached_property
+    def sha256(self) -> str:  # cached: every range request of a big file names it (X-Linked-Etag)
         return hashlib.sha256(self.data).hexdigest()
 
     @property

@@ -15,6 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -130,6 +131,7 @@ class PromptEncoder:
 def prompt_encoder(directory: Path, label: str) -> PromptEncoder:
     """transformers' AutoTokenizer when installed (what mergekit uses: model-specific classes such as v5's
     LlamaTokenizer may rebuild the tokenizer.json pipeline), else the raw tokenizer.json."""
+    transformers: Any
     try:
         import transformers
     except ImportError:
@@ -228,10 +230,10 @@ def hidden_gates(base: ResolvedModel, experts: list[Expert], mode: str, device: 
         return hs.sum(dim=1) / hs.shape[1]
 
     vecs = []
-    for e in experts:
-        hs = states(e.positive_prompts)
-        if e.negative_prompts:
-            hs -= states(e.negative_prompts)
+    for expert in experts:
+        hs = states(expert.positive_prompts)
+        if expert.negative_prompts:
+            hs -= states(expert.negative_prompts)
         hs /= hs.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
         vecs.append(hs)
     return torch.stack(vecs, dim=1).float().cpu()  # (L, E, H)

@@ -36,7 +36,7 @@ class OutTensor:
     shape: tuple[int, ...]
     kind: str              # copy | zeros | router | shared_router | gate_up | down | shared
     layer: int = -1
-    source: str | None = None  # copy: base tensor; shared: MLP projection name
+    source: str = ""  # copy: base tensor; shared: MLP projection name
 
     @property
     def numel(self) -> int:

@@ -94,7 +94,7 @@ def write_tensors(plan: MoePlan, writer: ShardedWriter, gates: GateVectors, seed
             out = dest.view(t.shape)
             parts = (("gate_proj", slice(0, I)), ("up_proj", slice(I, 2 * I))) if t.kind == "gate_up" \
                 else (("down_proj", slice(None)),)
-            for e, (expert, w) in enumerate(slots):
+            for _expert, w in slots:
                 for proj, _ in parts:
                     w.prefetch(L.mlp_source(t.layer, proj))
             for e, (expert, w) in enumerate(slots):

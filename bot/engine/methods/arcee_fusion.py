@@ -68,14 +68,14 @@ def threshold(values: torch.Tensor, key: int | None) -> torch.Tensor:
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     other = call.others[0]
     key = call.keys[other] if call.keys else None
-    n = call.xs[call.base].numel()
+    n = call.xs[call.base_at].numel()
     if n > QUANTILE_SAMPLE_SIZE and len(call.shape) >= 2:
         return _streamed(call, other, key)
     return _whole(call, other, key)
 
 
 def _whole(call: MergeCall, other: int, key: int | None) -> torch.Tensor:
-    base = call.xs[call.base].reshape(-1).to(call.dtype)
+    base = call.xs[call.base_at].reshape(-1).to(call.dtype)
     x = call.xs[other].reshape(-1).to(call.dtype)
     if x.numel() == 0:
         return base
@@ -87,7 +87,7 @@ def _whole(call: MergeCall, other: int, key: int | None) -> torch.Tensor:
 def _streamed(call: MergeCall, other: int, key: int | None) -> torch.Tensor:
     """The same result in bounded memory: per-row KL by row blocks, the sampled importances gathered at their
     indices (|Δⱼ|·KL of j's row), then base + Δ·[importance ≥ threshold] block by block."""
-    xv, bv = call.xs[other].reshape(-1), call.xs[call.base].reshape(-1)
+    xv, bv = call.xs[other].reshape(-1), call.xs[call.base_at].reshape(-1)
     n, width = xv.numel(), call.shape[-1]
     kl = torch.cat([row_kl(xv[s:e].to(call.dtype), bv[s:e].to(call.dtype), shape)
                     for s, e, shape in row_blocks(call.shape, n, xv.device)])
@@ -96,7 +96,7 @@ def _streamed(call: MergeCall, other: int, key: int | None) -> torch.Tensor:
     cut = threshold(sampled, None)
 
     def block(xs: list[torch.Tensor], shape: tuple[int, ...], s: int) -> torch.Tensor:
-        b, x = xs[call.base].to(call.dtype), xs[other].to(call.dtype)
+        b, x = xs[call.base_at].to(call.dtype), xs[other].to(call.dtype)
         rows = kl[s // width:(s + b.numel()) // width]
         imp = ((x.reshape(-1, width) - b.reshape(-1, width)).abs() * rows).reshape(-1)
         return (b + torch.where(imp >= cut, x - b, 0.0)).to(call.out_dtype)

@@ -37,6 +37,13 @@ class MergeCall:
     rng: str = "hash"  # "hash" (mergebot.engine.rng) or "mergekit": torch's global RNG in mergekit's draw order (DARE)
 
     @property
+    def base_at(self) -> int:
+        """The base's index, for base-aware methods (the plan always gives those one)."""
+        if self.base is None:
+            raise ValueError(f"{self.name}: this method needs a base model")
+        return self.base
+
+    @property
     def others(self) -> list[int]:
         return [i for i in range(len(self.xs)) if i != self.base]
 

@@ -51,7 +51,7 @@ def _pairs(n: int) -> list[tuple[int, int]]:
 def _split(call: MergeCall, xs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The base and the fine-tunes, flat in the compute dtype, of `xs` (flat slices; by default the whole call)."""
     xs = call.xs if xs is None else xs
-    return xs[call.base].reshape(-1).to(call.dtype), [xs[i].reshape(-1).to(call.dtype) for i in call.others]
+    return xs[call.base_at].reshape(-1).to(call.dtype), [xs[i].reshape(-1).to(call.dtype) for i in call.others]
 
 
 def _reduce(call: MergeCall) -> Sums:

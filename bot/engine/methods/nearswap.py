@@ -18,7 +18,7 @@ DIST_EPS = 1e-6
 
 
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
-    base = call.xs[call.base].reshape(-1).to(call.dtype)
+    base = call.xs[call.base_at].reshape(-1).to(call.dtype)
     x = call.xs[call.others[0]].reshape(-1).to(call.dtype)
     t = float(call.shared["t"])
     w = (t / (base - x).abs().clamp(min=DIST_EPS)).clamp(0.0, 1.0)

@@ -108,12 +108,13 @@ def _apply_vectors(call: MergeCall, t: float) -> torch.Tensor:
     block; columns (along dim 0, `nuslerp_row_wise`) need their sums over every block first."""
     columns = bool(call.shared["nuslerp_row_wise"])
     if columns:
-        totals = None
+        totals: tuple[torch.Tensor, ...] | None = None
         xs = [x.reshape(-1) for x in call.xs]
         for s, e, shape in row_blocks(call.shape, xs[0].numel(), xs[0].device):
             v0, v1, _ = _vectors(call, [x[s:e] for x in xs])
             part = _sums(v0.reshape(shape), v1.reshape(shape), 0)
             totals = part if totals is None else tuple(x + y for x, y in zip(totals, part))
+        assert totals is not None  # a tensor has at least one row block
         c0, c1 = coefficients(t, *totals)
         c0, c1 = c0.to(call.dtype), c1.to(call.dtype)
 

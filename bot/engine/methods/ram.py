@@ -20,7 +20,7 @@ from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 
 def _parts(call: MergeCall):
-    base = call.xs[call.base].reshape(-1).to(call.dtype)
+    base = call.xs[call.base_at].reshape(-1).to(call.dtype)
     taus = [call.xs[i].reshape(-1).to(call.dtype) - base for i in call.others]
     eps = float(call.shared["epsilon"])
     active = [t.abs() > eps for t in taus]

@@ -8,10 +8,11 @@ out = base + Σ τᵢωᵢmaskᵢ / clamp(Σ ωᵢmaskᵢ, min 1e-6). `int8_mask
 
 With select_topk ≥ 1 the executor streams the method: `reduce` sums Σ τᵢ² and the element count exactly
 over chunks, `apply` is elementwise. With select_topk < 1 the top-k selection is global (ties at the k-th
-variance go to earlier elements, or where mergekit computes in our precision, to those its own topk picks), so the method gets the whole tensor as zero-copy views and walks it in
-chunks itself, in bounded memory: the variance (elementwise, so the same bits per chunk as whole) is cut
-exactly by radix selection over its bit patterns (`_sparsify.top_k_cuts`: one pass that also counts the
-nonzeros, one per further 16 bits), then one pass sums Σ τᵢ² of the selected τ, then one writes the output.
+variance go to earlier elements, or where mergekit computes in our precision, to those its own topk picks),
+so the method gets the whole tensor as zero-copy views and walks it in chunks itself, in bounded memory: the
+variance (elementwise, so the same bits per chunk as whole) is cut exactly by radix selection over its bit
+patterns (`_sparsify.top_k_cuts`: one pass that also counts the nonzeros, one per further 16 bits),
+then one pass sums Σ τᵢ² of the selected τ, then one writes the output.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ DIV_EPS = 1e-6
 
 
 def _deltas(call: MergeCall) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    base = call.xs[call.base].reshape(-1).to(call.dtype)
+    base = call.xs[call.base_at].reshape(-1).to(call.dtype)
     return base, [call.xs[i].reshape(-1).to(call.dtype) - base for i in call.others]
 
 
@@ -100,7 +101,7 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
 def _apply_selected(call: MergeCall) -> torch.Tensor:
     """select_topk < 1 over the whole tensor, chunk by chunk (see the module docstring)."""
     topk = float(call.shared["select_topk"])
-    base = call.xs[call.base].reshape(-1)
+    base = call.xs[call.base_at].reshape(-1)
     xs = [call.xs[i].reshape(-1) for i in call.others]
     n = base.numel()
     step = _sparsify.CHUNK
@@ -138,12 +139,13 @@ def _apply_selected(call: MergeCall) -> torch.Tensor:
             keep, seen = cut.mask(_variance_bits(taus), seen)
         return b, [torch.where(keep, t, 0.0) for t in taus], seen
 
-    sums = None
+    sums: Sums | None = None
     seen = 0
     for s in range(0, n, step):
         _, taus, seen = selected(s, min(n, s + step), seen)
         part = _sums(taus)  # Σ τᵢ² per model, then the element count
         sums = part if sums is None else sums + part
+    assert sums is not None  # n > 0
     totals = sums.values()
     weights = matrix_weights([float(v) for v in totals[:-1]], float(totals[-1]))
     out = call.out if call.out is not None else torch.empty(n, dtype=call.out_dtype, device=base.device)

@@ -34,7 +34,7 @@ def _combine(a: torch.Tensor, b: torch.Tensor, c0: float, c1: float, dtype: torc
 
 
 def _pair(call: MergeCall) -> tuple[torch.Tensor, torch.Tensor]:
-    return call.xs[call.base], call.xs[call.others[0]]
+    return call.xs[call.base_at], call.xs[call.others[0]]
 
 
 def _reduce(call: MergeCall) -> Sums:

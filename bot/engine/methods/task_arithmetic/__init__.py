@@ -29,7 +29,7 @@ Apply = Callable[[MergeCall, "torch.Tensor | None", Mix], torch.Tensor]
 def _unpruned(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tensor:
     """Task arithmetic itself, and TIES-style consensus without sparsification: every δᵢ whole."""
     xs = [call.xs[i] for i in call.others]
-    return kernel_masked(call.xs[call.base], xs, [None] * len(xs), [1.0] * len(xs), mix.weights, mix.consensus,
+    return kernel_masked(call.xs[call.base_at], xs, [None] * len(xs), [1.0] * len(xs), mix.weights, mix.consensus,
                          mix.normalize, mix.lam, call.dtype, call.out_dtype, out=call.out)
 
 
@@ -51,7 +51,7 @@ def _method(name: str) -> MergeMethod:
 
     def apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
         if not call.others:  # only the base has this tensor
-            return call.xs[call.base].to(call.out_dtype).reshape(-1)
+            return call.xs[call.base_at].to(call.out_dtype).reshape(-1)
         return sparsify(call, totals, Mix.of(call, variant)).reshape(-1)
 
     return MergeMethod.of(spec, apply=apply, **kernel)

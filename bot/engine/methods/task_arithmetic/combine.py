@@ -96,6 +96,27 @@ def kernel_masked(base: torch.Tensor, xs: list[torch.Tensor], masks: list[torch.
     return combine(b, deltas, weights, consensus, normalize, lam, out_dtype)
 
 
+@dataclass(frozen=True)
+class FlatDeltas:
+    """The base and the other inputs flattened, and δ = x − base of any slice in the compute dtype: what the
+    whole-tensor sparsifiers (magnitude, breadcrumbs) walk in chunks."""
+
+    call: MergeCall
+    base: torch.Tensor
+    xs: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, call: MergeCall) -> FlatDeltas:
+        return cls(call, call.xs[call.base_at].reshape(-1), [call.xs[i].reshape(-1) for i in call.others])
+
+    @property
+    def n(self) -> int:
+        return self.base.numel()
+
+    def delta(self, x: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        return x[s:e].to(self.call.dtype) - self.base[s:e].to(self.call.dtype)
+
+
 def mergekit_precision(call: MergeCall) -> bool:
     """Whether mergekit 0.1.5 computes this call in mergebot's precision: it works in the inputs' dtype, so
     only float32/float64 inputs (after `dtype:`) give it the same deltas, hence the same equal magnitudes."""

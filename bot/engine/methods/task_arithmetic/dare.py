@@ -48,7 +48,7 @@ def _kernel_random(base: torch.Tensor, xs: list[torch.Tensor], streams: Streams,
 
 
 def _streams(call: MergeCall) -> Streams:
-    base = call.xs[call.base]
+    base = call.xs[call.base_at]
     return [rng.Stream32.of(call.keys[i], call.start, base.numel(),
                             rng.threshold(float(call.per_input[i]["density"]))).tensors(base.device)
             for i in call.others]
@@ -58,11 +58,11 @@ def reduce(call: MergeCall) -> Sums:
     if not call.shared["rescale"] or not call.others:
         return Sums(0)
     xs = [call.xs[i] for i in call.others]
-    return Sums.of(_l1_sums(call.xs[call.base], xs, _streams(call), call.dtype))
+    return Sums.of(_l1_sums(call.xs[call.base_at], xs, _streams(call), call.dtype))
 
 
 def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tensor:
-    base = call.xs[call.base]
+    base = call.xs[call.base_at]
     xs = [call.xs[i] for i in call.others]
     if call.rng == "mergekit":
         masks, scales = _mergekit_order_masks(call)
@@ -79,7 +79,7 @@ def _mergekit_order_masks(call: MergeCall) -> tuple[list[torch.Tensor | None], l
     `bernoulli(full_like(δ, density))` per non-base model in config order, in the work dtype mergekit uses
     on CPU (bf16 stays bf16, other floats float32). The executor visits tensors in sorted-name order, so the
     masks are mergekit's bits; the math after them stays in float32."""
-    base = call.xs[call.base].reshape(-1)
+    base = call.xs[call.base_at].reshape(-1)
     masks: list[torch.Tensor | None] = []
     scales: list[float] = []
     for i in call.others:

@@ -99,9 +99,10 @@ def _l1_scales(call: MergeCall, sampled: list[int],
     xs = [x.reshape(-1) for x in call.xs]
     for s, e, shape in row_blocks(call.shape, xs[0].numel(), xs[0].device):
         block = [x[s:e] for x in xs]
-        base = block[call.base].to(call.dtype)
+        base = block[call.base_at].to(call.dtype)
         for i in sampled:
             d, keep = _masked(call, block, base, i, shape, s)
+            assert keep is not None  # sampled: 0 < density < 1
             if cache is not None:
                 cache[(s, i)] = keep
             sums[i].add(l1_partials(d, keep))
@@ -117,11 +118,11 @@ def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tenso
             check_epsilon(density, epsilon, f"{tensor_label(call)} (input #{i}, the base being #0)")
             sampled.append(i)
     cache: dict[tuple[int, int], torch.Tensor] | None = (
-        {} if call.xs[call.base].numel() * len(sampled) <= MASK_CACHE_BYTES else None)
+        {} if call.xs[call.base_at].numel() * len(sampled) <= MASK_CACHE_BYTES else None)
     scales = _l1_scales(call, sampled, cache) if sampled and call.shared["rescale"] else {}
 
     def block(xs: list[torch.Tensor], shape: tuple[int, ...], s: int) -> torch.Tensor:
-        base = xs[call.base].to(call.dtype)
+        base = xs[call.base_at].to(call.dtype)
         deltas = []
         for i in others:
             d, keep = _masked(call, xs, base, i, shape, s, cache)

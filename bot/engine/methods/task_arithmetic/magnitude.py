@@ -10,6 +10,7 @@ a count (`_tie_end`), so the whole merge is one fused pass per chunk.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ import torch
 from mergebot.engine.fuse import fusable
 from mergebot.engine.methods import _sparsify
 from mergebot.engine.methods.base import MergeCall
-from mergebot.engine.methods.task_arithmetic.combine import Mix, combine, merge_pruned, mergekit_precision, rescales
+from mergebot.engine.methods.task_arithmetic.combine import FlatDeltas, Mix, combine, merge_pruned, mergekit_precision, rescales
 
 
 def _bits(x: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -85,21 +86,23 @@ class _Cut:
 
 
 def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tensor:
-    base = call.xs[call.base].reshape(-1)
-    xs = [call.xs[i].reshape(-1) for i in call.others]
-    n = base.numel()
-
-    def delta(x: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        return x[s:e].to(call.dtype) - base[s:e].to(call.dtype)
+    flat = FlatDeltas.of(call)
+    base, xs, n, delta = flat.base, flat.xs, flat.n, flat.delta
 
     densities = [float(call.per_input[i]["density"]) for i in call.others]
-    cuts = [_sparsify.magnitude_cut(lambda s, e, x=x: _sparsify.magnitude_bits(delta(x, s, e)), n, density)
+    def bits(x: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        return _sparsify.magnitude_bits(delta(x, s, e))
+
+    def size(x: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        return delta(x, s, e).abs()
+
+    cuts = [_sparsify.magnitude_cut(partial(bits, x), n, density)
             for x, density in zip(xs, densities)]
     chosen: list[torch.Tensor | None] = [None] * len(xs)  # mergekit's whole-tensor selection, where it differs
     if mergekit_precision(call) and n <= _sparsify.PARITY_MAX_ELEMS:
         for j, (x, cut) in enumerate(zip(xs, cuts)):
             if cut is not None and cut.chooses:
-                w = _sparsify.gather_float32(lambda s, e, x=x: delta(x, s, e).abs(), n)
+                w = _sparsify.gather_float32(partial(size, x), n)
                 chosen[j] = _sparsify.mergekit_selection(w, "top", max(1, int(densities[j] * n))).to(base.device)
     pruners: list[Any] = [None if cut is None else _Cut(cut, c) for cut, c in zip(cuts, chosen)]
     scales = rescales(call, base, xs, pruners) if call.shared["rescale"] else [1.0] * len(xs)

@@ -1,8 +1,8 @@
 """Breadcrumbs' sparsifier (merge-semantics.md §2.7, `magnitude_outliers`), of `breadcrumbs` and `breadcrumbs_ties`.
 
 Each δᵢ = xᵢ − base is sparsified by `magnitude_outliers`: with target = int(densityᵢ·n), n_top = int(gammaᵢ·n) and
-n_bot = max(0, n − target − n_top), sort |δ| ascending (in float32) and keep sorted positions [n_bot, n_bot + target): the n_top largest and the
-n_bot smallest are dropped (fewer top outliers when gamma is too large). 0.1.5 semantics: a tensor with
+n_bot = max(0, n − target − n_top), sort |δ| ascending (in float32) and keep sorted positions [n_bot, n_bot + target):
+the n_top largest and the n_bot smallest are dropped (fewer top outliers when gamma is too large). 0.1.5 semantics: a tensor with
 fewer than 1/gamma elements (int(gamma·n) == 0) keeps its `target` largest entries; 0.1.4's bug zeroed it.
 `rescale: true` multiplies each pruned δᵢ by ‖δᵢ‖₁/‖δᵢ⊙maskᵢ‖₁ (whole tensor, exact sums).
 
@@ -15,6 +15,7 @@ Equal magnitudes at a cut go to the earlier element, except where mergekit compu
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from mergebot.engine.methods import _sparsify
 from mergebot.engine.methods._sparsify import MagnitudeCut, magnitude_bits
 from mergebot.engine.methods.base import MergeCall
-from mergebot.engine.methods.task_arithmetic.combine import Mix, merge_pruned, mergekit_precision, rescales
+from mergebot.engine.methods.task_arithmetic.combine import FlatDeltas, Mix, merge_pruned, mergekit_precision, rescales
 
 Band = tuple[MagnitudeCut, MagnitudeCut]  # keep the top `upper`, minus the top `lower`
 
@@ -62,15 +63,14 @@ class _Band:
 
 
 def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tensor:
-    base = call.xs[call.base].reshape(-1)
-    xs = [call.xs[i].reshape(-1) for i in call.others]
-    n = base.numel()
+    flat = FlatDeltas.of(call)
+    base, xs, n, delta = flat.base, flat.xs, flat.n, flat.delta
 
     def bits(x: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        return magnitude_bits(x[s:e].to(call.dtype) - base[s:e].to(call.dtype))
+        return magnitude_bits(delta(x, s, e))
 
     params = [(float(call.per_input[i]["density"]), float(call.per_input[i]["gamma"])) for i in call.others]
-    bands = [outlier_band(lambda s, e, x=x: bits(x, s, e), n, density, gamma)
+    bands = [outlier_band(partial(bits, x), n, density, gamma)
              for x, (density, gamma) in zip(xs, params)]
     pruners: list[Any] = []
     for j, (x, band) in enumerate(zip(xs, bands)):
@@ -78,7 +78,7 @@ def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tenso
         if band is not None and (band[0].chooses or band[1].chooses) and mergekit_precision(call) \
                 and n <= _sparsify.PARITY_MAX_ELEMS:
             target, n_bot = band_bounds(n, *params[j])
-            w = _sparsify.gather_float32(lambda s, e, x=x: x[s:e].to(call.dtype) - base[s:e].to(call.dtype), n).abs_()
+            w = _sparsify.gather_float32(partial(delta, x), n).abs_()
             chosen = _sparsify.mergekit_selection(w, "band", n_bot, n_bot + target).to(base.device)
         pruners.append(None if band is None else _Band(band, chosen))
     scales = rescales(call, base, xs, pruners) if call.shared["rescale"] else [1.0] * len(xs)
