@@ -81,8 +81,8 @@ def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | Non
                                      f"{inp.model}; integer buffers cannot be merged (merge-semantics.md §2.0)")
             dest.copy_(xs[0].reshape(-1))
         else:
-            _merge(method, job, xs, dest, seed, device, rng)
-            _check_finite(job, dest, xs)
+            if not _merge(method, job, xs, dest, seed, device, rng):
+                _refuse_non_finite(job, xs)
         writer.done(job.name)
         for inp in job.inputs:
             plan.models[inp.model].release(inp.tensor)
@@ -100,11 +100,31 @@ def _all_finite(t: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(flat[s:s + EAGER_CHUNK]).all()) for s in range(0, flat.numel(), EAGER_CHUNK))
 
 
-def _check_finite(job: TensorJob, dest: torch.Tensor, xs: list[torch.Tensor]) -> None:
+class _Finite:
+    """Whether every stored chunk of a tensor is finite, checked as each chunk is stored (still in cache, or on
+    the GPU before it crosses the link) rather than in a second pass over the output: that pass took a third of
+    a 2B-parameter dare_ties on an H200. On a GPU the flag stays on the device: one sync per tensor."""
+
+    def __init__(self) -> None:
+        self.ok = True
+        self.flag: torch.Tensor | None = None
+
+    def check(self, t: torch.Tensor) -> None:
+        if not t.is_floating_point():
+            return
+        if t.device.type == "cpu":
+            self.ok = self.ok and _all_finite(t)
+        else:
+            part = torch.isfinite(t).all()
+            self.flag = part if self.flag is None else self.flag & part
+
+    def result(self) -> bool:
+        return self.ok and (self.flag is None or bool(self.flag))
+
+
+def _refuse_non_finite(job: TensorJob, xs: list[torch.Tensor]) -> None:
     """A merge of finite inputs must be finite: inf/NaN out of finite weights means a config that divides by
     a zero weight sum or overflows the output dtype, and such a model must never be written or published."""
-    if not dest.is_floating_point() or _all_finite(dest):
-        return
     if all(_all_finite(x) for x in xs if x.is_floating_point()):
         raise ModelError(f"tensor {job.name!r}: the merge produced inf or NaN from finite inputs (weights summing "
                          "to zero, or values beyond the output dtype's range?); nothing was written")
@@ -121,10 +141,18 @@ def _call(job: TensorJob, xs: list[torch.Tensor], dest: torch.Tensor, start: int
                      start=start, keys=keys, out=out, shape=shape, name=job.name, rng=rng)
 
 
-def _store(result: torch.Tensor, dest: torch.Tensor, start: int, count: int) -> None:
+def _store(result: torch.Tensor, dest: torch.Tensor, start: int, count: int, finite: _Finite) -> None:
+    """Store one chunk's result and check what was stored (in the output dtype: a float32 result may overflow
+    a narrower one). A GPU result is cast and checked on the GPU, then crosses the link in the output dtype."""
     target = dest[start:start + count]
-    if result.data_ptr() != target.data_ptr() or result.device != target.device:
+    if result.device != target.device:
+        stored = result.reshape(-1).to(target.dtype)
+        finite.check(stored)
+        target.copy_(stored)
+        return
+    if result.data_ptr() != target.data_ptr():
         target.copy_(result.reshape(-1))
+    finite.check(target)
 
 
 def chunk_override() -> int | None:
@@ -143,8 +171,10 @@ def chunk_override() -> int | None:
 
 
 def _merge(method: MergeMethod, job: TensorJob, xs: list[torch.Tensor], dest: torch.Tensor, seed: int,
-           device: torch.device, rng: str = "hash") -> None:
+           device: torch.device, rng: str = "hash") -> bool:
+    """Merge one tensor into `dest`; whether every stored value is finite."""
     n = job.numel
+    finite = _Finite()
     if device.type != "cpu":
         chunk = CUDA_CHUNK
     else:
@@ -152,8 +182,8 @@ def _merge(method: MergeMethod, job: TensorJob, xs: list[torch.Tensor], dest: to
     chunk = chunk_override() or chunk
     whole = not method.chunkable_for(job.shared, job.per_input) or (rng == "mergekit" and method.uses_rng)
     if n <= max(chunk, method.whole_max) or whole:
-        _store(method.merge(_call(job, xs, dest, 0, n, seed, method, device, rng)), dest, 0, n)
-        return
+        _store(method.merge(_call(job, xs, dest, 0, n, seed, method, device, rng)), dest, 0, n, finite)
+        return finite.result()
     bounds = [(s, min(chunk, n - s)) for s in range(0, n, chunk)]
     totals = None
     if method.reduce is not None:
@@ -163,4 +193,5 @@ def _merge(method: MergeMethod, job: TensorJob, xs: list[torch.Tensor], dest: to
             sums = part if sums is None else sums + part
         totals = sums.values() if sums is not None else None
     for s, c in bounds:
-        _store(method.apply(_call(job, xs, dest, s, c, seed, method, device), totals), dest, s, c)
+        _store(method.apply(_call(job, xs, dest, s, c, seed, method, device), totals), dest, s, c, finite)
+    return finite.result()
