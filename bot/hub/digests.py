@@ -151,10 +151,10 @@ def record_digests(out_dir: Path, *, endpoint: str | None = None, token: str | N
     out_dir = Path(out_dir)
     lock = read_lock(out_dir)
     endpoint = resolve_endpoint(endpoint)
-    hf = api or client(endpoint, token or None)
-    for entry in lock["parents"]:
-        if not is_hub_entry(entry):
-            continue
+    hub_entries = [entry for entry in lock["parents"] if is_hub_entry(entry)]
+    # a client only for Hub parents: importing huggingface_hub's HfApi costs a local merge ~1 s
+    hf = (api or client(endpoint, token or None)) if hub_entries else None
+    for entry in hub_entries:
         repo_id, adapter = entry_repo(entry)
         try:
             entry.update(parent_state(hf, repo_id, entry["sha"], adapter=adapter, endpoint=endpoint).record())
