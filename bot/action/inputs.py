@@ -20,6 +20,7 @@ DEFAULT_CONFIGS = "merges/**/*.y*ml"
 MODES = ("auto", "all", "changed", "stale", "dry-run")
 LICENSE_POLICIES = ("strict", "warn")
 CHECK_CHOICES = ("on", "off")
+STREAM_CHOICES = ("auto", "on", "off")
 _TRUE = ("true", "yes", "1", "on")
 _FALSE = ("false", "no", "0", "off", "")
 
@@ -43,6 +44,7 @@ class ActionInputs:
     check: str = "on"  # on | off: the quality gate before every publish
     max_perplexity_ratio: float = 1.5
     eval_text: str | None = None  # a path in the repository (confined to the workspace when the run starts)
+    stream: str = "auto"  # auto | on | off: Hub parents by range, shards uploaded as they finish (mergebot.hub.stream)
 
 
 def input_value(env: Mapping[str, str], name: str) -> str | None:
@@ -138,4 +140,6 @@ def read_inputs(env: Mapping[str, str] | None = None) -> ActionInputs:
         check=parse_choice("check", input_value(env, "check"), CHECK_CHOICES, "on"),
         max_perplexity_ratio=parse_ratio("max_perplexity_ratio", input_value(env, "max_perplexity_ratio"), 1.5),
         eval_text=input_value(env, "eval_text"),
+        stream=parse_choice("stream", input_value(env, "stream") or env.get("MERGEBOT_STREAM"), STREAM_CHOICES,
+                            "auto"),
     )

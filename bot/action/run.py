@@ -39,7 +39,6 @@ from mergebot.check.gate import GateOptions, QualityGateError
 from mergebot.errors import MergebotError
 from mergebot.hub.client import resolve_endpoint
 from mergebot.hub.publish import LicenseGateError
-from mergebot.hub.stream import stream_mode_default
 from mergebot.io.confine import reset_workspace, set_workspace
 from mergebot.pipeline import run as pipeline_run
 
@@ -128,7 +127,7 @@ class Runner:
                 done = pipeline_run(entry.cfg, Path(tmp) / "out", options, push_to=entry.repo,
                                     private=self.inputs.private,
                                     allow_license_risk=self.inputs.license_policy == "warn",
-                                    endpoint=self.endpoint, check=self.gate(), stream=stream_mode_default())
+                                    endpoint=self.endpoint, check=self.gate(), stream=self.inputs.stream)
             except LicenseGateError as e:
                 result.license = "block"
                 return self.fail(result, str(e), status="blocked")

@@ -221,6 +221,13 @@ def test_inputs_follow_github_conventions():
         read_inputs({"INPUT_PRIVATE": "maybe"})
     with pytest.raises(ActionInputError, match="input mode"):
         read_inputs({"INPUT_MODE": "sometimes"})
+    # stream: the input, else MERGEBOT_STREAM, else auto
+    assert read_inputs({}).stream == "auto"
+    assert read_inputs({"INPUT_STREAM": "Off"}).stream == "off"
+    assert read_inputs({"MERGEBOT_STREAM": "on"}).stream == "on"
+    assert read_inputs({"INPUT_STREAM": "off", "MERGEBOT_STREAM": "on"}).stream == "off"
+    with pytest.raises(ActionInputError, match="input stream"):
+        read_inputs({"INPUT_STREAM": "always"})
 
 
 def test_outputs_annotations_and_summary_format():
@@ -244,7 +251,7 @@ def test_action_metadata_and_example_workflows():
     assert action["runs"]["using"] == "composite"  # over a prebuilt image: tests/test_action_image.py
     assert set(action["inputs"]) == {"configs", "namespace", "hf_token", "mode", "device", "private",
                                      "license_policy", "force", "check", "max_perplexity_ratio", "eval_text",
-                                     "image"}
+                                     "stream", "image"}
     assert all(v.get("description") for v in {**action["inputs"], **action["outputs"]}.values())
     assert set(action["outputs"]) == {"results", "count"} and action["branding"]["icon"]
     assert action["inputs"]["configs"]["default"] == "merges/**/*.y*ml"
