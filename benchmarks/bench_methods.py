@@ -137,15 +137,20 @@ def main() -> None:
               f"{row['cold_ratio']:7.2f} {row['warm_ratio']:7.2f} {row['peak_anon_bytes'] / 1e9:7.2f} {mk_s} {vs} "
               f"{mk_anon}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
-    for row in rows:  # every ratio against the final best bound for its number of inputs
-        row["io_bound_s"] = min(bounds[row["inputs"]])
-        row["cold_ratio"] = row["cold_s"] / row["io_bound_s"]
-        row["warm_ratio"] = row["warm_s"] / row["io_bound_s"]
+        save(args.results, rows, bounds)  # after every row: a run cut short still leaves what it measured
     for k, runs in bounds.items():
         if runs:
             print(f"I/O bound, {k} inputs: best of {len(runs)} runs = {min(runs):.2f} s (runs ranged "
                   f"{min(runs):.2f}-{max(runs):.2f} s)", flush=True)
-    args.results.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=1) + "\n")
+
+
+def save(path: Path, rows: list[dict], bounds: dict[int, list[float]]) -> None:
+    """Every ratio against the best bound so far for its number of inputs, then the JSON file."""
+    for row in rows:
+        row["io_bound_s"] = min(bounds[row["inputs"]])
+        row["cold_ratio"] = row["cold_s"] / row["io_bound_s"]
+        row["warm_ratio"] = row["warm_s"] / row["io_bound_s"]
+    path.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -190,3 +190,19 @@ def test_bf16_smoke(family_bf16, tmp_path, name):
     assert set(out) == set(X)
     for k, v in out.items():
         assert v.dtype == torch.bfloat16 and torch.isfinite(v.float()).all(), k
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_finiteness_by_exponent_bits_agrees_with_isfinite(dtype):
+    # the executor tests stored chunks by their exponent bits (fast); it must say what torch.isfinite says,
+    # at the edges too: ±max, -0.0, subnormals, and inf/NaN past the first 1M-element step
+    from mergebot.engine.executor import _all_finite
+
+    x = torch.randn(2_100_000, generator=torch.Generator().manual_seed(0)).to(dtype)
+    info = torch.finfo(dtype)
+    x[:4] = torch.tensor([info.max, -info.max, -0.0, info.tiny / 4], dtype=torch.float64).to(dtype)
+    assert _all_finite(x) and bool(torch.isfinite(x).all())
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        y = x.clone()
+        y[2_050_000] = bad
+        assert not _all_finite(y) and not bool(torch.isfinite(y).all())
