@@ -55,13 +55,14 @@ def run_check(out: Path, parents: list[Path], device: str, extra: list[str]) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true", help="~0.3B models instead of ~1.1B")
+    ap.add_argument("--shape", default=None, help="a bench_merge shape (e.g. 0.86b from bench_methods; overrides --small)")
     ap.add_argument("--device", default="cpu", help="the check's --device (default cpu)")
     ap.add_argument("--repeat", type=int, default=1, help="check runs; the median is reported")
     ap.add_argument("--args", default="", help="more `mergebot check` flags, e.g. '--max-new-tokens 8'")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache", help="where the benchmark models live")
     ap.add_argument("--results", type=Path, default=None, help="also write the rows here as JSON")
     args = ap.parse_args()
-    shape = "small" if args.small else "1b"
+    shape = args.shape or ("small" if args.small else "1b")
     base, a, b = make_models(args.cache, shape)
     scratch = args.cache / "runs"
     scratch.mkdir(parents=True, exist_ok=True)

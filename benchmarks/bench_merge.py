@@ -33,6 +33,7 @@ from mergebot.tinymodels import llama_config, llama_tensors, save_model  # noqa:
 SHAPES = {
     "1b": dict(vocab=32000, hidden=2048, inter=5632, layers=22, heads=32, kv_heads=4),
     "small": dict(vocab=32000, hidden=1024, inter=2816, layers=8, heads=16, kv_heads=4),
+    "0.86b": dict(vocab=32000, hidden=2048, inter=5632, layers=16, heads=32, kv_heads=4),  # bench_methods
     "2b": dict(vocab=32000, hidden=2560, inter=6912, layers=28, heads=32, kv_heads=8),  # ~2.1B (GPU runs)
 }
 

@@ -26,10 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks import bench_merge  # noqa: E402
 from benchmarks.bench_merge import io_bound, make_models, run_merge, settle  # noqa: E402
-
-bench_merge.SHAPES.setdefault("0.86b", dict(vocab=32000, hidden=2048, inter=5632, layers=16, heads=32, kv_heads=4))
 
 # {b}: base, {x}, {y}: the two fine-tunes. Parameters as users write them; every method of mergekit 0.1.5.
 METHODS = {
