@@ -89,18 +89,21 @@ def lock_check_parents(lock: dict[str, Any], base_dir: Path | None, token: str |
     return out
 
 
-def license_and_card(result: BuildResult, repo_id: str | None, *, endpoint: str | None = None,
-                     token: str | None = None, license_id: str | None = None,
-                     template: Path | None = None) -> LicenseReport:
-    """Analyse the parents' licenses and write README.md + NOTICE into the finished output directory."""
+def license_check(result: BuildResult, repo_id: str | None, *, endpoint: str | None = None,
+                  token: str | None = None, license_id: str | None = None) -> tuple[list[ParentInfo], LicenseReport]:
+    """The parents' license metadata and the analysis of it, for the card and the publish gate."""
     assert result.out_dir is not None
     parents = parents_of(result, endpoint, token)
     name = (repo_id or result.out_dir.name).split("/")[-1]
-    report = analyze(parents, repo_name=name, policy=LicensePolicy(),
-                     override=LicenseOverride(license_id) if license_id else None)
-    ctx = card_context_from_output(result.out_dir, parents, report, repo_id)
-    write_card(result.out_dir, ctx, template)
-    return report
+    return parents, analyze(parents, repo_name=name, policy=LicensePolicy(),
+                            override=LicenseOverride(license_id) if license_id else None)
+
+
+def write_output_card(result: BuildResult, parents: list[ParentInfo], report: LicenseReport, repo_id: str | None,
+                      template: Path | None = None) -> None:
+    """README.md + NOTICE into the finished output directory (after the check: the card shows its result)."""
+    assert result.out_dir is not None
+    write_card(result.out_dir, card_context_from_output(result.out_dir, parents, report, repo_id), template)
 
 
 def run(cfg: Config, out_dir: Path, options: MergeOptions, *, push_to: str | None = None,
@@ -127,18 +130,20 @@ def run(cfg: Config, out_dir: Path, options: MergeOptions, *, push_to: str | Non
             session.close()
     # the digests of what the merge read from each Hub parent: scheduled runs compare content, not commits
     record_digests(out_dir, endpoint=endpoint, token=token, template=template)
+    repo_id = push_to or cfg.hub_repo
+    parents, report = license_check(result, repo_id, endpoint=endpoint, token=token, license_id=license_id)
+    published = None
+    if push_to and report.verdict == "block" and not allow_license_risk:
+        # before the quality check: a merge that cannot be published is not worth a perplexity run
+        write_output_card(result, parents, report, repo_id, template)
+        raise LicenseGateError(f"license check blocks publishing {out_dir} to {push_to}: "
+                               + "; ".join(report.reasons) + " (pass --allow-license-risk after a human review)")
     outcome = None
     if check is not None:
         if session is not None and check.mode != "off":
             check = replace(check, mode="streamed")
         outcome = run_gate(out_dir, lambda: check_parents(result), check)
-    report = license_and_card(result, push_to or cfg.hub_repo, endpoint=endpoint, token=token,
-                              license_id=license_id, template=template)
-    published = None
-    if push_to:
-        if report.verdict == "block" and not allow_license_risk:
-            raise LicenseGateError(f"license check blocks publishing {out_dir} to {push_to}: "
-                                   + "; ".join(report.reasons) + " (pass --allow-license-risk after a human review)")
+    write_output_card(result, parents, report, repo_id, template)
     if outcome is not None:
         raise_if_rejected(outcome, push_to)
     if push_to:

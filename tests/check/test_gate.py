@@ -228,3 +228,26 @@ def test_action_eval_text_must_stay_in_the_workspace(hub, counting, checkout, mo
     assert f"{hub.user}/good" not in hub.server.repos  # refused before any merge
     errors = [line for line in run.stdout.splitlines() if line.startswith("::error")]
     assert len(errors) == 1 and f"input eval_text: {value!r}" in errors[0] and "outside the workspace" in errors[0]
+
+
+def test_a_license_block_stops_before_the_check_and_keeps_the_card(hub, counting, tmp_path, capsys, monkeypatch):
+    # a merge the license check blocks cannot be published: no perplexity run for it (on a 70B merge that is
+    # most of an hour), but the card and NOTICE are still written for the human review the error asks for
+    import mergebot.check.gate as gate
+
+    nd = tmp_path / "nd"
+    nd.mkdir()
+    for f in counting["ft2"].iterdir():
+        (nd / f.name).write_bytes(f.read_bytes())
+    (nd / "README.md").write_text("---\nlicense: cc-by-nd-4.0\n---\n# no derivatives\n")
+    calls: list[Path] = []
+    monkeypatch.setattr(gate, "run_check", lambda out, *a, **k: calls.append(out))
+    repo = f"{hub.user}/blocked"
+    cfg = _config(tmp_path, counting["ft1"], nd, 0.5, 0.5, "blocked")
+    rc = main(["merge", str(cfg), str(tmp_path / "out"), "--push-to", repo, "--eval-text", str(counting["text"]),
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "license check blocks publishing" in err
+    assert calls == [] and repo not in hub.server.repos
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "cc-by-nd-4.0" in card and (tmp_path / "out" / "NOTICE").is_file()
