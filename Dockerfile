@@ -29,10 +29,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
-# git: the action diffs the pushed commits to find the changed configs.
+# git: the action diffs the pushed commits to find the changed configs. g++: Inductor compiles the fused merge
+# kernels with it (mergebot.engine.fuse); without one they run eagerly, 3-6x slower (issue 13).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git ca-certificates \
+    && apt-get install -y --no-install-recommends git ca-certificates g++ \
     && rm -rf /var/lib/apt/lists/*
 
 # Build args from here on, so that setting them leaves the layers above cached.
@@ -68,6 +69,22 @@ COPY bot /opt/mergebot/bot
 RUN pip install --no-cache-dir --no-deps --no-build-isolation /opt/mergebot \
     && rm -rf /opt/mergebot/build /opt/mergebot/mergebot.egg-info \
     && mergebot --version
+
+# Warm kernels: every Action run is a fresh container, where compiling the fused kernels would cost 15-60 s per
+# method. They are compiled here, once, into the image (mergebot.engine.warmup merges small synthetic parents
+# with each method): dynamic shapes and a run-time thread count make them serve any model and core count, and
+# MERGEBOT_PORTABLE_KERNELS builds them for x86-64-v2 with AVX2 vectors, so they run on any x86 runner (the
+# build machine's -march=native could crash elsewhere). WARM_METHODS: all (default), a comma-separated list,
+# or none; WARM_DTYPES: the parents' dtypes to warm (bf16 is what published models use). Inductor also keeps
+# its precompiled torch header in /tmp/torchinductor_root (root: how GitHub runs container actions), outside the
+# cache dir: it stays in the image too, else each fresh container spends seconds rebuilding it.
+ENV TORCHINDUCTOR_CACHE_DIR=/opt/mergebot/kernels \
+    MERGEBOT_PORTABLE_KERNELS=1
+ARG WARM_METHODS=all
+ARG WARM_DTYPES=bfloat16
+RUN if [ "$WARM_METHODS" != none ]; then \
+        python -m mergebot.engine.warmup --methods "$WARM_METHODS" --dtypes "$WARM_DTYPES"; \
+    fi
 
 # No USER and no WORKDIR: GitHub runs container actions as root with the workspace as the working directory.
 ENTRYPOINT ["mergebot", "action"]

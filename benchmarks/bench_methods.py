@@ -26,47 +26,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.bench_merge import io_bound, make_models, run_merge, settle  # noqa: E402
+from benchmarks.bench_merge import SHAPES, io_bound, make_models, run_merge, settle  # noqa: E402
+from mergebot.engine.warmup import CONFIGS as METHODS  # noqa: E402  (every method, as users write it)
 
-# {b}: base, {x}, {y}: the two fine-tunes. Parameters as users write them; every method of mergekit 0.1.5.
-METHODS = {
-    "linear": "models:\n  - model: {x}\n    parameters: {{weight: 0.5}}\n  - model: {y}\n    parameters: {{weight: 0.5}}\n"
-              "merge_method: linear\n",
-    "slerp": "models:\n  - model: {b}\n  - model: {x}\nmerge_method: slerp\nbase_model: {b}\nparameters:\n  t: [0, 0.5, 1]\n",
-    "nuslerp": "models:\n  - model: {x}\n    parameters: {{weight: 0.6}}\n  - model: {y}\n    parameters: {{weight: 0.4}}\n"
-               "merge_method: nuslerp\nbase_model: {b}\n",
-    "multislerp": "models:\n  - model: {x}\n    parameters: {{weight: 0.5}}\n  - model: {y}\n    parameters: {{weight: 0.5}}\n"
-                  "merge_method: multislerp\nbase_model: {b}\n",
-    "karcher": "models:\n  - model: {b}\n  - model: {x}\n  - model: {y}\nmerge_method: karcher\n",
-    "passthrough": "slices:\n  - sources:\n      - model: {b}\n        layer_range: [0, 8]\n  - sources:\n"
-                   "      - model: {x}\n        layer_range: [8, 16]\nmerge_method: passthrough\n",
-    "model_stock": "models:\n  - model: {x}\n  - model: {y}\nmerge_method: model_stock\nbase_model: {b}\n",
-    "task_arithmetic": "models:\n  - model: {x}\n    parameters: {{weight: 0.6}}\n  - model: {y}\n"
-                       "    parameters: {{weight: 0.4}}\nmerge_method: task_arithmetic\nbase_model: {b}\n",
-    "ties": "models:\n  - model: {x}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {y}\n"
-            "    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: ties\nbase_model: {b}\n",
-    "dare_ties": "models:\n  - model: {x}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {y}\n"
-                 "    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: dare_ties\nbase_model: {b}\n",
-    "dare_linear": "models:\n  - model: {x}\n    parameters: {{weight: 0.5, density: 0.5}}\n  - model: {y}\n"
-                   "    parameters: {{weight: 0.5, density: 0.5}}\nmerge_method: dare_linear\nbase_model: {b}\n",
-    "breadcrumbs": "models:\n  - model: {x}\n    parameters: {{weight: 0.5, density: 0.8, gamma: 0.01}}\n  - model: {y}\n"
-                   "    parameters: {{weight: 0.5, density: 0.8, gamma: 0.01}}\nmerge_method: breadcrumbs\n"
-                   "base_model: {b}\n",
-    "breadcrumbs_ties": "models:\n  - model: {x}\n    parameters: {{weight: 0.5, density: 0.8, gamma: 0.01}}\n"
-                        "  - model: {y}\n    parameters: {{weight: 0.5, density: 0.8, gamma: 0.01}}\n"
-                        "merge_method: breadcrumbs_ties\nbase_model: {b}\n",
-    "della": "models:\n  - model: {x}\n    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\n  - model: {y}\n"
-             "    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\nmerge_method: della\nbase_model: {b}\n",
-    "della_linear": "models:\n  - model: {x}\n    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\n  - model: {y}\n"
-                    "    parameters: {{weight: 0.5, density: 0.5, epsilon: 0.1}}\nmerge_method: della_linear\n"
-                    "base_model: {b}\n",
-    "sce": "models:\n  - model: {x}\n  - model: {y}\nmerge_method: sce\nbase_model: {b}\nparameters: {{select_topk: 0.5}}\n",
-    "ram": "models:\n  - model: {x}\n  - model: {y}\nmerge_method: ram\nbase_model: {b}\nparameters: {{epsilon: 0.001}}\n",
-    "ramplus_tl": "models:\n  - model: {x}\n  - model: {y}\nmerge_method: ramplus_tl\nbase_model: {b}\n"
-                  "parameters: {{epsilon: 0.001}}\n",
-    "nearswap": "models:\n  - model: {b}\n  - model: {x}\nmerge_method: nearswap\nbase_model: {b}\nparameters: {{t: 0.001}}\n",
-    "arcee_fusion": "models:\n  - model: {b}\n  - model: {x}\nmerge_method: arcee_fusion\nbase_model: {b}\n",
-}
 # which inputs a method reads (for the I/O bound): the base and one fine-tune, or all three
 TWO_INPUTS = {"slerp", "nearswap", "arcee_fusion", "passthrough"}
 
@@ -95,7 +57,8 @@ def main() -> None:
     print(header, flush=True)
     for name in args.methods.split(","):
         cfg = work / f"{name}.yml"
-        cfg.write_text(METHODS[name].format(b=b, x=x, y=y))
+        layers = SHAPES[args.shape]["layers"]
+        cfg.write_text(METHODS[name].format(b=b, x=x, y=y, h=layers // 2, n=layers))
         out = work / "out"
         extra = args.args.split()
         cold_dir = Path(tempfile.mkdtemp(prefix="inductor-cold-"))

@@ -10,6 +10,8 @@ first time (cached on disk after that), more than tiny merges take.
 from __future__ import annotations
 
 import functools
+import os
+import platform
 import shutil
 from collections.abc import Callable
 from typing import Any, Protocol, cast
@@ -30,7 +32,8 @@ AUTO_MIN_ELEMENTS = 200_000_000
 
 
 def compiler_available() -> bool:
-    return shutil.which("gcc") is not None or shutil.which("cc") is not None
+    """Whether Inductor's C++ compiler is here (a slim image has none: kernels then stay eager)."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++") if c)
 
 
 def configure(mode: str, total_elements: int, benefits: bool = True, device: str = "cpu") -> bool:
@@ -57,10 +60,25 @@ def configure(mode: str, total_elements: int, benefits: bool = True, device: str
         on = device == "cpu" and total_elements >= AUTO_MIN_ELEMENTS and compiler_available()
     _state["on"] = on
     if on:
+        # each merge compiles as a fresh process would: which graphs Dynamo makes depends on the calls it saw
+        # before (a kernel shared by two methods is recompiled with other guards for the second), and a
+        # fresh process's graphs are the ones the image's cache holds (mergebot.engine.warmup); an Action run
+        # merging several configs in one process would otherwise compile again from its second config on
+        import torch._dynamo
+        torch._dynamo.reset()
         # Triton fuses a*b + c into an FMA unless told to emulate eager's roundings: compiled CUDA kernels
         # must give the eager bytes (the C++ backend already builds with -ffp-contract=off)
         import torch._inductor.config as inductor_config
         inductor_config.emulate_precision_casts = True
+        # kernels read the thread count when they run instead of baking in the compiling process's: one compiled
+        # kernel (e.g. the image's, mergebot.engine.warmup) serves every -j and core count without a recompile
+        inductor_config.cpp.dynamic_threads = True
+        if os.environ.get("MERGEBOT_PORTABLE_KERNELS") == "1" and platform.machine() in ("x86_64", "AMD64"):
+            # the image's prebuilt kernels (mergebot.engine.warmup) must run on any runner's CPU: not -march=native
+            # (the build machine's; a kernel with its AVX-512 would crash on a runner without) but x86-64-v2, with
+            # AVX2 vectors: found in the cache, and safe, on every x86 GitHub runner
+            inductor_config.cpp.march = "x86-64-v2"
+            inductor_config.cpp.simdlen = 256
     return on
 
 

@@ -46,6 +46,9 @@ if [[ -z $image ]]; then
                -e 's|^ARG PIP_EXTRA_INDEX_URL$|ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu|' \
                "$dest/Dockerfile"
     fi
+    # built for this one run: compiling every method's kernels ahead (minutes) would cost more than compiling
+    # the one this run uses when it first runs
+    sed -i -e 's|^ARG WARM_METHODS=all$|ARG WARM_METHODS=none|' "$dest/Dockerfile"
     image=Dockerfile
 fi
 

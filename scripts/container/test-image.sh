@@ -13,7 +13,8 @@
 #      GITHUB_OUTPUT and GITHUB_STEP_SUMMARY in mounted folders, INPUT_* for every input):
 #      a. `mergebot --version`; b. `mergebot demo` (--network none); c. a pull_request dry run (--network
 #      none); d. a push that merges and publishes to the loopback Hub (tests/hubserver.py on 127.0.0.1,
-#      --network host), checked against what the Hub then holds.
+#      --network host), checked against what the Hub then holds; e. the fused kernels compiled into the image
+#      (WARM_METHODS, default dare_ties) run in a fresh container without compiling anything.
 #
 # Exits non-zero when anything fails. Needs root (rootful podman, debootstrap), git and python3 with PyYAML.
 # Environment: MERGEBOT_IMAGE (default localhost/mergebot-action:cpu), TORCH_WHEELS (directory with the CPU
@@ -73,6 +74,13 @@ export CONTAINERS_CONF=$tmp/containers.conf
 echo "podman $(podman version --format '{{.Client.Version}}'), runc $(runc --version | sed -n 's/^runc version //p')"
 
 # ------------------------------------------------------------------------------------------- 2. base stand-in
+# The official image has Python's C headers (Inductor's kernels include Python.h); an older stand-in without them
+# is replaced.
+has_headers='import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
+if podman image exists "$base" && ! podman run --rm --network none "$base" python3 -c "$has_headers" 2>/dev/null; then
+    echo "  the cached stand-in for $base lacks Python's headers: rebuilding it"
+    podman rmi -f "$base" >/dev/null
+fi
 if podman image exists "$base"; then
     say "base: $base (local stand-in, cached)"
 else
@@ -85,7 +93,7 @@ else
         mirror=${mirror:-http://deb.debian.org/debian}
     fi
     rootfs=$tmp/rootfs
-    debootstrap --variant=minbase --include=python3,python3-venv,python3-pip bookworm "$rootfs" "$mirror" \
+    debootstrap --variant=minbase --include=python3,python3-venv,python3-pip,libpython3-dev bookworm "$rootfs" "$mirror" \
         > "$tmp/debootstrap.log" 2>&1 || { tail -n 30 "$tmp/debootstrap.log"; die "debootstrap"; }
     # Debian's python refuses `pip install` into the system (PEP 668); the official image has python/pip on PATH.
     chroot "$rootfs" python3 -m venv /usr/local/python
@@ -104,7 +112,11 @@ fi
 # ------------------------------------------------------------------------------------------------ 3. the image
 say "image: $image (CPU: torch==$torch_version+cpu)"
 "$py" requirements/check_lock.py || die "requirements/runtime.lock does not match pyproject.toml"
-build_args=(--build-arg "BASE_IMAGE=$base" --build-arg "TORCH_VERSION=$torch_version+cpu")
+# Warm kernels (Dockerfile): the release builds every fused method; CI compiles dare_ties only (about a minute
+# on 2 cores, rebuilt with every source change) and checks below that a fresh container finds it compiled.
+warm_methods=${WARM_METHODS:-dare_ties}
+build_args=(--build-arg "BASE_IMAGE=$base" --build-arg "TORCH_VERSION=$torch_version+cpu"
+            --build-arg "WARM_METHODS=$warm_methods")
 # What pip needs at build time goes in one folder mounted over the base's (empty) /mnt, for the build only: a
 # mount onto a path the base lacks would leave an empty stub file or folder in the layer.
 pipmnt=$tmp/pip-build
@@ -301,6 +313,19 @@ hub_pid=
     --repo merges/a.yml=mergebot-ci/a --summary-has "✅ published" --secret-env FAKEHUB_TOKEN \
     --hub-state "$tmp/hub.json" --hub-files model.safetensors README.md mergebot.lock.json mergekit_config.yml
 ok "push in $push_s s: merges/a.yml merged and published to mergebot-ci/a on the loopback Hub"
+
+say "e. warm kernels: a fresh container compiles nothing (--network none, $warm_methods, 3 threads)"
+if [[ $warm_methods == none ]]; then
+    echo "  skipped: WARM_METHODS=none"
+else
+    t=$SECONDS
+    # with a thread count the build did not use: a kernel the image lacks is compiled (into the container's own
+    # layer, gone after the run) and reported by --expect-warm
+    podman run --rm --network none --entrypoint python "$image" -m mergebot.engine.warmup \
+        --methods "$(cut -d, -f1 <<< "$warm_methods")" --expect-warm -j 3 > "$tmp/warm.log" 2>&1 \
+        || { cat "$tmp/warm.log"; die "the image's kernels are not warm"; }
+    ok "warm kernels in $((SECONDS - t)) s: $(tail -n1 "$tmp/warm.log" | cut -c1-110)"
+fi
 
 say "container action: all checks passed in $((SECONDS - t_start)) s"
 printf '  - %s\n' "${passed[@]}"

@@ -67,6 +67,9 @@ def test_no_image_for_the_ref_builds_the_dockerfile_with_cpu_wheels(tmp_path):
     dockerfile = (gen / "Dockerfile").read_text()
     assert "ARG TORCH_VERSION=2.13.0+cpu\n" in dockerfile
     assert "ARG PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu\n" in dockerfile
+    # built for one run: no ahead-of-time kernels for every method (the release images have them)
+    assert "ARG WARM_METHODS=none\n" in dockerfile and "ARG WARM_METHODS=all" not in dockerfile
+    assert "ARG WARM_METHODS=all\n" in (ROOT / "Dockerfile").read_text()
     for part in ("bot/cli/main.py", "pyproject.toml", "requirements/runtime.lock", "templates/card.md.j2"):
         assert (gen / part).is_file(), part
     # the CUDA fallback keeps the default (CUDA) build

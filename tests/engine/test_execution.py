@@ -206,3 +206,47 @@ def test_finiteness_by_exponent_bits_agrees_with_isfinite(dtype):
         y = x.clone()
         y[2_050_000] = bad
         assert not _all_finite(y) and not bool(torch.isfinite(y).all())
+
+
+def test_compiled_kernels_serve_any_thread_count_and_portable_isa(monkeypatch):
+    """Kernels compiled once (the image's, mergebot.engine.warmup) must serve every thread count, so the thread count
+    is read when a kernel runs (Inductor bakes the compiling process's in otherwise: a -j change recompiled); with
+    MERGEBOT_PORTABLE_KERNELS on x86 they target x86-64-v2 with AVX2 vectors, not the building machine's CPU.
+    scripts/container/test-image.sh checks the effect: a fresh container with another -j compiles nothing."""
+    pytest.importorskip("torch._inductor")
+    import platform
+
+    import torch._inductor.config as inductor_config
+
+    from mergebot.engine import fuse
+    monkeypatch.setattr(inductor_config.cpp, "dynamic_threads", False)
+    monkeypatch.setattr(inductor_config.cpp, "march", None)
+    monkeypatch.setattr(inductor_config.cpp, "simdlen", None)
+    monkeypatch.delenv("MERGEBOT_PORTABLE_KERNELS", raising=False)
+    import torch._dynamo
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    assert not fuse.configure("off", 0) and not inductor_config.cpp.dynamic_threads  # eager: Inductor untouched
+    assert not resets
+    assert fuse.configure("on", 1, True, "cpu")
+    assert resets == [1]  # every compiled merge traces as a fresh process does: the graphs the image's cache holds
+    assert inductor_config.cpp.dynamic_threads and inductor_config.cpp.march is None  # host: -march=native kept
+    monkeypatch.setenv("MERGEBOT_PORTABLE_KERNELS", "1")
+    assert fuse.configure("on", 1, True, "cpu")
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert (inductor_config.cpp.march, inductor_config.cpp.simdlen) == ("x86-64-v2", 256)
+    fuse.configure("off", 0)
+
+
+def test_warmup_configs_cover_every_method():
+    """The image warms every fused method (mergebot.engine.warmup): its table must name every declared method with a
+    config that validates, so a new method cannot be left cold by omission."""
+    from mergebot.config.dense import parse_config
+    from mergebot.config.methods import SPECS
+    from mergebot.engine.methods import METHODS
+    from mergebot.engine.warmup import CONFIGS, fused_methods
+    assert set(CONFIGS) == set(SPECS)
+    assert fused_methods() == [m for m in CONFIGS if METHODS[m].fuse] and "dare_ties" in fused_methods()
+    for name, text in CONFIGS.items():
+        cfg = parse_config(text.format(b="/m/base", x="/m/ft1", y="/m/ft2", h=1, n=2), f"{name}.yml")
+        assert cfg.method_name == name and cfg.method is not None
