@@ -33,9 +33,9 @@ from mergebot.hub.publish import (
     LicenseGateError,
     PublishAuthError,
     PublishConflict,
+    Publisher,
     PublishError,
     RetryPolicy,
-    _Publisher,
 )
 from mergebot.io.local import is_local
 from mergebot.io.lockfile import LOCK_FILE, read_lock, write_lock
@@ -168,7 +168,7 @@ def _commit(hf: Any, repo_id: str, head: str, revision: str, files: dict[str, by
 
     if not token:
         raise PublishAuthError(f"no Hugging Face token for {endpoint}: set HF_TOKEN to refresh {repo_id}'s card")
-    pub = _Publisher(hf, token, endpoint, repo_id, RetryPolicy(attempts=1))
+    pub = Publisher(hf, token, endpoint, repo_id, RetryPolicy(attempts=1))
     ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=data) for p, data in sorted(files.items())]
     description = json.dumps({"license": report.license, "verdict": report.verdict, "files": sorted(files)})
     try:

@@ -51,11 +51,11 @@ def resolve(ref: ModelRef, search: list[Path] | None = None, *, download: bool =
         return local_model(ref, local)
     if not is_repo_id(ref.path):
         raise ModelError(f"{ref}: no such local directory, and not a Hugging Face repo id")
-    info = _model_info(ref, str(ref), "model", token)
+    info = model_info(ref, str(ref), "model", token)
     names = [s.rfilename for s in (info.siblings or [])]
     weights = ["*.safetensors", "*.safetensors.index.json"] if any(n.endswith(".safetensors") for n in names) \
         else ["*.bin", "*.bin.index.json"]
-    d = _download(ref, str(ref), info.sha, weights + MODEL_FILES if download else HEADER_FILES, token)
+    d = download_snapshot(ref, str(ref), info.sha, weights + MODEL_FILES if download else HEADER_FILES, token)
     confine.audit(d, str(ref))
     return ResolvedModel(ref, d, True, info.sha, read_json_object(d, "config.json", str(ref)))
 
@@ -74,7 +74,7 @@ def resolve_adapter(ref: ModelRef, search: list[Path] | None = None, *, download
         return ResolvedModel(ref, local, False, None, adapter_config(local, ref))
     if not is_repo_id(ref.path):
         raise ModelError(f"LoRA {ref}: no such local directory, and not a Hugging Face repo id")
-    info = _model_info(ref, f"LoRA {ref}", "repo", token)
+    info = model_info(ref, f"LoRA {ref}", "repo", token)
     names = {s.rfilename for s in (info.siblings or [])}
     if ADAPTER_CONFIG not in names:
         raise ModelError(f"LoRA {ref}: the Hub repo has no {ADAPTER_CONFIG}: not a PEFT adapter")
@@ -83,11 +83,12 @@ def resolve_adapter(ref: ModelRef, search: list[Path] | None = None, *, download
     patterns = [ADAPTER_CONFIG]
     if download:
         patterns.append(ADAPTER_SAFETENSORS if ADAPTER_SAFETENSORS in names else ADAPTER_BIN)
-    d = _download(ref, f"LoRA {ref}", info.sha, patterns, token)
+    d = download_snapshot(ref, f"LoRA {ref}", info.sha, patterns, token)
     return ResolvedModel(ref, d, True, info.sha, adapter_config(d, ref))
 
 
-def _model_info(ref: ModelRef, who: str, noun: str, token: str | None) -> Any:
+def model_info(ref: ModelRef, who: str, noun: str, token: str | None) -> Any:
+    """The Hub's model info at the pinned revision; a known failure becomes one line naming `who`."""
     try:
         return client(token=token).model_info(ref.path, revision=ref.revision, files_metadata=False)
     except Exception as e:
@@ -97,7 +98,8 @@ def _model_info(ref: ModelRef, who: str, noun: str, token: str | None) -> Any:
         raise ModelError(msg) from None
 
 
-def _download(ref: ModelRef, who: str, sha: str | None, patterns: list[str], token: str | None) -> Path:
+def download_snapshot(ref: ModelRef, who: str, sha: str | None, patterns: list[str], token: str | None) -> Path:
+    """The files matching `patterns` at commit `sha`, in the HF cache; a known failure becomes one line."""
     from huggingface_hub import snapshot_download
 
     try:

@@ -161,7 +161,7 @@ def commit_message(lock: dict[str, Any]) -> tuple[str, str]:
     return summary, "\n".join(lines)
 
 
-class _Publisher:
+class Publisher:
     """One publish call: the HfApi, the token to scrub, and the retry bookkeeping."""
 
     def __init__(self, api: Any, token: str, endpoint: str, repo_id: str, retry: RetryPolicy):
@@ -310,7 +310,7 @@ def publish(
         raise PublishAuthError(
             f"no Hugging Face token for {endpoint}: pass --token, set HF_TOKEN, or run `hf auth login`")
     hf = api or client(endpoint, resolved)
-    pub = _Publisher(hf, resolved, endpoint, repo_id, retry)
+    pub = Publisher(hf, resolved, endpoint, repo_id, retry)
 
     pub.call("creating the repo", lambda: hf.create_repo(repo_id, private=private, exist_ok=True, token=resolved))
     head = pub.head(revision)

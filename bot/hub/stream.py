@@ -180,15 +180,24 @@ class ShardUploader:
             f.result()
         self._futures.append(self._pool.submit(self._upload, path, name))
 
+    def make_room(self, directory: Path, size: int) -> None:
+        """Before a new shard file of `size` bytes: when the disk could not hold it beside the shard still
+        uploading (and some slack), wait for that upload, so a small disk holds one shard at a time; with room,
+        writing the next shard overlaps the upload."""
+        if self._futures and not self._futures[-1].done() and free_bytes(directory) < size + min(64 << 20, size // 8):
+            log.info("%s: waiting for the last upload before writing the next shard (disk nearly full)", self.repo_id)
+            for f in self._futures:
+                f.result()
+
     def _upload(self, path: Path, name: str) -> Uploaded:
         from huggingface_hub import CommitOperationAdd
 
-        from mergebot.hub.publish import RetryPolicy, _Publisher
+        from mergebot.hub.publish import Publisher, RetryPolicy
 
         size = path.stat().st_size
         op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))  # hashes the file (sha256)
         sha = op.upload_info.sha256.hex()
-        pub = _Publisher(self.api, self.token, self.endpoint, self.repo_id, RetryPolicy())
+        pub = Publisher(self.api, self.token, self.endpoint, self.repo_id, RetryPolicy())
         present = self._on_hub(op)
         pub.call(f"uploading {name}", lambda: self.api.preupload_lfs_files(
             self.repo_id, [op], token=self.token, create_pr=self.create_pr))
@@ -249,12 +258,12 @@ class StreamSession:
             return local_model(ref, local)
         if not is_repo_id(ref.path):
             raise ModelError(f"{ref}: no such local directory, and not a Hugging Face repo id")
-        info = fetch._model_info(ref, str(ref), "model", self.token)
+        info = fetch.model_info(ref, str(ref), "model", self.token)
         names = {s.rfilename for s in (info.siblings or [])}
         if not any(n.endswith(".safetensors") for n in names):
             raise StreamRefused(f"{ref}: --stream reads safetensors by range; this repo has only .bin weights "
                                 "(merge without --stream)")
-        d = fetch._download(ref, str(ref), info.sha, fetch.MODEL_FILES, self.token)
+        d = fetch.download_snapshot(ref, str(ref), info.sha, fetch.MODEL_FILES, self.token)
         confine.audit(d, str(ref))
         return ResolvedModel(ref, d, True, info.sha, read_json_object(d, "config.json", str(ref)))
 
@@ -290,7 +299,8 @@ class StreamSession:
         self.api.create_repo(self.repo_id, private=self.private, exist_ok=True, token=self.token)
         self.uploader = ShardUploader(self.api, self.repo_id, self.token, self.endpoint, self.stats, self.create_pr)
         return StreamingShardWriter(work, entries, max_shard_bytes, self.uploader.submit, metadata,
-                                    on_create=self.stats.disk_add, on_close=self.uploader.results)
+                                    on_create=self.stats.disk_add, on_close=self.uploader.results,
+                                    before_create=self.uploader.make_room)
 
     def finish(self, out_dir: Path) -> list[Uploaded]:
         """After the merge: wait for every shard's upload (the first failure is raised here) and log the traffic."""

@@ -3,7 +3,8 @@
 `StreamingShardWriter` lays shards out exactly as `ShardedWriter` does (same assignment, same headers, tensors
 computed into the mapped file: the bytes are identical), but creates a shard's file only when its first tensor
 is written and, once its last tensor is done, closes it and gives it to `on_shard` (mergebot.hub.stream
-uploads and deletes it). `close()` waits for `on_close` (every upload done: the work directory is renamed
+uploads and deletes it; before creating the next one it waits for that upload when the disk could not hold
+both). `close()` waits for `on_close` (every upload done: the work directory is renamed
 next) and writes the index as `ShardedWriter` does.
 """
 
@@ -25,8 +26,10 @@ class StreamingShardWriter(ShardedWriter):
 
     def __init__(self, directory: Path, entries: list[ShardEntry], max_shard_bytes: int,
                  on_shard: Callable[[Path, str], None], metadata: dict | None = None,
-                 on_create: Callable[[int], None] | None = None, on_close: Callable[[], object] | None = None):
+                 on_create: Callable[[int], None] | None = None, on_close: Callable[[], object] | None = None,
+                 before_create: Callable[[Path, int], None] | None = None):
         self.directory = directory
+        self.before_create = before_create
         self.shards = assign_shards(entries, max_shard_bytes)
         self.names = shard_filenames(len(self.shards))
         self.metadata = metadata or {}
@@ -50,6 +53,8 @@ class StreamingShardWriter(ShardedWriter):
                 raise RuntimeError(f"shard {self.names[si]} written to after it was handed off")
             header = _header(self.shards[si])
             size = len(header) + self.shards[si].nbytes
+            if self.before_create is not None:  # e.g. wait until the disk has room (mergebot.hub.stream)
+                self.before_create(self.directory, size)
             fd = os.open(self.directory / self.names[si], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
                 os.ftruncate(fd, size)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,16 +40,20 @@ def _tmpfs(directory: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(directory)], capture_output=True)
 
 
-@pytest.fixture
-def small_disk(hub: HubFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def _disk(hub: HubFixture, directory: Path, monkeypatch: pytest.MonkeyPatch, size: str) -> Iterator[Path]:
     """A tmpfs holding OUT_DIR, TMPDIR and the HF cache (the hub client re-pointed at it)."""
-    for disk in _tmpfs(tmp_path / "disk", DISK):
+    for disk in _tmpfs(directory, size):
         (disk / "tmp").mkdir()
         (disk / "hf").mkdir()
         monkeypatch.setenv("TMPDIR", str(disk / "tmp"))
         monkeypatch.setattr(tempfile, "tempdir", str(disk / "tmp"))
         point_hub_client_at(monkeypatch, hub.url, hub.token, disk / "hf")
         yield disk
+
+
+@pytest.fixture
+def small_disk(hub: HubFixture, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    yield from _disk(hub, tmp_path / "disk", monkeypatch, DISK)
 
 
 def _upload(hub: HubFixture, repo_id: str, directory: Path) -> None:
@@ -110,6 +116,31 @@ def test_streamed_merge_on_a_small_disk_equals_a_local_merge(hub, parents, on_hu
     served = sum(n for m, p, n in hub.server.sent[before:] if m == "GET" and p.endswith(".safetensors"))
     need = _tensor_bytes(parents)
     assert need <= served <= need * 1.03, (served, need)
+
+
+def test_a_disk_with_room_for_one_shard_holds_one_at_a_time(hub, parents, on_hub, tmp_path, monkeypatch, capsys):
+    """The disk holds about one output shard: when the next shard would not fit beside the one still uploading
+    (slow uploads here), writing it waits for that upload instead of failing for want of space."""
+    real = stream.ShardUploader._upload
+
+    def slow(self, path, name):
+        time.sleep(0.2)
+        return real(self, path, name)
+
+    monkeypatch.setattr(stream.ShardUploader, "_upload", slow)
+    repo = f"{hub.org}/one-shard"
+    cfg = _config(tmp_path / "c.yml", on_hub)
+    for disk in _disk(hub, tmp_path / "disk", monkeypatch, "2000K"):  # room for one shard (1-1.3 MB here), not two
+        assert main(["merge", str(cfg), str(disk / "out"), "--push-to", repo, "--stream", "--quiet",
+                     "--out-shard-size", SHARD]) == 0
+    err = capsys.readouterr().err
+    peak = re.search(r"peak disk ([0-9.]+) (KB|MB)", err)
+    assert peak, err
+    assert float(peak[1]) * {"KB": 1e3, "MB": 1e6}[peak[2]] <= 1_500_000 + 200_000, err
+    local = _local_merge(parents, tmp_path)
+    files = hub.server.files(repo)
+    for name in sorted(p.name for p in local.glob("*.safetensors")):
+        assert files[name] == (local / name).read_bytes(), name
 
 
 def test_interrupted_streamed_merge_reuploads_only_what_is_missing(hub, on_hub, small_disk, tmp_path,
