@@ -201,3 +201,22 @@ def test_della_epsilon_bounds_error(family, tmp_path, density, epsilon):
         hook("model.layers.0.mlp.up_proj.weight", {}, [{}, {"density": density, "epsilon": epsilon}])
     hook("x", {}, [{}, {"density": 1.0, "epsilon": epsilon}])  # density 1 or 0: no sampling, no check
     hook("x", {}, [{}, {"density": 0.0, "epsilon": epsilon}])
+
+
+def test_della_radix_order_is_torchs_stable_descending_sort():
+    """DELLA's ranks come from a numpy radix sort of the magnitudes' bits on the CPU (della.descending_order): the
+    same permutation as torch's stable descending sort, ties in element order, at zeros, subnormals, infinities
+    and bf16-rounded values that repeat."""
+    import torch
+
+    from mergebot.engine.methods.task_arithmetic.della import descending_order
+    g = torch.Generator().manual_seed(3)
+    rows = [
+        (torch.randn(64, 1000, generator=g) * 0.01).to(torch.bfloat16).float().abs(),  # many equal magnitudes
+        torch.randn(7, 4099, generator=g).abs(),
+        torch.tensor([[0.0, 1e-45, 3e-39, float("inf"), 0.0, 1.0, 1e-45, 65504.0, float("inf"), 2.0]]),
+        torch.zeros(3, 17),
+    ]
+    for mag in rows:
+        ref = torch.sort(mag, dim=-1, descending=True, stable=True).indices
+        assert torch.equal(descending_order(mag), ref)
