@@ -46,11 +46,22 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
     ap.add_argument("--results", type=Path, default=HERE / "results.json")
     ap.add_argument("--args", default="", help="more mergebot merge flags")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other methods' rows already in --results (each row says when it was measured)")
+    ap.add_argument("--markdown", action="store_true", help="print --results as the README's table and stop")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.results.read_text())["rows"]))
+        return
     b, x, y = make_models(args.cache, args.shape)
     work = args.cache / "methods"
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
+    kept = []
+    if args.update and args.results.exists():
+        earlier = json.loads(args.results.read_text())
+        kept = [dict(r, when=r.get("when", earlier["when"])) for r in earlier["rows"]
+                if r["method"] not in args.methods.split(",")]
+    rows: list[dict] = []
     bounds: dict[int, list[float]] = {2: [], 3: []}  # by the number of inputs read
     header = (f"{'method':17s} {'cold s':>7s} {'warm s':>7s} {'loop s':>7s} {'bound s':>7s} {'cold/bd':>7s} "
               f"{'warm/bd':>7s} {'anon GB':>7s} {'mergekit s':>10s} {'vs mk':>6s} {'mk anon GB':>10s}")
@@ -83,7 +94,8 @@ def main() -> None:
             except SystemExit as e:  # a method mergekit fails on is a row, not the end of the table
                 print(f"  mergekit failed on {name}: {str(e)[-200:]}", flush=True)
             shutil.rmtree(work / "mk-out", ignore_errors=True)
-        row = {"method": name, "shape": args.shape, "inputs": len(inputs), "cold_s": cold["wall_s"], "warm_s": warm["wall_s"],
+        row = {"method": name, "when": time.strftime("%Y-%m-%d %H:%M"),
+               "shape": args.shape, "inputs": len(inputs), "cold_s": cold["wall_s"], "warm_s": warm["wall_s"],
                "loop_s": warm["engine_s"], "io_bound_s": bound, "bytes_written": size,
                "cold_ratio": cold["wall_s"] / bound, "warm_ratio": warm["wall_s"] / bound,
                "peak_anon_bytes": max(cold["peak_anon_bytes"], warm["peak_anon_bytes"]),
@@ -97,20 +109,40 @@ def main() -> None:
               f"{row['cold_ratio']:7.2f} {row['warm_ratio']:7.2f} {row['peak_anon_bytes'] / 1e9:7.2f} {mk_s} {vs} "
               f"{mk_anon}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
-        save(args.results, rows, bounds)  # after every row: a run cut short still leaves what it measured
+        save(args.results, rows, bounds, kept)  # after every row: a run cut short still leaves what it measured
     for k, runs in bounds.items():
         if runs:
             print(f"I/O bound, {k} inputs: best of {len(runs)} runs = {min(runs):.2f} s (runs ranged "
                   f"{min(runs):.2f}-{max(runs):.2f} s)", flush=True)
 
 
-def save(path: Path, rows: list[dict], bounds: dict[int, list[float]]) -> None:
-    """Every ratio against the best bound so far for its number of inputs, then the JSON file."""
+def markdown(rows: list[dict]) -> str:
+    """The README's performance table."""
+    def s(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f} s"
+    out = ["| method | measured | cold | warm | merge loop | I/O bound | warm / bound | mergekit 0.1.5 | warm / mergekit "
+           "| peak anon (mergekit) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mk = r.get("mergekit_s")
+        mk_anon = r.get("mergekit_peak_anon_bytes")
+        vs = f"{r['warm_s'] / mk:.2f}x" if mk else "-"
+        mk_mem = f"{mk_anon / 1e9:.2f} GB" if mk_anon is not None else "-"
+        out.append(f"| {r['method']} | {r.get('when', '-')} | {s(r['cold_s'])} | {s(r['warm_s'])} | {s(r.get('loop_s'))} "
+                   f"| {r['io_bound_s']:.2f} s | {r['warm_ratio']:.1f}x | {s(mk)} | {vs} "
+                   f"| {r['peak_anon_bytes'] / 1e9:.2f} GB ({mk_mem}) |")
+    return "\n".join(out)
+
+
+def save(path: Path, rows: list[dict], bounds: dict[int, list[float]], kept: list[dict] = ()) -> None:
+    """Every ratio against the best bound so far for its number of inputs, then the JSON file (`kept`: rows of
+    an earlier run, left as they were measured)."""
     for row in rows:
         row["io_bound_s"] = min(bounds[row["inputs"]])
         row["cold_ratio"] = row["cold_s"] / row["io_bound_s"]
         row["warm_ratio"] = row["warm_s"] / row["io_bound_s"]
-    path.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), "rows": rows}, indent=1) + "\n")
+    order = list(METHODS)
+    every = sorted([*kept, *rows], key=lambda r: order.index(r["method"]) if r["method"] in order else len(order))
+    path.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M"), "rows": every}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

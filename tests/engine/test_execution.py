@@ -85,6 +85,29 @@ def test_compiled_kernels_equal_eager(family, tmp_path, method):
         assert torch.equal(eager[k], fused[k]), k
 
 
+@pytest.mark.parametrize("method, params", [
+    ("nearswap", "parameters: {t: 0.02}\n"),
+    ("ram", "parameters: {epsilon: 0.01}\n"),
+    ("ramplus_tl", "parameters: {epsilon: 0.01, r: 0.5, alpha: 0.3}\n"),
+])
+def test_compiled_elementwise_kernels_equal_eager(family, tmp_path, method, params):
+    """nearswap's and RAM's kernels (one fused loop each when compiled) give the eager bytes."""
+    pytest.importorskip("torch._inductor")
+    from mergebot.engine import fuse
+    if not fuse.compiler_available():
+        pytest.skip("no C compiler")
+    base, a, b, _ = family
+    others = f"  - model: {a}\n" + ("" if method == "nearswap" else f"  - model: {b}\n")
+    text = f"models:\n  - model: {base}\n{others}merge_method: {method}\nbase_model: {base}\n{params}"
+    eager = merge_yaml(tmp_path, text, name="eager", compile="off")
+    fused = merge_yaml(tmp_path, text, name="fused", compile="on")
+    for k in eager:
+        assert torch.equal(eager[k], fused[k]), k
+    from mergebot.tinymodels import load_tensors
+    parent = load_tensors(base)
+    assert sum(not torch.equal(eager[k], parent[k].to(eager[k].dtype)) for k in eager) > len(eager) // 2  # not the base
+
+
 def test_auto_compile_only_for_large_cpu_merges_of_methods_that_gain(monkeypatch):
     """`--compile auto` (mergebot.engine.fuse.configure): never on CUDA (eager beats a cold Triton compile there), never
     for small merges or methods with a fast eager form, never without a C compiler."""

@@ -12,17 +12,24 @@ from __future__ import annotations
 import torch
 
 from mergebot.config.methods import SPECS
+from mergebot.engine.fuse import fusable
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 DIST_EPS = 1e-6
 
 
+@fusable
+def _kernel(base: torch.Tensor, x: torch.Tensor, t: float, dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """One fused loop when compiled (eager: six passes over the chunk)."""
+    b = base.reshape(-1).to(dtype)
+    v = x.reshape(-1).to(dtype)
+    w = (t / (b - v).abs().clamp(min=DIST_EPS)).clamp(0.0, 1.0)
+    return (w * v + (1.0 - w) * b).to(out_dtype)
+
+
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
-    base = call.xs[call.base_at].reshape(-1).to(call.dtype)
-    x = call.xs[call.others[0]].reshape(-1).to(call.dtype)
-    t = float(call.shared["t"])
-    w = (t / (base - x).abs().clamp(min=DIST_EPS)).clamp(0.0, 1.0)
-    return w * x + (1.0 - w) * base
+    return _kernel(call.xs[call.base_at], call.xs[call.others[0]], float(call.shared["t"]), call.dtype,
+                   call.out_dtype, out=call.out)
 
 
 METHOD = MergeMethod.of(SPECS["nearswap"], apply=_apply)

@@ -16,6 +16,7 @@ import torch
 
 from mergebot.config.methods import SPECS
 from mergebot.engine.exact import Sums
+from mergebot.engine.fuse import fusable
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 
@@ -44,9 +45,26 @@ def _merge(base, taus, active, count, lambdas, dtype) -> torch.Tensor:
     return out
 
 
+@fusable
+def _kernel(base: torch.Tensor, xs: list[torch.Tensor], eps: float, lambdas: list[float], dtype: torch.dtype,
+            out_dtype: torch.dtype) -> torch.Tensor:
+    """The whole elementwise merge of a chunk: one fused loop when compiled (eager, ~15 passes)."""
+    b = base.reshape(-1).to(dtype)
+    taus = [x.reshape(-1).to(dtype) - b for x in xs]
+    active = [t.abs() > eps for t in taus]
+    count = torch.zeros(b.shape, dtype=torch.int32, device=b.device)
+    for a in active:
+        count = count + a.to(torch.int32)
+    return _merge(b, taus, active, count, lambdas, dtype).to(out_dtype)
+
+
+def _run(call: MergeCall, lambdas: list[float]) -> torch.Tensor:
+    return _kernel(call.xs[call.base_at], [call.xs[i] for i in call.others], float(call.shared["epsilon"]), lambdas,
+                   call.dtype, call.out_dtype, out=call.out)
+
+
 def _apply_ram(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
-    base, taus, active, count = _parts(call)
-    return _merge(base, taus, active, count, [1.0] * len(taus), call.dtype)
+    return _run(call, [1.0] * len(call.others))
 
 
 def _counts(active: list[torch.Tensor], count: torch.Tensor) -> Sums:
@@ -58,9 +76,22 @@ def _counts(active: list[torch.Tensor], count: torch.Tensor) -> Sums:
     return Sums.of_counts(torch.stack(vals).tolist() if vals else [])
 
 
+@fusable
+def _count_kernel(base: torch.Tensor, xs: list[torch.Tensor], eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """[#(aᵢ ∧ shared), #(aᵢ ∧ unique) for each i] of a chunk, as int64 (exact in any order): one fused pass."""
+    b = base.reshape(-1).to(dtype)
+    active = [(x.reshape(-1).to(dtype) - b).abs() > eps for x in xs]
+    count = torch.zeros(b.shape, dtype=torch.int32, device=b.device)
+    for a in active:
+        count = count + a.to(torch.int32)
+    unique, shared = count == 1, count > 1
+    return torch.stack([n for a in active for n in ((a & shared).sum(), (a & unique).sum())])
+
+
 def _reduce_plus(call: MergeCall) -> Sums:
-    _, _, active, count = _parts(call)
-    return _counts(active, count)
+    counts = _count_kernel(call.xs[call.base_at], [call.xs[i] for i in call.others], float(call.shared["epsilon"]),
+                           call.dtype)
+    return Sums.of_counts(counts.tolist())
 
 
 def lambdas_plus(counts: list[float], r: float, alpha: float, eps: float) -> list[float]:
@@ -73,12 +104,12 @@ def lambdas_plus(counts: list[float], r: float, alpha: float, eps: float) -> lis
 
 
 def _apply_plus(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
-    base, taus, active, count = _parts(call)
     if totals is None or not totals.numel():
+        _, _, active, count = _parts(call)
         totals = _counts(active, count).values()
     lams = lambdas_plus([float(v) for v in totals], float(call.shared["r"]), float(call.shared["alpha"]),
                         float(call.shared["epsilon"]))
-    return _merge(base, taus, active, count, lams, call.dtype)
+    return _run(call, lams)
 
 
 METHODS = [
