@@ -16,13 +16,7 @@ models=benchmarks/.cache/0.86b
 [[ -f $models/ft2/config.json ]] || python benchmarks/bench_methods.py --methods linear >/dev/null
 tmp=$(mktemp -d /tmp/mergebot-bench-container.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
-cat > "$tmp/containers.conf" <<'CONF'
-[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
-[engine]
-runtime = "runc"
-CONF
-export CONTAINERS_CONF=$tmp/containers.conf
+export CONTAINERS_CONF=$PWD/scripts/container/containers.conf
 
 config() {  # config ROOT: dare_ties of ROOT/{base,ft1,ft2}
     printf 'models:\n  - model: %s/ft1\n    parameters: {weight: 0.5, density: 0.5}\n  - model: %s/ft2\n' "$1" "$1"

@@ -2,7 +2,7 @@
 # The container action (issue 13): build the image from the unchanged Dockerfile and run it the way GitHub runs
 # a Docker container action, on a machine without Docker or a registry (docs: shared/docs/container-here.md).
 #
-#   1. podman + runc + debootstrap (apt, when missing); podman settings in a temporary CONTAINERS_CONF.
+#   1. podman + runc + debootstrap (apt, when missing); podman settings from scripts/container/containers.conf.
 #   2. A stand-in for the base image, made with debootstrap and tagged docker.io/library/python:3.11-slim-bookworm
 #      (kept and reused: skipped when that image exists). The Dockerfile's digest-pinned BASE_IMAGE is overridden
 #      with it, since a locally imported image has no registry digest.
@@ -62,15 +62,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'echo "test-image.sh: a command failed at line $LINENO" >&2' ERR
 
-# crun refuses this host's hybrid cgroup setup (runc does not), and without CAP_SYS_RESOURCE podman's default
-# rlimits cannot be set: lower ones.
-cat > "$tmp/containers.conf" <<'CONF'
-[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
-[engine]
-runtime = "runc"
-CONF
-export CONTAINERS_CONF=$tmp/containers.conf
+export CONTAINERS_CONF=$PWD/scripts/container/containers.conf  # runc, lower rlimits (see the file)
 echo "podman $(podman version --format '{{.Client.Version}}'), runc $(runc --version | sed -n 's/^runc version //p')"
 
 # ------------------------------------------------------------------------------------------- 2. base stand-in
