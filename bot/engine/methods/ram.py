@@ -20,15 +20,16 @@ from mergebot.engine.fuse import fusable
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 
-def _parts(call: MergeCall):
-    base = call.xs[call.base_at].reshape(-1).to(call.dtype)
-    taus = [call.xs[i].reshape(-1).to(call.dtype) - base for i in call.others]
-    eps = float(call.shared["epsilon"])
+def _parts(base: torch.Tensor, xs: list[torch.Tensor], eps: float, dtype: torch.dtype):
+    """The base, the deltas τᵢ, their active masks and the per-position count of active models (pure tensor code:
+    traced into both kernels below)."""
+    b = base.reshape(-1).to(dtype)
+    taus = [x.reshape(-1).to(dtype) - b for x in xs]
     active = [t.abs() > eps for t in taus]
-    count = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
+    count = torch.zeros(b.shape, dtype=torch.int32, device=b.device)
     for a in active:
         count = count + a.to(torch.int32)
-    return base, taus, active, count
+    return b, taus, active, count
 
 
 def _merge(base, taus, active, count, lambdas, dtype) -> torch.Tensor:
@@ -49,12 +50,7 @@ def _merge(base, taus, active, count, lambdas, dtype) -> torch.Tensor:
 def _kernel(base: torch.Tensor, xs: list[torch.Tensor], eps: float, lambdas: list[float], dtype: torch.dtype,
             out_dtype: torch.dtype) -> torch.Tensor:
     """The whole elementwise merge of a chunk: one fused loop when compiled (eager, ~15 passes)."""
-    b = base.reshape(-1).to(dtype)
-    taus = [x.reshape(-1).to(dtype) - b for x in xs]
-    active = [t.abs() > eps for t in taus]
-    count = torch.zeros(b.shape, dtype=torch.int32, device=b.device)
-    for a in active:
-        count = count + a.to(torch.int32)
+    b, taus, active, count = _parts(base, xs, eps, dtype)
     return _merge(b, taus, active, count, lambdas, dtype).to(out_dtype)
 
 
@@ -67,28 +63,17 @@ def _apply_ram(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     return _run(call, [1.0] * len(call.others))
 
 
-def _counts(active: list[torch.Tensor], count: torch.Tensor) -> Sums:
-    unique, shared = count == 1, count > 1
-    vals = []
-    for a in active:
-        vals.append((a & shared).sum())
-        vals.append((a & unique).sum())
-    return Sums.of_counts(torch.stack(vals).tolist() if vals else [])
-
-
 @fusable
 def _count_kernel(base: torch.Tensor, xs: list[torch.Tensor], eps: float, dtype: torch.dtype) -> torch.Tensor:
     """[#(aᵢ ∧ shared), #(aᵢ ∧ unique) for each i] of a chunk, as int64 (exact in any order): one fused pass."""
-    b = base.reshape(-1).to(dtype)
-    active = [(x.reshape(-1).to(dtype) - b).abs() > eps for x in xs]
-    count = torch.zeros(b.shape, dtype=torch.int32, device=b.device)
-    for a in active:
-        count = count + a.to(torch.int32)
+    _, _, active, count = _parts(base, xs, eps, dtype)
     unique, shared = count == 1, count > 1
     return torch.stack([n for a in active for n in ((a & shared).sum(), (a & unique).sum())])
 
 
 def _reduce_plus(call: MergeCall) -> Sums:
+    if not call.others:
+        return Sums.of_counts([])
     counts = _count_kernel(call.xs[call.base_at], [call.xs[i] for i in call.others], float(call.shared["epsilon"]),
                            call.dtype)
     return Sums.of_counts(counts.tolist())
@@ -105,8 +90,7 @@ def lambdas_plus(counts: list[float], r: float, alpha: float, eps: float) -> lis
 
 def _apply_plus(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     if totals is None or not totals.numel():
-        _, _, active, count = _parts(call)
-        totals = _counts(active, count).values()
+        totals = _reduce_plus(call).values()
     lams = lambdas_plus([float(v) for v in totals], float(call.shared["r"]), float(call.shared["alpha"]),
                         float(call.shared["epsilon"]))
     return _run(call, lams)
