@@ -45,6 +45,7 @@ class ActionInputs:
     max_perplexity_ratio: float = 1.5
     eval_text: str | None = None  # a path in the repository (confined to the workspace when the run starts)
     stream: str = "auto"  # auto | on | off: Hub parents by range, shards uploaded as they finish (mergebot.hub.stream)
+    card_template: str | None = None  # a Jinja2 card template in the repository (confined like eval_text)
 
 
 def input_value(env: Mapping[str, str], name: str) -> str | None:
@@ -97,20 +98,20 @@ def parse_ratio(name: str, value: str | None, default: float) -> float:
     return ratio
 
 
-def eval_text_path(value: str, workspace: Path) -> Path:
-    """The `eval_text` input as a file of the checkout, confined like config files: a relative path whose real
-    location (links followed) lies inside the workspace, naming a regular file. Returns it relative to the
-    workspace, as the check reads it (mergebot.check.text resolves it against the workspace)."""
+def workspace_file(name: str, value: str, workspace: Path) -> Path:
+    """A file input (`eval_text`, `card_template`) as a file of the checkout, confined like config files: a
+    relative path whose real location (links followed) lies inside the workspace, naming a regular file.
+    Returns it relative to the workspace (mergebot.check.text resolves eval_text against the workspace)."""
     if value.startswith("~") or Path(value).is_absolute():
-        raise ActionInputError(f"input eval_text: {value[:200]!r} is outside the workspace: give a path relative to "
+        raise ActionInputError(f"input {name}: {value[:200]!r} is outside the workspace: give a path relative to "
                                "the repository")
     root = workspace.resolve()
     real = (root / value).resolve()
     if not is_inside(real, root):
-        raise ActionInputError(f"input eval_text: {value[:200]!r} leads outside the workspace (a symbolic link "
+        raise ActionInputError(f"input {name}: {value[:200]!r} leads outside the workspace (a symbolic link "
                                "or '..'): it is read only from inside the repository")
     if not real.is_file():
-        raise ActionInputError(f"input eval_text: {value[:200]!r}: no such file in the repository")
+        raise ActionInputError(f"input {name}: {value[:200]!r}: no such file in the repository")
     return Path(value)
 
 
@@ -142,4 +143,5 @@ def read_inputs(env: Mapping[str, str] | None = None) -> ActionInputs:
         eval_text=input_value(env, "eval_text"),
         stream=parse_choice("stream", input_value(env, "stream") or env.get("MERGEBOT_STREAM"), STREAM_CHOICES,
                             "auto"),
+        card_template=input_value(env, "card_template"),
     )

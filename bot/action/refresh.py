@@ -27,7 +27,8 @@ def refresh_in_action(runner: Runner, entry: ConfigEntry, result: Result) -> Res
     warn = runner.inputs.license_policy == "warn"
     try:
         done = refresh_card(entry.repo, endpoint=runner.endpoint, token=runner.inputs.token,
-                            allow_license_risk=warn, search=[Path(entry.cfg.file).resolve().parent])
+                            allow_license_risk=warn, search=[Path(entry.cfg.file).resolve().parent],
+                            template=runner.template)
     except LicenseGateError as e:
         result.license = "block"
         return runner.fail(result, str(e), status="blocked")

@@ -27,7 +27,7 @@ from typing import TextIO
 from mergebot.action.credentials import has_credentials, token_note, without_hub_credentials
 from mergebot.action.dryrun import dry_run, read_parents
 from mergebot.action.events import Event
-from mergebot.action.inputs import ActionInputs, eval_text_path
+from mergebot.action.inputs import ActionInputs, workspace_file
 from mergebot.action.refresh import refresh_in_action
 from mergebot.action.report import Result, action_outputs, failure_markdown, summary_markdown
 from mergebot.action.runner_log import RunnerLog, append_summary, exception_message, one_line, write_outputs
@@ -61,6 +61,8 @@ class Runner:
     def __init__(self, inputs: ActionInputs, event: Event, log: RunnerLog, env: Mapping[str, str]):
         self.inputs, self.event, self.log, self.env = inputs, event, log, env
         self.endpoint = resolve_endpoint(None)
+        # the card template input, already confined to the workspace (_select_and_run): every card of the run
+        self.template = event.workspace / inputs.card_template if inputs.card_template else None
 
     def say(self, line: str) -> None:
         self.log.line(line)
@@ -127,7 +129,8 @@ class Runner:
                 done = pipeline_run(entry.cfg, Path(tmp) / "out", options, push_to=entry.repo,
                                     private=self.inputs.private,
                                     allow_license_risk=self.inputs.license_policy == "warn",
-                                    endpoint=self.endpoint, check=self.gate(), stream=self.inputs.stream)
+                                    endpoint=self.endpoint, check=self.gate(), stream=self.inputs.stream,
+                                    template=self.template)
             except LicenseGateError as e:
                 result.license = "block"
                 return self.fail(result, str(e), status="blocked")
@@ -214,9 +217,11 @@ def _select_and_run(done: ActionRun, inputs: ActionInputs, event: Event, log: Ru
                     env: Mapping[str, str]) -> None:
     for note in done.notes:
         log.annotate("notice", note)
-    if inputs.eval_text is not None:
+    for name, value in (("eval_text", inputs.eval_text), ("card_template", inputs.card_template)):
+        if value is None:
+            continue
         try:
-            eval_text_path(inputs.eval_text, event.workspace)
+            workspace_file(name, value, event.workspace)
         except MergebotError as e:  # before any merge: a bad input stops the run, as a bad `configs` would
             _stopped(done, log, "bad input", e)
             return
@@ -230,7 +235,7 @@ def _select_and_run(done: ActionRun, inputs: ActionInputs, event: Event, log: Ru
     for note in selection.notes:
         log.annotate("notice", one_line(note))
     try:
-        checker = StalenessChecker(runner.endpoint, inputs.token)
+        checker = StalenessChecker(runner.endpoint, inputs.token, template=runner.template)
     except Exception as e:  # noqa: BLE001
         _stopped(done, log, "cannot talk to the Hub", e)
         return

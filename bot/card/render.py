@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
+import jinja2.sandbox
 import yaml
 
 from mergebot.card.licenses import LicenseReport, render_notice
@@ -25,6 +26,7 @@ from mergebot.config.refs import split_ref
 from mergebot.config.yamlsafe import load_yaml
 from mergebot.errors import ConfigError, MergebotError
 from mergebot.hub.parents import ParentInfo, union_languages
+from mergebot.io.confine import is_inside
 from mergebot.io.lockfile import read_lock
 
 
@@ -328,10 +330,26 @@ def _own_version() -> str:
     return __version__
 
 
+class _ConfinedLoader(jinja2.FileSystemLoader):
+    """Templates only from inside its directories once links are resolved: an `{% include %}` of a link that
+    leads out of the template's directory is not found (Jinja2 itself refuses '..' but follows links)."""
+
+    def get_source(self, environment: jinja2.Environment, template: str) -> tuple[str, str, Any]:
+        source, filename, uptodate = super().get_source(environment, template)
+        real = Path(filename).resolve()
+        if not any(is_inside(real, Path(d).resolve()) for d in self.searchpath):
+            raise jinja2.TemplateNotFound(template)
+        return source, filename, uptodate
+
+
 def _environment(extra_dir: Path | None) -> jinja2.Environment:
-    search = ([str(extra_dir)] if extra_dir else []) + [str(TEMPLATES_DIR)]
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(search),
+    """The built-in templates, then a user template's directory (for its includes). A user template runs sandboxed: it is a
+    file anyone who can push to the repository may edit, and an unsandboxed Jinja2 template can reach Python
+    (`''.__class__.__mro__`...) in a job that holds a write token."""
+    search = [str(TEMPLATES_DIR)] + ([str(extra_dir)] if extra_dir else [])  # built-in names always mean built-ins
+    kind = jinja2.sandbox.SandboxedEnvironment if extra_dir else jinja2.Environment
+    env = kind(
+        loader=_ConfinedLoader(search),
         undefined=jinja2.StrictUndefined,
         autoescape=False,  # Markdown, not HTML
         keep_trailing_newline=True,
@@ -357,7 +375,13 @@ def render_card(ctx: CardContext, template_path: Path | None = None) -> str:
     front_matter = yaml.safe_dump(ctx.front_matter(), sort_keys=False, allow_unicode=True, default_flow_style=False)
     where = template_path or TEMPLATES_DIR / name
     try:
-        text = env.get_template(name).render(ctx=ctx, front_matter=front_matter)
+        # a user template is read as given, not looked up by name: one named card.md.j2 that extends
+        # "card.md.j2" gets the built-in one, not itself (which recursed until Python's stack ran out)
+        template = (env.from_string(template_path.read_text(encoding="utf-8")) if template_path is not None
+                    else env.get_template(name))
+        text = template.render(ctx=ctx, front_matter=front_matter)
+    except (OSError, UnicodeDecodeError) as e:
+        raise CardError(f"{where}: cannot read the card template ({type(e).__name__})") from e
     except jinja2.TemplateError as e:
         line = getattr(e, "lineno", None)
         raise CardError(f"{where}{f' line {line}' if line else ''}: {type(e).__name__}: {e}") from e

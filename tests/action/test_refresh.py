@@ -195,3 +195,40 @@ def test_new_card_template_is_a_card_input(hub, published, checkout, monkeypatch
 
     run = scheduled(hub, checkout, monkeypatch, capsys)
     assert "💤 up-to-date | none |" in run.summary and commits(hub, repo) == n + 1
+
+
+TEMPLATE = '{% extends "card.md.j2" %}{% block usage %}\nAsk the merges team ({{ ctx.repo_id }}).\n{% endblock %}\n'
+
+
+def test_card_template_input_renders_every_card_and_a_change_refreshes_them(hub, tiny_models, checkout,
+                                                                           monkeypatch, capsys):
+    """The Action's `card_template` input: the published card comes from the repository's template; editing the
+    template makes the next scheduled run re-render the card without a merge; a template outside the checkout
+    is refused before anything runs."""
+    upload_parents(hub, tiny_models)
+    c1 = checkout.commit({"merges/a.yml": linear(f"{hub.org}/tiny-base", f"{hub.org}/tiny-ft1"),
+                          "cards/card.md.j2": TEMPLATE})
+    run = act(monkeypatch, capsys, checkout.path, "push", push(ZERO, c1), namespace=hub.user, hf_token=hub.token,
+              card_template="cards/card.md.j2")
+    assert run.rc == 0, run.stdout
+    repo = f"{hub.user}/a"
+    assert f"Ask the merges team ({repo})." in readme(hub, repo)
+    assert lock(hub, repo)["card_inputs"]["template"] == "custom"
+    n = commits(hub, repo)
+
+    run = scheduled(hub, checkout, monkeypatch, capsys, card_template="cards/card.md.j2")
+    assert run.rc == 0 and run.results["merges/a.yml"]["status"] == "up-to-date" and commits(hub, repo) == n
+
+    checkout.commit({"cards/card.md.j2": TEMPLATE.replace("Ask the merges team", "Write to the merges team")})
+    weights_before = hub.server.count("GET", WEIGHTS)
+    run = scheduled(hub, checkout, monkeypatch, capsys, card_template="cards/card.md.j2")
+    assert run.rc == 0, run.stdout
+    assert run.results["merges/a.yml"]["status"] == "card-refreshed" and commits(hub, repo) == n + 1
+    assert f"Write to the merges team ({repo})." in readme(hub, repo)
+    assert hub.server.count("GET", WEIGHTS) == weights_before  # no merge: no weights downloaded
+
+    (checkout.path.parent / "outside.md.j2").write_text(TEMPLATE)
+    run = scheduled(hub, checkout, monkeypatch, capsys, card_template="../outside.md.j2")
+    assert run.rc == 1 and commits(hub, repo) == n + 1
+    errors = [line for line in run.stdout.splitlines() if line.startswith("::error")]
+    assert len(errors) == 1 and "input card_template: '../outside.md.j2'" in errors[0]

@@ -251,7 +251,7 @@ def test_action_metadata_and_example_workflows():
     assert action["runs"]["using"] == "composite"  # over a prebuilt image: tests/test_action_image.py
     assert set(action["inputs"]) == {"configs", "namespace", "hf_token", "mode", "device", "private",
                                      "license_policy", "force", "check", "max_perplexity_ratio", "eval_text",
-                                     "stream", "image"}
+                                     "stream", "card_template", "image"}
     assert all(v.get("description") for v in {**action["inputs"], **action["outputs"]}.values())
     assert set(action["outputs"]) == {"results", "count"} and action["branding"]["icon"]
     assert action["inputs"]["configs"]["default"] == "merges/**/*.y*ml"

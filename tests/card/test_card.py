@@ -344,3 +344,44 @@ def test_a_hostile_published_moe_config_is_one_card_error(text: str) -> None:
     with pytest.raises(CardError) as e:
         _moe_details(text, "mergekit_moe_config.yml", 4)
     assert str(e.value).startswith("mergekit_moe_config.yml: ") and "\n" not in str(e.value)
+
+
+def test_user_template_is_sandboxed_and_cannot_include_through_a_link(tmp_path: Path) -> None:
+    """A template is a file anyone who can push may edit: it must not reach Python objects, nor read a file
+    outside its directory through a symbolic link (Jinja2 refuses '..' by itself)."""
+    parents = [hub_parent("a/x", "mit", [], n=1)]
+    out = make_output(tmp_path, "merge_method: linear\n", parents, method="linear", base=None)
+    ctx = card_context_from_output(out, parents, analyze(parents), "o/x", env=NO_GITHUB)
+    escape = tmp_path / "escape.md.j2"
+    escape.write_text('{% extends "card.md.j2" %}{% block usage %}{{ "".__class__.__mro__[1].__subclasses__() }}'
+                      "{% endblock %}")
+    with pytest.raises(CardError, match="escape.md.j2.*SecurityError"):
+        render_card(ctx, escape)
+    secret = tmp_path / "outside" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("TOKEN=hf_secret\n")
+    cards = tmp_path / "cards"
+    cards.mkdir()
+    (cards / "notes.md").symlink_to(secret)
+    linked = cards / "linked.md.j2"
+    linked.write_text('{% extends "card.md.j2" %}{% block usage %}{% include "notes.md" %}{% endblock %}')
+    with pytest.raises(CardError, match="linked.md.j2.*TemplateNotFound"):
+        render_card(ctx, linked)
+    (cards / "notes.md").unlink()
+    (cards / "notes.md").write_text("Ask the team.\n")  # a plain file beside the template is fine
+    assert "Ask the team." in render_card(ctx, linked)
+
+
+def test_user_template_named_like_the_builtin_extends_the_builtin(tmp_path: Path) -> None:
+    """A user's cards/card.md.j2 extending "card.md.j2" gets the built-in card (it recursed into itself); a
+    template that is not UTF-8 text fails with its name."""
+    parents = [hub_parent("a/x", "mit", [], n=1)]
+    out = make_output(tmp_path, "merge_method: linear\n", parents, method="linear", base=None)
+    ctx = card_context_from_output(out, parents, analyze(parents), "o/x", env=NO_GITHUB)
+    (tmp_path / "cards").mkdir()
+    mine = tmp_path / "cards" / "card.md.j2"
+    mine.write_text('{% extends "card.md.j2" %}{% block usage %}\nAsk the team.\n{% endblock %}')
+    assert "Ask the team." in render_card(ctx, mine)
+    mine.write_bytes(b"\xff\xfe{{ ctx }}")
+    with pytest.raises(CardError, match="card.md.j2: cannot read the card template"):
+        render_card(ctx, mine)
