@@ -57,10 +57,12 @@ def main() -> None:
     work = args.cache / "methods"
     work.mkdir(parents=True, exist_ok=True)
     kept = []
+    before: dict[str, dict] = {}  # earlier rows of the methods measured now: their mergekit figures, if not rerun
     if args.update and args.results.exists():
         earlier = json.loads(args.results.read_text())
         kept = [dict(r, when=r.get("when", earlier["when"])) for r in earlier["rows"]
                 if r["method"] not in args.methods.split(",")]
+        before = {r["method"]: r for r in earlier["rows"] if r["method"] in args.methods.split(",")}
     rows: list[dict] = []
     bounds: dict[int, list[float]] = {2: [], 3: []}  # by the number of inputs read
     header = (f"{'method':17s} {'cold s':>7s} {'warm s':>7s} {'loop s':>7s} {'bound s':>7s} {'cold/bd':>7s} "
@@ -101,10 +103,15 @@ def main() -> None:
                "peak_anon_bytes": max(cold["peak_anon_bytes"], warm["peak_anon_bytes"]),
                "mergekit_s": mk["wall_s"] if mk else None,
                "mergekit_peak_anon_bytes": mk["peak_anon_bytes"] if mk else None}
+        old = before.get(name)
+        if mk is None and old and old.get("mergekit_s"):  # --update without --mergekit: keep mergekit's earlier
+            row.update(mergekit_s=old["mergekit_s"], mergekit_peak_anon_bytes=old.get("mergekit_peak_anon_bytes"),
+                       mergekit_when=old.get("mergekit_when", old.get("when")))  # figure, saying when it was taken
         rows.append(row)
-        mk_s = f"{row['mergekit_s']:10.1f}" if mk else f"{'-':>10s}"
-        vs = f"{warm['wall_s'] / mk['wall_s']:6.2f}" if mk else f"{'-':>6s}"
-        mk_anon = f"{mk['peak_anon_bytes'] / 1e9:10.2f}" if mk else f"{'-':>10s}"
+        mk_s = f"{row['mergekit_s']:10.1f}" if row["mergekit_s"] else f"{'-':>10s}"
+        vs = f"{warm['wall_s'] / row['mergekit_s']:6.2f}" if row["mergekit_s"] else f"{'-':>6s}"
+        mk_anon = (f"{row['mergekit_peak_anon_bytes'] / 1e9:10.2f}" if row["mergekit_peak_anon_bytes"] is not None
+                   else f"{'-':>10s}")
         print(f"{name:17s} {cold['wall_s']:7.1f} {warm['wall_s']:7.1f} {warm['engine_s'] or 0:7.1f} {bound:7.2f} "
               f"{row['cold_ratio']:7.2f} {row['warm_ratio']:7.2f} {row['peak_anon_bytes'] / 1e9:7.2f} {mk_s} {vs} "
               f"{mk_anon}", flush=True)
@@ -127,8 +134,9 @@ def markdown(rows: list[dict]) -> str:
         mk_anon = r.get("mergekit_peak_anon_bytes")
         vs = f"{r['warm_s'] / mk:.2f}x" if mk else "-"
         mk_mem = f"{mk_anon / 1e9:.2f} GB" if mk_anon is not None else "-"
+        mk_when = f" ({r['mergekit_when']})" if r.get("mergekit_when") else ""  # mergekit measured in an earlier run
         out.append(f"| {r['method']} | {r.get('when', '-')} | {s(r['cold_s'])} | {s(r['warm_s'])} | {s(r.get('loop_s'))} "
-                   f"| {r['io_bound_s']:.2f} s | {r['warm_ratio']:.1f}x | {s(mk)} | {vs} "
+                   f"| {r['io_bound_s']:.2f} s | {r['warm_ratio']:.1f}x | {s(mk)}{mk_when} | {vs} "
                    f"| {r['peak_anon_bytes'] / 1e9:.2f} GB ({mk_mem}) |")
     return "\n".join(out)
 

@@ -11,6 +11,8 @@ block's Σq is an exact int64 (BLOCK·2^(FRAC+1) ≤ 2^63). Blocks are aligned t
 every chunk size the executor uses is a multiple of BLOCK, so chunking never changes a block. The block
 sums (Σq, e) are added as Python integers and rounded to float64 once. Relative error: below 2^-30 in the
 worst case (every term truncated by its full quantum), ~1e-13 in practice; float32 accumulation gave ~1e-7.
+A term known to be bounded by another (`partials(bound=...)`, e.g. DARE's kept deltas by all deltas) takes that
+term's e: the same guarantees, relative to the bounding term's sum.
 
 Terms must come in float32 or float64; a non-finite term makes that sum NaN.
 """
@@ -36,12 +38,18 @@ _FORMATS = {
 }
 
 
-def _rows(v: torch.Tensor) -> torch.Tensor:
-    """[2, rows] int64: each row's exponent e and Σ trunc(v·2^(FRAC−e)) (rows of a [rows, width] float tensor)."""
+def _exponents(v: torch.Tensor, nonneg: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of a [rows, width] float tensor: the exponent field of its largest |v| (NaN propagates), and e."""
     bits_dtype, mant, mask, bias, lowest = _FORMATS[v.dtype]
-    big = torch.maximum(v.amax(1), -v.amin(1))  # the largest |v| of each row; NaN propagates
+    big = v.amax(1) if nonneg else torch.maximum(v.amax(1), -v.amin(1))
     field = (big.view(bits_dtype) >> mant) & mask
-    e = (field.to(torch.int64) - bias).clamp(min=lowest)
+    return field, (field.to(torch.int64) - bias).clamp(min=lowest)
+
+
+def _rows(v: torch.Tensor, field: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """[2, rows] int64: each row's exponent e and Σ trunc(v·2^(FRAC−e)) (rows of a [rows, width] float tensor
+    whose magnitudes stay below 2^(e+1))."""
+    bits_dtype, mant, mask, bias, _ = _FORMATS[v.dtype]
     scale = ((bias + FRAC - e) << mant).to(bits_dtype).view(v.dtype)  # 2^(FRAC−e), exactly
     if torch.compiler.is_compiling():
         q = (v * scale[:, None]).to(torch.int64)  # a product by a power of two is exact; the cast truncates
@@ -52,18 +60,35 @@ def _rows(v: torch.Tensor) -> torch.Tensor:
     return torch.stack([e, q.sum(1)])
 
 
-def partials(terms: Sequence[torch.Tensor]) -> torch.Tensor:
+def partials(terms: Sequence[torch.Tensor], *, nonneg: bool | Sequence[bool] = False,
+             bound: Sequence[int | None] | None = None) -> torch.Tensor:
     """[k, 2, blocks] int64 for k flat terms of equal length: pure tensor code, so it runs eagerly and inside
-    compiled kernels alike (with the same integers)."""
+    compiled kernels alike (with the same integers).
+
+    `nonneg` (one flag, or one per term): the term is never negative, so its largest magnitude is its max.
+    `bound[i] = j` (j < i): |terms[i]| ≤ |terms[j]| everywhere (e.g. a masked copy of term j), so term i's blocks
+    take term j's exponent instead of a max pass of their own. That saves a pass and, compiled, keeps the term
+    inside the fused loop (a term read by a max and a sum was stored to memory and read back); the integers
+    stay exact and deterministic, only the quantum may be coarser (2^-46 of term j's largest in the block)."""
+    flags = [nonneg] * len(terms) if isinstance(nonneg, bool) else list(nonneg)
+    links = list(bound) if bound is not None else [None] * len(terms)
     out = []
-    for t in terms:
+    cuts: list[list[tuple[torch.Tensor, torch.Tensor]]] = []  # per term, per part: (field, e)
+    for i, t in enumerate(terms):
         t = t.reshape(-1)
         n = t.numel()
         full = n - n % BLOCK
-        parts = [_rows(t[:full].view(-1, BLOCK))] if full else []
-        if n % BLOCK or not n:
-            parts.append(_rows(t[full:].view(1, -1)) if n % BLOCK else torch.zeros(2, 0, dtype=torch.int64,
-                                                                                    device=t.device))
+        views = [t[:full].view(-1, BLOCK)] if full else []
+        if n % BLOCK:
+            views.append(t[full:].view(1, -1))
+        j = links[i]
+        if j is not None and not 0 <= j < i:
+            raise ValueError(f"bound[{i}] = {j}: must name an earlier term")
+        mine = cuts[j] if j is not None else [_exponents(v, flags[i]) for v in views]
+        cuts.append(mine)
+        parts = [_rows(v, field, e) for v, (field, e) in zip(views, mine)]
+        if not n:
+            parts.append(torch.zeros(2, 0, dtype=torch.int64, device=t.device))
         out.append(parts[0] if len(parts) == 1 else torch.cat(parts, 1))
     return torch.stack(out)
 

@@ -86,7 +86,12 @@ def enabled() -> bool:
     return _state["on"]
 
 
-def fusable(fn: Callable[..., torch.Tensor]) -> Kernel:
+def fusable_with(**inductor: Any) -> Callable[[Callable[..., torch.Tensor]], Kernel]:
+    """`fusable`, with Inductor settings for this kernel alone (they are part of its cache key)."""
+    return functools.partial(fusable, inductor=inductor)
+
+
+def fusable(fn: Callable[..., torch.Tensor], inductor: dict[str, Any] | None = None) -> Kernel:
     """Mark a pure tensor kernel; it runs compiled (dynamic shapes, no recompiles per size) when enabled.
 
     Called with `out=`, the result is stored into `out` (e.g. the output file's mapped pages); compiled,
@@ -104,7 +109,7 @@ def fusable(fn: Callable[..., torch.Tensor]) -> Kernel:
             return fn(*args, **kwargs) if out is None else into(out, *args, **kwargs)
         key = out is not None
         if key not in compiled:
-            compiled[key] = torch.compile(into if key else fn, dynamic=True)
+            compiled[key] = torch.compile(into if key else fn, dynamic=True, options=inductor)
         return compiled[key](*args, **kwargs) if out is None else compiled[key](out, *args, **kwargs)
 
     wrapper.eager = fn  # type: ignore[attr-defined]

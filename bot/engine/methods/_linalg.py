@@ -25,7 +25,8 @@ GRAM_BLOCK = 1 << 20  # elements per float64 block when accumulating a Gram matr
 def _gram_partials(flats: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     """Exact partial sums of vᵢ·vⱼ (i ≤ j, row-major) over one aligned block, products in `dtype`."""
     vs = [f.to(dtype) for f in flats]
-    return partials([vs[i] * vs[j] for i in range(len(vs)) for j in range(i, len(vs))])
+    pairs = [(i, j) for i in range(len(vs)) for j in range(i, len(vs))]
+    return partials([vs[i] * vs[j] for i, j in pairs], nonneg=[i == j for i, j in pairs])
 
 
 def gram(vectors: list[torch.Tensor], dtype: torch.dtype) -> Sums:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mergebot.config.methods import SPECS
-from mergebot.engine.exact import Sums
+from mergebot.engine.exact import Sums, partials
 from mergebot.engine.methods._rows import map_rows, row_blocks
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
@@ -133,7 +133,7 @@ def _apply_vectors(call: MergeCall, t: float) -> torch.Tensor:
 
 
 def _reduce_flat(v0: torch.Tensor, v1: torch.Tensor) -> Sums:
-    return Sums.of_terms([v0 * v0, v1 * v1, v0 * v1])
+    return Sums.of(partials([v0 * v0, v1 * v1, v0 * v1], nonneg=[True, True, False]))
 
 
 def _chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from mergebot.config.methods import SPECS
-from mergebot.engine.exact import Sums
+from mergebot.engine.exact import Sums, partials
 from mergebot.engine.methods import _sparsify
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 from mergebot.engine.methods.task_arithmetic.combine import mergekit_precision
@@ -55,7 +55,7 @@ def _variance_bits(taus: list[torch.Tensor]) -> torch.Tensor:
 def _sums(taus: list[torch.Tensor]) -> Sums:
     """Σ τᵢ² per model (exact, mergebot.engine.exact), then the element count."""
     squares = [t.to(torch.float64).square() for t in taus]  # exact squares (rare method: no need for speed)
-    return Sums.cat(Sums.of_terms(squares), Sums.of_counts([taus[0].numel() if taus else 0]))
+    return Sums.cat(Sums.of(partials(squares, nonneg=True)), Sums.of_counts([taus[0].numel() if taus else 0]))
 
 
 def _reduce(call: MergeCall) -> Sums:

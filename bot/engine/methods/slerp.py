@@ -24,7 +24,7 @@ EPS = 1e-8
 def _sums(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     a = a.reshape(-1).to(dtype)
     b = b.reshape(-1).to(dtype)
-    return partials([a * a, b * b, a * b])
+    return partials([a * a, b * b, a * b], nonneg=[True, True, False])
 
 
 @fusable

@@ -48,7 +48,8 @@ def rescale_factor(l1: float, kept: float) -> float:
 
 def l1_partials(d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Exact partial sums (mergebot.engine.exact) of ‖δ‖₁ and ‖δ⊙keep‖₁ over one chunk."""
-    return partials([d.abs(), torch.where(keep, d, 0.0).abs()])
+    a = d.abs()
+    return partials([a, torch.where(keep, a, 0.0)], nonneg=True, bound=[None, 0])
 
 
 def combine(b: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], consensus: bool,

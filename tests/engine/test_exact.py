@@ -1,0 +1,75 @@
+"""mergebot.engine.exact: order-free sums against math.fsum (the correctly rounded sum of the same floats), the
+same integers however a tensor is cut into aligned chunks, and the two shortcuts methods use (`nonneg`, `bound`)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mergebot.engine import exact
+from mergebot.engine.exact import Sums, partials
+
+
+def _terms(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    # magnitudes over ~30 binades and both signs, plus exact zeros: what deltas and products look like
+    a = torch.randn(n, generator=g, dtype=torch.float64) * torch.exp2(torch.randint(-20, 10, (n,), generator=g))
+    a[::7] = 0.0
+    return [a.float(), a.float().abs(), (a * a).float()]
+
+
+def _fsum(t: torch.Tensor) -> float:
+    return math.fsum(t.double().tolist())
+
+
+@pytest.mark.parametrize("n", [1, 1000, exact.BLOCK, 3 * exact.BLOCK + 17])
+def test_sums_match_fsum(n):
+    terms = _terms(n, n)
+    got = Sums.of(partials(terms, nonneg=[False, True, True])).values()
+    for t, v in zip(terms, got.tolist()):
+        ref = _fsum(t)
+        scale = math.fsum(t.double().abs().tolist()) or 1.0
+        assert abs(v - ref) <= 2.0 ** -40 * scale, (n, v, ref)
+
+
+def test_nonneg_and_signed_paths_give_the_same_integers():
+    t = _terms(2 * exact.BLOCK + 5, 3)[1]  # |a|: never negative
+    assert torch.equal(partials([t], nonneg=True), partials([t]))
+
+
+def test_same_integers_for_any_aligned_chunking():
+    terms = _terms(5 * exact.BLOCK + 123, 4)
+    whole = Sums.of(partials(terms))
+    cuts = [0, exact.BLOCK, 3 * exact.BLOCK, terms[0].numel()]
+    pieces = Sums(len(terms))
+    for s, e in reversed(list(zip(cuts, cuts[1:]))):  # any order
+        pieces.add(partials([t[s:e] for t in terms]))
+    assert pieces.ints == whole.ints
+
+
+def test_bound_term_is_exact_within_its_bounds_quantum_and_deterministic():
+    """A masked copy summed with its whole term's exponent (DARE's L1 sums): still within fsum's error bound
+    (taken on the bounding term), identical integers on every call and for every aligned chunking."""
+    d = _terms(4 * exact.BLOCK + 9, 5)[1]
+    keep = torch.rand(d.numel(), generator=torch.Generator().manual_seed(6)) < 0.3
+    kept = torch.where(keep, d, 0.0)
+    got = partials([d, kept], nonneg=True, bound=[None, 0])
+    assert torch.equal(got[1, 0], got[0, 0])  # the kept term uses the whole term's exponents
+    total = Sums.of(got).values().tolist()
+    assert abs(total[1] - _fsum(kept)) <= 2.0 ** -40 * _fsum(d)
+    assert abs(total[0] - _fsum(d)) <= 2.0 ** -40 * _fsum(d)
+    half = 2 * exact.BLOCK
+    pieces = Sums(2)
+    pieces.add(partials([d[half:], kept[half:]], nonneg=True, bound=[None, 0]))
+    pieces.add(partials([d[:half], kept[:half]], nonneg=True, bound=[None, 0]))
+    assert pieces.ints == Sums.of(got).ints
+
+
+def test_non_finite_terms_give_nan_and_bad_bounds_are_refused():
+    t = torch.ones(exact.BLOCK + 3)
+    t[5] = math.inf
+    assert math.isnan(float(Sums.of(partials([t])).values()[0]))
+    with pytest.raises(ValueError, match="earlier term"):
+        partials([t, t], bound=[None, 1])
