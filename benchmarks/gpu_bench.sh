@@ -27,8 +27,8 @@ PY
 chmod +x /tmp/mergekit-yaml
 { nproc; nvidia-smi -L; python3 -c "import torch,sys;print(sys.version.split()[0], torch.__version__, torch.cuda.is_available())"
   python3 -c "import mergekit; print('mergekit ok')"; } 2>&1 | tee "$OUT/env.txt"
-timeout 330 python3 benchmarks/bench_merge.py --shape 2b --cache /tmp/bench --device cuda --repeat 1 \
+timeout "${GPU_TIMEOUT:-330}" python3 benchmarks/bench_merge.py --shape 2b --cache /tmp/bench --device cuda --repeat 1 \
   --methods linear,dare_ties --mergekit /tmp/mergekit-yaml --mergekit-args "--cuda --read-to-gpu --low-cpu-memory" \
   --results "$OUT/gpu_results.json" 2>&1 | tee "$OUT/gpu_bench.txt"
-timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/engine/test_cuda.py tests/engine/test_golden.py 2>&1 \
+timeout "${TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/engine/test_cuda.py tests/engine/test_golden.py 2>&1 \
   | tee "$OUT/cuda_tests.txt" | tail -5

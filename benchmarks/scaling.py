@@ -29,6 +29,9 @@ def main() -> None:
     ap.add_argument("--compile", default="off,on", help="compile modes to run (on: one warm-up run first)")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
     ap.add_argument("--profile", type=Path, default=None, help="py-spy output directory for the last setting")
+    ap.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second (native unwinding of many "
+                    "threads slows the merge: use a low rate on many cores)")
+    ap.add_argument("--profile-timeout", type=float, default=None, help="stop the profiled run after this many seconds")
     args = ap.parse_args()
     base, a, b = make_models(args.cache, args.shape)
     cfg = args.cache / f"{args.method}.yml"
@@ -48,11 +51,15 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(t)
         shutil.rmtree(out, ignore_errors=True)
         mode = args.compile.split(",")[0]
-        cmd = ["py-spy", "record", "--native", "--rate", "200", "--format", "raw", "--threads", "-o",
+        cmd = ["py-spy", "record", "--native", "--rate", str(args.profile_rate), "--format", "raw", "--threads", "-o",
                str(args.profile / f"pyspy-{args.method}-{t}t-{mode}.txt"), "--", sys.executable, "-m", "mergebot.cli.main",
                "merge", str(cfg), str(out), "--quiet", "--compile", mode, "--random-seed", "1"]
         start = time.perf_counter()
-        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        try:
+            done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.profile_timeout)
+        except subprocess.TimeoutExpired:
+            print(f"profile stopped after {args.profile_timeout} s", flush=True)
+            return
         print(f"profiled {t} threads ({mode}) in {time.perf_counter() - start:.1f} s: rc {done.returncode}",
               done.stderr[-500:], flush=True)
 
