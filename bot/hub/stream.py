@@ -176,8 +176,7 @@ class ShardUploader:
     def submit(self, path: Path, name: str) -> None:
         """Queue a finished shard; first waits for the previous upload, so the disk holds at most that one and
         the shard being written (its failure is raised here, stopping the merge early)."""
-        for f in self._futures:
-            f.result()
+        self.results()
         self._futures.append(self._pool.submit(self._upload, path, name))
 
     def make_room(self, directory: Path, size: int) -> None:
@@ -186,8 +185,7 @@ class ShardUploader:
         writing the next shard overlaps the upload."""
         if self._futures and not self._futures[-1].done() and free_bytes(directory) < size + min(64 << 20, size // 8):
             log.info("%s: waiting for the last upload before writing the next shard (disk nearly full)", self.repo_id)
-            for f in self._futures:
-                f.result()
+            self.results()
 
     def _upload(self, path: Path, name: str) -> Uploaded:
         from huggingface_hub import CommitOperationAdd
