@@ -93,6 +93,25 @@ def partials(terms: Sequence[torch.Tensor], *, nonneg: bool | Sequence[bool] = F
     return torch.stack(out)
 
 
+def partials_of_rows(terms: torch.Tensor, nonneg_rows: int = 0) -> torch.Tensor:
+    """`partials` of k terms held as the rows of one [k, n] tensor, n a multiple of BLOCK, the first
+    `nonneg_rows` never negative: the same integers, from a handful of batched operations instead of ~20 per
+    term. Eager code on blocks that fit in cache pays per operation, not per element (an exact Gram matrix of
+    two task vectors: 122 -> ~40 ms per 16M elements)."""
+    k, n = terms.shape
+    if n % BLOCK:
+        raise ValueError(f"partials_of_rows: row length {n} is not a multiple of {BLOCK}")
+    v = terms.view(-1, BLOCK)  # term-major: rows [t·blocks, (t+1)·blocks) belong to term t
+    split = nonneg_rows * (n // BLOCK)
+    big = v.amax(1)
+    if split < big.numel():  # signed terms: the largest magnitude may be a negative value
+        big[split:] = torch.maximum(big[split:], v[split:].amin(1).neg_())
+    bits_dtype, mant, mask, bias, lowest = _FORMATS[v.dtype]
+    field = (big.view(bits_dtype) >> mant) & mask
+    e = (field.to(torch.int64) - bias).clamp(min=lowest)
+    return _rows(v, field, e).view(2, k, -1).transpose(0, 1)
+
+
 class Sums:
     """Exact running totals of k quantities (a reduce's result): add chunks' partials in any order, read them
     once as float64. `shape` restores a matrix (e.g. a Gram matrix) from its k entries."""

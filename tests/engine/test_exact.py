@@ -73,3 +73,35 @@ def test_non_finite_terms_give_nan_and_bad_bounds_are_refused():
     assert math.isnan(float(Sums.of(partials([t])).values()[0]))
     with pytest.raises(ValueError, match="earlier term"):
         partials([t, t], bound=[None, 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_rows_give_partials_integers(dtype):
+    """partials_of_rows (the eager Gram matrix's form) must give partials' integers: squares first, then
+    signed terms; a non-finite row is flagged like partials flags it."""
+    a, b, _ = _terms(3 * exact.BLOCK, 11)
+    a, b = a.to(dtype), b.to(dtype) - 0.5
+    terms = [a * a, b * b, a * b, -a]
+    flags = [True, True, False, False]
+    rows = torch.stack(terms)
+    assert torch.equal(exact.partials_of_rows(rows, nonneg_rows=2), partials(terms, nonneg=flags))
+    rows[3, 5] = math.inf
+    got = Sums.of(exact.partials_of_rows(rows, nonneg_rows=2)).values()
+    assert math.isnan(got[3]) and not math.isnan(got[2])
+    with pytest.raises(ValueError, match="multiple"):
+        exact.partials_of_rows(rows[:, :-1].contiguous())
+
+
+@pytest.mark.parametrize("n", [5, 3 * exact.BLOCK + 17])
+def test_gram_of_offsets_against_float64_and_any_slicing(n, monkeypatch):
+    """The eager Gram matrix of offsets from a base: float64's within rounding, and the same integers
+    whatever slice size it walks the tensors in (ragged ends included)."""
+    from mergebot.engine.methods import _linalg
+    g = torch.Generator().manual_seed(n)
+    xs = [(torch.randn(n, generator=g) * 0.02).bfloat16() for _ in range(3)]
+    got = _linalg.gram(xs[1:], torch.float32, xs[0])
+    vs = [x.double() - xs[0].double() for x in xs[1:]]
+    ref = torch.tensor([[float((u * v).sum()) for v in vs] for u in vs], dtype=torch.float64)
+    assert torch.allclose(got.values(), ref, rtol=1e-6, atol=0)
+    monkeypatch.setattr(_linalg, "GRAM_BLOCK", exact.BLOCK)
+    assert _linalg.gram(xs[1:], torch.float32, xs[0]).ints == got.ints

@@ -138,7 +138,7 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
         return out.to(call.xs[0].device)
     g = totals if totals is not None and totals.numel() else gram(call.xs, call.dtype).values()
     beta = coefficients(g, int(call.shared["max_iter"]), float(call.shared["tol"]))
-    return lincomb(call.xs, beta, call.dtype)
+    return lincomb(call.xs, beta, call.dtype, out=call.out)
 
 
-METHOD = MergeMethod.of(SPECS["karcher"], apply=_apply, reduce=_reduce, whole_max=MERGEKIT_FORM_MAX)
+METHOD = MergeMethod.of(SPECS["karcher"], apply=_apply, reduce=_reduce, whole_max=MERGEKIT_FORM_MAX, fuse=False)

@@ -22,6 +22,7 @@ import torch
 
 from mergebot.config.methods import SPECS
 from mergebot.engine.exact import Sums
+from mergebot.engine.fuse import scratch
 from mergebot.engine.methods._linalg import gram
 from mergebot.engine.methods._rows import map_rows
 from mergebot.engine.methods.base import MergeCall, MergeMethod
@@ -48,17 +49,15 @@ def _pairs(n: int) -> list[tuple[int, int]]:
     return [(i, j) for i in range(n) for j in range(i + 1, n)]
 
 
-def _split(call: MergeCall, xs: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The base and the fine-tunes, flat in the compute dtype, of `xs` (flat slices; by default the whole call)."""
-    xs = call.xs if xs is None else xs
+def _split(call: MergeCall, xs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The base and the fine-tunes, flat in the compute dtype, of `xs` (flat slices of the inputs)."""
     return xs[call.base_at].reshape(-1).to(call.dtype), [xs[i].reshape(-1).to(call.dtype) for i in call.others]
 
 
 def _reduce(call: MergeCall) -> Sums:
     if call.shared["filter_wise"]:
         return Sums(0)
-    w0, ws = _split(call)
-    return gram([w - w0 for w in ws], call.dtype)
+    return gram([call.xs[i] for i in call.others], call.dtype, call.xs[call.base_at])
 
 
 def _mean(ws: list[torch.Tensor]) -> torch.Tensor:
@@ -68,18 +67,30 @@ def _mean(ws: list[torch.Tensor]) -> torch.Tensor:
     return mean / len(ws)
 
 
+def _interpolate(call: MergeCall, t: float) -> torch.Tensor:
+    """t·mean(wᵢ) + (1−t)·w₀ with `_mean`'s roundings (Σwᵢ in order, /N, ·t; w₀·(1−t); then the sum), eager
+    and in place in reused buffers; stored into call.out when given."""
+    first = call.xs[call.others[0]].reshape(-1)
+    acc = scratch("model_stock", first.numel(), call.dtype, first.device)
+    base = scratch("model_stock_base", first.numel(), call.dtype, first.device)
+    acc.copy_(first)
+    for i in call.others[1:]:
+        acc.add_(call.xs[i].reshape(-1))
+    acc.div_(len(call.others)).mul_(t)
+    acc.add_(base.copy_(call.xs[call.base_at].reshape(-1)).mul_(1.0 - t))
+    return acc.clone() if call.out is None else call.out.copy_(acc)
+
+
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     if call.shared["filter_wise"] and len(call.others) >= 2:
         return map_rows(call, lambda xs, shape, s: _filter_wise(call, xs, shape))
-    w0, ws = _split(call)
-    n = len(ws)
+    n = len(call.others)
     pairs = _pairs(n)
     if not pairs:  # no fine-tune, or a single one (the contract asks for two): cos is undefined, keep the base
-        return w0
-    g = totals if totals is not None and totals.numel() else gram([w - w0 for w in ws], call.dtype).values()
+        return call.xs[call.base_at].reshape(-1).to(call.dtype)
+    g = totals if totals is not None and totals.numel() else _reduce(call).values()
     cos = mean_cos({(i, j): g[i, j] for i, j in pairs}, [g[i, i] for i in range(n)])
-    t = float(stock_t(cos, n))
-    return _mean(ws) * t + w0 * (1.0 - t)
+    return _interpolate(call, float(stock_t(cos, n)))
 
 
 def _filter_wise(call: MergeCall, xs: list[torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
@@ -100,4 +111,4 @@ def _chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> b
     return not shared.get("filter_wise", False)
 
 
-METHOD = MergeMethod.of(SPECS["model_stock"], apply=_apply, reduce=_reduce, chunkable_when=_chunkable_for)
+METHOD = MergeMethod.of(SPECS["model_stock"], apply=_apply, reduce=_reduce, chunkable_when=_chunkable_for, fuse=False)

@@ -24,19 +24,17 @@ from mergebot.engine.methods.base import MergeCall, MergeMethod
 from mergebot.errors import ModelError
 
 
-def _vectors(call: MergeCall) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    base = call.xs[call.base].reshape(-1).to(call.dtype) if call.base is not None else None
-    vs = [call.xs[i].reshape(-1).to(call.dtype) for i in call.others]
-    if base is not None:
-        vs = [v - base for v in vs]
-    return vs, base
+def _inputs(call: MergeCall) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The non-base inputs and the base (None without one), as stored: vᵢ = xᵢ − base is formed by `gram`
+    and `lincomb` block by block."""
+    return [call.xs[i] for i in call.others], None if call.base is None else call.xs[call.base]
 
 
 def _reduce(call: MergeCall) -> Sums:
     if len(call.others) < 2:
         return Sums(0)
-    vs, _ = _vectors(call)
-    return gram(vs, call.dtype)
+    xs, base = _inputs(call)
+    return gram(xs, call.dtype, base)
 
 
 def coefficients(g: torch.Tensor, weights: list[float], normalize: bool, eps: float) -> list[float] | None:
@@ -64,15 +62,14 @@ def coefficients(g: torch.Tensor, weights: list[float], normalize: bool, eps: fl
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     if len(call.others) == 1:
         return call.xs[call.others[0]].reshape(-1).to(call.dtype)
-    vs, base = _vectors(call)
-    g = totals if totals is not None and totals.numel() else gram(vs, call.dtype).values()
+    xs, base = _inputs(call)
+    g = totals if totals is not None and totals.numel() else gram(xs, call.dtype, base).values()
     weights = [float(call.per_input[i]["weight"]) for i in call.others]
     beta = coefficients(g, weights, bool(call.shared["normalize_weights"]), float(call.shared["eps"]))
     if beta is None:
         raise ModelError(f"multislerp{tensor_label(call)}: the weighted sum of the {len(weights)} input directions is "
                          "zero (antipodal inputs whose weights balance out); change the weights")
-    out = lincomb(vs, beta, call.dtype)
-    return out if base is None else base + out
+    return lincomb(xs, beta, call.dtype, base, call.out)
 
 
-METHOD = MergeMethod.of(SPECS["multislerp"], apply=_apply, reduce=_reduce)
+METHOD = MergeMethod.of(SPECS["multislerp"], apply=_apply, reduce=_reduce, fuse=False)

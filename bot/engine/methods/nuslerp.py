@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from mergebot.config.methods import SPECS
-from mergebot.engine.exact import Sums, partials
+from mergebot.engine.exact import Sums
+from mergebot.engine.methods._linalg import gram, lincomb
 from mergebot.engine.methods._rows import map_rows, row_blocks
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
@@ -77,23 +78,28 @@ def coefficients(t: float, aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor)
     return c0, c1
 
 
+def _flat_inputs(call: MergeCall) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """The two inputs and the base (None without one), as stored: `gram` and `lincomb` form the task
+    vectors block by block."""
+    return [call.xs[i] for i in call.others], None if call.base is None else call.xs[call.base]
+
+
 def _reduce(call: MergeCall) -> Sums:
+    """Flattened mode: the Gram matrix [[‖v0‖², ⟨v0,v1⟩], [⟨v0,v1⟩, ‖v1‖²]], exact."""
     if not call.shared["nuslerp_flatten"]:
         return Sums(0)
-    v0, v1, _ = _vectors(call)
-    return _reduce_flat(v0, v1)
+    xs, base = _flat_inputs(call)
+    return gram(xs, call.dtype, base)
 
 
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     t = _t(call)
     if not call.shared["nuslerp_flatten"] and len(call.shape) >= 2:
         return _apply_vectors(call, t)
-    v0, v1, base = _vectors(call)
-    if totals is None or not totals.numel():
-        totals = _reduce_flat(v0, v1).values()
-    c0, c1 = coefficients(t, totals[0], totals[1], totals[2])
-    out = v0 * float(c0) + v1 * float(c1)
-    return out if base is None else base + out
+    xs, base = _flat_inputs(call)
+    g = totals if totals is not None and totals.numel() else gram(xs, call.dtype, base).values()
+    c0, c1 = coefficients(t, g[0, 0], g[1, 1], g[0, 1])
+    return lincomb(xs, [float(c0), float(c1)], call.dtype, base, call.out)  # c0·v0 + c1·v1 (+ base)
 
 
 def _sums(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -132,12 +138,8 @@ def _apply_vectors(call: MergeCall, t: float) -> torch.Tensor:
     return map_rows(call, block)
 
 
-def _reduce_flat(v0: torch.Tensor, v1: torch.Tensor) -> Sums:
-    return Sums.of(partials([v0 * v0, v1 * v1, v0 * v1], nonneg=[True, True, False]))
-
-
 def _chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:
     return bool(shared.get("nuslerp_flatten", True))
 
 
-METHOD = MergeMethod.of(SPECS["nuslerp"], apply=_apply, reduce=_reduce, chunkable_when=_chunkable_for)
+METHOD = MergeMethod.of(SPECS["nuslerp"], apply=_apply, reduce=_reduce, chunkable_when=_chunkable_for, fuse=False)

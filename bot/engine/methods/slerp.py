@@ -1,7 +1,7 @@
 """`slerp` (merge-semantics.md §2.2): spherical interpolation of the whole flattened tensor.
 
 t = 0 gives the base, t = 1 the other model. The angle needs global norms and a dot product, so the
-method is split into `reduce` (Σa², Σb², Σab as exact sums over chunks, mergebot.engine.exact) and an elementwise
+method is split into `reduce` (Σa², Σb², Σab: the exact Gram matrix over chunks, mergebot.engine.exact) and an elementwise
 `apply`: the coefficients, so the bytes, do not depend on chunking, threads or device.
 """
 
@@ -12,19 +12,13 @@ import math
 import torch
 
 from mergebot.config.methods import SPECS
-from mergebot.engine.exact import Sums, partials
+from mergebot.engine.exact import Sums
 from mergebot.engine.fuse import enabled, fusable, scratch
+from mergebot.engine.methods._linalg import gram
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
-
-
-@fusable
-def _sums(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    a = a.reshape(-1).to(dtype)
-    b = b.reshape(-1).to(dtype)
-    return partials([a * a, b * b, a * b], nonneg=[True, True, False])
 
 
 @fusable
@@ -38,8 +32,8 @@ def _pair(call: MergeCall) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _reduce(call: MergeCall) -> Sums:
-    a, b = _pair(call)
-    return Sums.of(_sums(a, b, call.dtype))
+    """The Gram matrix of (a, b): ‖a‖², ⟨a,b⟩ and ‖b‖², exact."""
+    return gram(list(_pair(call)), call.dtype)
 
 
 def coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float, float]:
@@ -57,7 +51,7 @@ def coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float, floa
 
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     assert totals is not None
-    aa, bb, ab = (float(v) for v in totals)
+    aa, bb, ab = float(totals[0, 0]), float(totals[1, 1]), float(totals[0, 1])
     c0, c1 = coefficients(float(call.shared["t"]), aa, bb, ab)
     a, b = _pair(call)
     if call.out is not None and not enabled():
