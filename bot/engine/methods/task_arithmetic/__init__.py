@@ -21,21 +21,25 @@ from mergebot.config.methods import FAMILY, SPECS
 from mergebot.config.spec import FamilyVariant
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 from mergebot.engine.methods.task_arithmetic import dare, della, magnitude, outliers
-from mergebot.engine.methods.task_arithmetic.combine import Mix, kernel_masked
+from mergebot.engine.methods.task_arithmetic.combine import Mix, kernel_masked, weighted_deltas_into
 
 Apply = Callable[[MergeCall, "torch.Tensor | None", Mix], torch.Tensor]
 
 
 def _unpruned(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tensor:
-    """Task arithmetic itself, and TIES-style consensus without sparsification: every δᵢ whole."""
+    """Task arithmetic itself, and TIES-style consensus without sparsification: every δᵢ whole. Without
+    consensus it is a linear combination, computed eagerly in place (`combine.weighted_deltas_into`): a few
+    in-cache passes cost less than loading a compiled kernel, and nothing to compile on a fresh runner."""
     xs = [call.xs[i] for i in call.others]
+    if not mix.consensus and call.out is not None:
+        return weighted_deltas_into(call.xs[call.base_at], xs, mix, call.dtype, call.out)
     return kernel_masked(call.xs[call.base_at], xs, [None] * len(xs), [1.0] * len(xs), mix.weights, mix.consensus,
                          mix.normalize, mix.lam, call.dtype, call.out_dtype, out=call.out)
 
 
 # sparsifier -> (apply, extra kernel fields)
 _SPARSIFIERS: dict[str | None, tuple[Apply, dict[str, Any]]] = {
-    None: (_unpruned, {}),
+    None: (_unpruned, {"fuse": False}),
     "magnitude": (magnitude.apply, {"chunkable_when": magnitude.chunkable_when}),
     "random": (dare.apply, {"reduce": dare.reduce, "uses_rng": True}),
     "magnitude_outliers": (outliers.apply, {"chunkable_when": outliers.chunkable_when}),

@@ -19,7 +19,7 @@ import torch
 
 from mergebot.config.spec import FamilyVariant
 from mergebot.engine.exact import Sums, partials
-from mergebot.engine.fuse import fusable
+from mergebot.engine.fuse import fusable, scratch
 from mergebot.engine.methods import _sparsify
 from mergebot.engine.methods.base import MergeCall
 
@@ -80,6 +80,27 @@ def combine(b: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], c
     if lam != 1.0:
         mixed = mixed * lam
     return (b + mixed).to(out_dtype)
+
+
+def weighted_deltas_into(base: torch.Tensor, xs: list[torch.Tensor], mix: Mix, dtype: torch.dtype,
+                         out: torch.Tensor) -> torch.Tensor:
+    """`combine` without consensus or masks, eager and in place in reused buffers, with its roundings:
+    Σ (xᵢ − b)·wᵢ in order, / Σw when normalising, · λ, then b + the mix, cast once into `out`."""
+    n = out.numel()
+    b = scratch("ta_base", n, dtype, out.device).copy_(base.reshape(-1))
+    acc = scratch("ta_mix", n, dtype, out.device)
+    term = scratch("ta_term", n, dtype, out.device)
+    for i, (x, w) in enumerate(zip(xs, mix.weights)):
+        into = acc if i == 0 else term
+        into.copy_(x.reshape(-1)).sub_(b).mul_(w)
+        if i:
+            acc.add_(term)
+    if mix.normalize:
+        s = sum(mix.weights)
+        acc.div_(s if abs(s) >= 1e-8 else 1.0)
+    if mix.lam != 1.0:
+        acc.mul_(mix.lam)
+    return out.copy_(acc.add_(b))
 
 
 @fusable

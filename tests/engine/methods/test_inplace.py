@@ -1,0 +1,74 @@
+"""The eager in-place forms (reused buffers, one pass per operation) give the bytes of the formulas as written,
+which are what the GPU runs (out of place) and what compiled kernels fuse: a reordered or fused operation
+here would change the published bytes with the device, so every form is compared bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergebot.engine.methods import _linalg, model_stock, nearswap
+from mergebot.engine.methods.base import MergeCall
+from mergebot.engine.methods.task_arithmetic.combine import Mix, kernel_masked, weighted_deltas_into
+
+N = 4099  # not a multiple of any block or vector width
+
+
+def _inputs(k: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(N, generator=g, dtype=torch.float64) * 0.05
+    xs = [base + torch.randn(N, generator=g, dtype=torch.float64) * 0.01 * (i + 1) for i in range(k)]
+    xs[0][::13] = base[::13]  # equal values: zero deltas and distances
+    return [t.to(dtype) for t in [base, *xs]]
+
+
+STORED = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float64, torch.float64)]
+
+
+@pytest.mark.parametrize("stored,dtype", STORED)
+@pytest.mark.parametrize("with_base", [True, False])
+def test_lincomb_in_place_is_the_formula(stored, dtype, with_base):
+    base, *xs = _inputs(3, stored, 1)
+    coeffs = [0.37, -1.25, 2.0 / 3.0]
+    b = base.to(dtype)
+    vs = [x.to(dtype) - b if with_base else x.to(dtype) for x in xs]
+    want = vs[0] * coeffs[0]
+    for v, c in zip(vs[1:], coeffs[1:]):
+        want = want + v * c
+    if with_base:
+        want = b + want
+    got = _linalg.lincomb(xs, coeffs, dtype, base if with_base else None)
+    assert torch.equal(got, want)
+    out = torch.empty(N, dtype=stored)
+    _linalg.lincomb(xs, coeffs, dtype, base if with_base else None, out=out)
+    assert torch.equal(out, want.to(stored))
+
+
+@pytest.mark.parametrize("stored,dtype", STORED)
+@pytest.mark.parametrize("t", [0.0, 0.31, 1.7])
+def test_model_stock_interpolation_in_place_is_the_formula(stored, dtype, t):
+    base, *xs = _inputs(3, stored, 2)
+    call = MergeCall([base, *xs], 0, {"filter_wise": False}, [{}] * 4, dtype=dtype, out_dtype=stored)
+    ws = [x.to(dtype) for x in xs]
+    want = model_stock._mean(ws) * t + base.to(dtype) * (1.0 - t)
+    assert torch.equal(model_stock._interpolate(call, t), want)
+
+
+@pytest.mark.parametrize("stored,dtype", STORED)
+@pytest.mark.parametrize("t", [0.0, 1e-3, 0.02, 5.0])
+def test_nearswap_in_place_is_the_kernel(stored, dtype, t):
+    base, x = _inputs(1, stored, 3)
+    out = torch.empty(N, dtype=stored)
+    nearswap._into(base, x, t, dtype, out)
+    assert torch.equal(out, nearswap._kernel.eager(base, x, t, dtype, stored))
+
+
+@pytest.mark.parametrize("stored,dtype", STORED)
+@pytest.mark.parametrize("normalize,lam", [(False, 1.0), (True, 1.0), (True, 0.7), (False, 1.3)])
+def test_task_arithmetic_in_place_is_the_kernel(stored, dtype, normalize, lam):
+    base, *xs = _inputs(3, stored, 4)
+    mix = Mix([0.6, -0.25, 0.4], False, normalize, lam)
+    out = torch.empty(N, dtype=stored)
+    weighted_deltas_into(base, xs, mix, dtype, out)
+    want = kernel_masked.eager(base, xs, [None] * 3, [1.0] * 3, mix.weights, False, normalize, lam, dtype, stored)
+    assert torch.equal(out, want)
