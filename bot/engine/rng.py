@@ -72,6 +72,14 @@ def _mix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ ((h >> 16) & 0xFFFF)
 
 
+def hash_u32_words(low: torch.Tensor, key: int, highs: list[int]) -> list[torch.Tensor]:
+    """hash_u32(h·2³² + low, key) for each high word h in `highs`, as int64 in [0, 2³²), computed in int32
+    lanes (`low`: int32, the index's low word, below 2³¹); the inner mix, which only the low word enters, is
+    computed once for all of them. Several times faster eagerly than hash_u32's int64 arithmetic."""
+    inner = _mix32(low ^ signed32(key))
+    return [_mix32(inner ^ signed32(h + GOLDEN)).to(torch.int64) & M32 for h in highs]
+
+
 @dataclass(frozen=True)
 class Stream32:
     """One stream's constants for `keep32` over the chunk [start, start+count): the int32 forms of the low

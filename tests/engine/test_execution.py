@@ -155,6 +155,16 @@ def test_int32_keep_mask_compiled_and_chunk_boundary():
         rng.Stream32.of(key, (1 << 32) - 10, 11, 5)
 
 
+def test_int32_lane_hash_words_match_the_int64_hash():
+    """hash_u32_words (arcee_fusion's sample indices) is hash_u32 of high·2³² + low, bit for bit."""
+    low = torch.cat([torch.arange(3000, dtype=torch.int32), torch.arange((1 << 31) - 3000, (1 << 31) - 1,
+                                                                      dtype=torch.int32)])
+    for key in (0, 12345, 0xFFFFFFFF):
+        got = rng.hash_u32_words(low, key, [0, 256, (1 << 32) - 1 - rng.GOLDEN])
+        for high, words in zip([0, 256, (1 << 32) - 1 - rng.GOLDEN], got):
+            assert torch.equal(words, rng.hash_u32(low.to(torch.int64) + (high << 32), key)), (key, high)
+
+
 # --------------------------------------------------------------------------------------------------- chunking
 
 @pytest.mark.parametrize("method,params", [

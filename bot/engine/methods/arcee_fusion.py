@@ -17,6 +17,7 @@ not bit-identical to mergekit's (which uses the global torch RNG). Tensors up to
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mergebot.config.methods import SPECS
@@ -46,22 +47,26 @@ def importance(x: torch.Tensor, base: torch.Tensor, shape: tuple[int, ...]) -> t
 
 
 def sample_indices(n: int, count: int, key: int, device: torch.device) -> torch.Tensor:
-    """`count` uniform indices in [0, n), with replacement, from the hash stream `key` (63 random bits each)."""
-    j = torch.arange(count, dtype=torch.int64, device=device)
-    hi = rng.hash_u32(j, key)
-    lo = rng.hash_u32(j + _SECOND_STREAM, key)
+    """`count` uniform indices in [0, n), with replacement, from the hash stream `key` (63 random bits each):
+    hash_u32(j) and hash_u32(j + _SECOND_STREAM) for j < count, the latter's high index word being
+    _SECOND_STREAM >> 32 (count < 2³¹)."""
+    j = torch.arange(count, dtype=torch.int32, device=device)
+    hi, lo = rng.hash_u32_words(j, key, [0, _SECOND_STREAM >> 32])
     return ((hi << 31) | (lo >> 1)) % n
 
 
 def threshold(values: torch.Tensor, key: int | None) -> torch.Tensor:
-    """median + 1.5·IQR with lower order statistics (sampled above QUANTILE_SAMPLE_SIZE elements)."""
+    """median + 1.5·IQR with lower order statistics (sampled above QUANTILE_SAMPLE_SIZE elements). The three
+    order statistics come from one partial sort (numpy's introselect; NaN orders last, as in a full sort):
+    a full sort of the 1M-element sample was a third of the method's time."""
     flat = values.reshape(-1)
     n = flat.numel()
     if n > QUANTILE_SAMPLE_SIZE:
         flat = flat[sample_indices(n, QUANTILE_SAMPLE_SIZE, key or 0, flat.device)]
         n = QUANTILE_SAMPLE_SIZE
-    ordered = torch.sort(flat).values
-    q1, med, q3 = ordered[(n - 1) // 4], ordered[(n - 1) // 2], ordered[3 * (n - 1) // 4]
+    ks = [(n - 1) // 4, (n - 1) // 2, 3 * (n - 1) // 4]
+    q1, med, q3 = (torch.tensor(v, dtype=flat.dtype, device=flat.device)
+                   for v in np.partition(flat.cpu().numpy(), ks)[ks])
     return med + 1.5 * (q3 - q1)
 
 

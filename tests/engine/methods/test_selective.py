@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,17 @@ def test_arcee_fusion_sampled_quantiles_are_reproducible(family, tmp_path, monke
         differs += int((one[k] != exact[k]).sum())
     total = sum(v.numel() for v in exact.values())
     assert differs / total < 0.05  # a sampled threshold moves the cut only slightly
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 12, 1001])
+def test_arcee_threshold_is_the_sorted_order_statistics(n):
+    """The partial sort gives a full sort's lower order statistics, ties and NaN (ordered last) included."""
+    from mergebot.engine.methods import arcee_fusion
+    g = torch.Generator().manual_seed(n)
+    for values in (torch.randint(0, 7, (n,), generator=g).float(), torch.rand(n, generator=g, dtype=torch.float64)):
+        if n > 4:
+            values[::3] = math.nan
+        o = torch.sort(values).values
+        want = o[(n - 1) // 2] + 1.5 * (o[3 * (n - 1) // 4] - o[(n - 1) // 4])
+        got = arcee_fusion.threshold(values, None)
+        assert got.dtype == values.dtype and torch.equal(got, want) or (got.isnan() and want.isnan())
