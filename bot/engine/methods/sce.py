@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from mergebot.config.methods import SPECS
-from mergebot.engine.exact import Sums, partials
+from mergebot.engine.exact import BLOCK, Sums, partials, partials_of_rows
+from mergebot.engine.fuse import scratch
 from mergebot.engine.methods import _sparsify
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 from mergebot.engine.methods.task_arithmetic.combine import mergekit_precision
@@ -41,21 +42,34 @@ def _variance_bits(taus: list[torch.Tensor]) -> torch.Tensor:
     int64 patterns). The formula is torch.var's on CPU (Welford, float64 accumulators, one division at the
     end: the same bits as `torch.var(stack, 0, unbiased=False)`, so the selection is the whole-tensor one),
     written out with elementwise ops so that any chunk, and any device, gives the same bits."""
-    mean = torch.zeros(taus[0].shape, dtype=torch.float64, device=taus[0].device)
-    m2 = torch.zeros_like(mean)
+    n, device = taus[0].numel(), taus[0].device
+    # in place in reused float64 buffers (this runs 3-4 times per chunk; fresh float64 temporaries cost more in
+    # allocation than the arithmetic), with the same operations in the same order
+    mean, m2, x, d, step = (scratch(f"sce_{tag}", n, torch.float64, device)
+                            for tag in ("mean", "m2", "x", "d", "step"))
+    mean.zero_()
+    m2.zero_()
     for i, t in enumerate(taus):
-        x = t.to(torch.float64)
-        d = x - mean
-        mean = mean + d / (i + 1)
-        m2 = m2 + d * (x - mean)
-    var = (m2 / len(taus)).to(taus[0].dtype).abs()
+        x.copy_(t.reshape(-1))
+        torch.sub(x, mean, out=d)  # d = x − mean
+        mean.add_(torch.div(d, i + 1, out=step))  # mean + d/(i+1)
+        m2.add_(x.sub_(mean).mul_(d))  # m2 + d·(x − mean), as (x − mean)·d
+    var = m2.div_(len(taus)).to(taus[0].dtype, copy=True).abs_().reshape(taus[0].shape)  # not the scratch buffer
     return var.view(torch.int64 if var.dtype == torch.float64 else torch.int32)
 
 
 def _sums(taus: list[torch.Tensor]) -> Sums:
-    """Σ τᵢ² per model (exact, mergebot.engine.exact), then the element count."""
-    squares = [t.to(torch.float64).square() for t in taus]  # exact squares (rare method: no need for speed)
-    return Sums.cat(Sums.of(partials(squares, nonneg=True)), Sums.of_counts([taus[0].numel() if taus else 0]))
+    """Σ τᵢ² per model (exact, mergebot.engine.exact), then the element count. The squares are exact in
+    float64; whole blocks go through one batched exact sum."""
+    n = taus[0].numel() if taus else 0
+    if n and n % BLOCK == 0:
+        squares = scratch("sce_squares", len(taus) * n, torch.float64, taus[0].device).view(len(taus), n)
+        for row, t in zip(squares, taus):
+            row.copy_(t.reshape(-1)).square_()
+        part = partials_of_rows(squares, nonneg_rows=len(taus))
+    else:
+        part = partials([t.to(torch.float64).square() for t in taus], nonneg=True)
+    return Sums.cat(Sums.of(part), Sums.of_counts([n]))
 
 
 def _reduce(call: MergeCall) -> Sums:
