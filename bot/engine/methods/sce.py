@@ -29,6 +29,7 @@ from mergebot.engine.methods.base import MergeCall, MergeMethod
 from mergebot.engine.methods.task_arithmetic.combine import mergekit_precision
 
 UNIFORM_EPS = 1e-6
+PIECE = 1 << 18  # elements per in-place step (a multiple of the exact sums' BLOCK): float64 buffers of 2 MB
 DIV_EPS = 1e-6
 
 
@@ -43,18 +44,22 @@ def _variance_bits(taus: list[torch.Tensor]) -> torch.Tensor:
     end: the same bits as `torch.var(stack, 0, unbiased=False)`, so the selection is the whole-tensor one),
     written out with elementwise ops so that any chunk, and any device, gives the same bits."""
     n, device = taus[0].numel(), taus[0].device
-    # in place in reused float64 buffers (this runs 3-4 times per chunk; fresh float64 temporaries cost more in
-    # allocation than the arithmetic), with the same operations in the same order
-    mean, m2, x, d, step = (scratch(f"sce_{tag}", n, torch.float64, device)
-                            for tag in ("mean", "m2", "x", "d", "step"))
-    mean.zero_()
-    m2.zero_()
-    for i, t in enumerate(taus):
-        x.copy_(t.reshape(-1))
-        torch.sub(x, mean, out=d)  # d = x − mean
-        mean.add_(torch.div(d, i + 1, out=step))  # mean + d/(i+1)
-        m2.add_(x.sub_(mean).mul_(d))  # m2 + d·(x − mean), as (x − mean)·d
-    var = m2.div_(len(taus)).to(taus[0].dtype, copy=True).abs_().reshape(taus[0].shape)  # not the scratch buffer
+    var = torch.empty(n, dtype=taus[0].dtype, device=device)
+    # in place in reused float64 buffers of one piece (this runs 3-4 times per chunk; fresh float64 temporaries
+    # of a whole chunk cost more in allocation than the arithmetic), the same operations in the same order
+    for s in range(0, n, PIECE):
+        e = min(n, s + PIECE)
+        mean, m2, x, d, step = (scratch(f"sce_{tag}", e - s, torch.float64, device)
+                                for tag in ("mean", "m2", "x", "d", "step"))
+        mean.zero_()
+        m2.zero_()
+        for i, t in enumerate(taus):
+            x.copy_(t.reshape(-1)[s:e])
+            torch.sub(x, mean, out=d)  # d = x − mean
+            mean.add_(torch.div(d, i + 1, out=step))  # mean + d/(i+1)
+            m2.add_(x.sub_(mean).mul_(d))  # m2 + d·(x − mean), as (x − mean)·d
+        var[s:e] = m2.div_(len(taus))
+    var = var.abs_().reshape(taus[0].shape)
     return var.view(torch.int64 if var.dtype == torch.float64 else torch.int32)
 
 
@@ -62,14 +67,17 @@ def _sums(taus: list[torch.Tensor]) -> Sums:
     """Σ τᵢ² per model (exact, mergebot.engine.exact), then the element count. The squares are exact in
     float64; whole blocks go through one batched exact sum."""
     n = taus[0].numel() if taus else 0
-    if n and n % BLOCK == 0:
-        squares = scratch("sce_squares", len(taus) * n, torch.float64, taus[0].device).view(len(taus), n)
+    if not n or n % BLOCK:
+        return Sums.cat(Sums.of(partials([t.to(torch.float64).square() for t in taus], nonneg=True)),
+                        Sums.of_counts([n]))
+    sums = Sums(len(taus))
+    for s in range(0, n, PIECE):
+        e = min(n, s + PIECE)
+        squares = scratch("sce_squares", len(taus) * (e - s), torch.float64, taus[0].device).view(len(taus), -1)
         for row, t in zip(squares, taus):
-            row.copy_(t.reshape(-1)).square_()
-        part = partials_of_rows(squares, nonneg_rows=len(taus))
-    else:
-        part = partials([t.to(torch.float64).square() for t in taus], nonneg=True)
-    return Sums.cat(Sums.of(part), Sums.of_counts([n]))
+            row.copy_(t.reshape(-1)[s:e]).square_()
+        sums.add(partials_of_rows(squares, nonneg_rows=len(taus)))
+    return Sums.cat(sums, Sums.of_counts([n]))
 
 
 def _reduce(call: MergeCall) -> Sums:
