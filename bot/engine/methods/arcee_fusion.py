@@ -110,4 +110,4 @@ def _streamed(call: MergeCall, other: int, key: int | None) -> torch.Tensor:
 
 
 # not chunkable; uses_rng: only tensors above QUANTILE_SAMPLE_SIZE elements draw
-METHOD = MergeMethod.of(SPECS["arcee_fusion"], apply=_apply, chunkable=False, uses_rng=True)
+METHOD = MergeMethod.of(SPECS["arcee_fusion"], apply=_apply, chunkable=False, uses_rng=True, fuse=False)  # eager

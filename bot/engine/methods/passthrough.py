@@ -16,4 +16,4 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     return x.to(call.dtype) * float(scale)
 
 
-METHOD = MergeMethod.of(SPECS["passthrough"], apply=_apply)
+METHOD = MergeMethod.of(SPECS["passthrough"], apply=_apply, fuse=False)  # a copy: nothing to fuse

@@ -183,4 +183,5 @@ def _chunkable_for(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> b
     return float(shared.get("select_topk", 1.0)) >= 1
 
 
-METHOD = MergeMethod.of(SPECS["sce"], apply=_apply, reduce=_reduce, chunkable_when=_chunkable_for)
+# eager (no fused kernel): configuring the compiler for it would only cost its import
+METHOD = MergeMethod.of(SPECS["sce"], apply=_apply, reduce=_reduce, chunkable_when=_chunkable_for, fuse=False)
