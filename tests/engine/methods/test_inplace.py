@@ -72,3 +72,18 @@ def test_task_arithmetic_in_place_is_the_kernel(stored, dtype, normalize, lam):
     weighted_deltas_into(base, xs, mix, dtype, out)
     want = kernel_masked.eager(base, xs, [None] * 3, [1.0] * 3, mix.weights, False, normalize, lam, dtype, stored)
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("stored,dtype", STORED)
+@pytest.mark.parametrize("lambdas", [[1.0, 1.0, 1.0], [1.3, 0.8, 1.0]])
+def test_ram_in_place_is_the_kernel(stored, dtype, lambdas):
+    from mergebot.engine.methods import ram
+    base, *xs = _inputs(3, stored, 5)
+    eps = 0.01
+    form = ram._InPlace(base, xs, eps, dtype)
+    counts = form.counts()
+    out = torch.empty(N, dtype=stored)
+    form.merge(lambdas, out)
+    assert torch.equal(out, ram._kernel.eager(base, xs, eps, lambdas, dtype, stored))
+    assert counts == ram._count_kernel.eager(base, xs, eps, dtype).tolist()
+    assert 0 < sum(counts[0::2]) and 0 < sum(counts[1::2])  # shared and unique positions both occur
