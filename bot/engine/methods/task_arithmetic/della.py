@@ -50,6 +50,33 @@ def descending_order(mag: torch.Tensor) -> torch.Tensor:
     return torch.gather(first, 1, second)
 
 
+def _ranked(delta: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """δ as rows along dim 1 of the real shape, moved last (a 1-D tensor is one row)."""
+    x = delta.reshape(shape) if len(shape) >= 2 else delta.reshape(1, -1)
+    return x.movedim(1, -1)
+
+
+def _by_rank(n: int, density: float, epsilon: float, device: torch.device) -> torch.Tensor:
+    """p for each position of a row's descending order (float64): ascending rank n − 1 − position,
+    r̂ = rank/(n−1) (½ for a single element), p = (density − ε) + r̂·2·ε."""
+    p = torch.arange(n - 1, -1, -1, dtype=torch.float64, device=device)
+    if n > 1:
+        p.div_(n - 1)
+    else:
+        p.fill_(0.5)
+    return p.mul_(2).mul_(epsilon).add_(density - epsilon)
+
+
+def _scatter_by_rank(delta: torch.Tensor, shape: tuple[int, ...], values: torch.Tensor) -> torch.Tensor:
+    """values[position in its row's descending order of |δ|] at every element, flat: the per-element formula
+    of a rank, computed once per position (a row's n values) instead of once per element."""
+    x = _ranked(delta, shape)
+    order = descending_order(x.abs().float())
+    out = torch.empty(order.shape, dtype=values.dtype, device=order.device)
+    out.scatter_(-1, order, values.expand_as(order))
+    return out.movedim(-1, 1).reshape(-1)
+
+
 def della_probabilities(delta: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float) -> torch.Tensor:
     """Per-element keep probabilities of della_magprune (§2.7), float64, flat.
 
@@ -57,37 +84,25 @@ def della_probabilities(delta: torch.Tensor, shape: tuple[int, ...], density: fl
     r̂ = rank/(n−1), p = (density − ε) + r̂·2·ε. A row of a single element (0/0 in mergekit) gets r̂ = ½,
     i.e. p = density.
     """
-    x = delta.reshape(shape) if len(shape) >= 2 else delta.reshape(1, -1)
-    x = x.movedim(1, -1)  # rank along dim 1 (the last dim of a matrix)
-    n = x.shape[-1]
-    order = descending_order(x.abs().float())
-    # ascending rank (n − 1 − position in the descending order), exact in float64; then in place (fewer
-    # buffers per element: `apply` calls this block by block) r̂ = rank/(n−1) and p = (density − ε) + r̂·2·ε
-    p = torch.empty(order.shape, dtype=torch.float64, device=order.device)
-    p.scatter_(-1, order, torch.arange(n - 1, -1, -1, dtype=torch.float64, device=order.device).expand_as(order))
-    del order
-    if n > 1:
-        p.div_(n - 1)
-    else:
-        p.fill_(0.5)
-    p.mul_(2).mul_(epsilon).add_(density - epsilon)
-    return p.movedim(-1, 1).reshape(-1)
+    n = _ranked(delta, shape).shape[-1]
+    return _scatter_by_rank(delta, shape, _by_rank(n, density, epsilon, delta.device))
 
 
 def della_keep(delta: torch.Tensor, shape: tuple[int, ...], density: float, epsilon: float, key: int,
                start: int = 0) -> torch.Tensor:
     """Bernoulli(p) keep mask of della_magprune, p per element, drawn from the hash stream `key` for elements
     start.. of the flattened tensor: `hash_u32(start + j, key) < ⌊p·2³²⌋`, computed in int32 lanes (rng.keep32,
-    the same bits, ~3× faster: DELLA with rescale draws every mask twice, see `apply`)."""
-    thr = della_probabilities(delta, shape, density, epsilon).mul_(4294967296.0).long()
-    n = thr.numel()
+    the same bits, ~3× faster). The integer threshold is computed per rank position and scattered, as int32."""
+    n = delta.numel()
+    width = _ranked(delta, shape).shape[-1]
+    thr = _by_rank(width, density, epsilon, delta.device).mul_(4294967296.0).long()
     # the int64 form where the block crosses a 2³² index boundary, or where p may round up to 1 (thr = 2³²
     # does not fit keep32's int32 cut; the checked ε keeps p < 1 up to rounding)
     if (start & rng.M32) + n > 1 << 32 or density + epsilon > 1 - 1e-9:
-        return rng.hash_u32(torch.arange(n, dtype=torch.int64, device=thr.device) + start, key) < thr
+        thr_all = _scatter_by_rank(delta, shape, thr)
+        return rng.hash_u32(torch.arange(n, dtype=torch.int64, device=thr.device) + start, key) < thr_all
     s = rng.Stream32.of(key, start, n, 0)
-    cut = thr.sub_(1 << 31).to(torch.int32)  # keep32 compares unsigned values as signed ones
-    del thr
+    cut = _scatter_by_rank(delta, shape, thr.sub_(1 << 31).to(torch.int32))  # keep32 compares unsigned as signed
     return rng.keep32(torch.arange(n, dtype=torch.int32, device=cut.device), s.lo, s.key, s.hi, cut)
 
 
