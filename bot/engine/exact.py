@@ -97,7 +97,7 @@ def partials_of_rows(terms: torch.Tensor, nonneg_rows: int = 0) -> torch.Tensor:
     """`partials` of k terms held as the rows of one [k, n] tensor, n a multiple of BLOCK, the first
     `nonneg_rows` never negative: the same integers, from a handful of batched operations instead of ~20 per
     term. Eager code on blocks that fit in cache pays per operation, not per element (an exact Gram matrix of
-    two task vectors: 122 -> ~40 ms per 16M elements)."""
+    two task vectors in 256K-element slices: ~50 ms per 16M elements, against 122 ms term by term in 1M slices)."""
     k, n = terms.shape
     if n % BLOCK:
         raise ValueError(f"partials_of_rows: row length {n} is not a multiple of {BLOCK}")

@@ -22,9 +22,10 @@ from mergebot.engine.exact import BLOCK, Sums, partials, partials_of_rows
 from mergebot.engine.fuse import scratch
 
 # Elements per slice when accumulating a Gram matrix: its few buffers stay in cache between their passes.
-# Three 16M-element bf16 tensors (two task vectors): 122 ms per Gram matrix with 1M, 54 ms with 256K, 119 ms
-# with 64K (per-operation overhead), on this 2-core VM.
+# Three 16M-element bf16 tensors (two task vectors), best of 4 on this 2-core VM: 47-54 ms per Gram matrix
+# with 256K, 60-76 ms with 1M, ~160 ms with 64K (per-operation overhead); 122 ms before (1M, term by term).
 GRAM_BLOCK = 1 << 18
+CUDA_GRAM_BLOCK = 1 << 24  # on a GPU: few kernel launches and host syncs per chunk (the sums are the same)
 
 
 def _gram_block(flats: list[torch.Tensor], dtype: torch.dtype, base: torch.Tensor | None) -> torch.Tensor:
@@ -59,9 +60,10 @@ def gram(vectors: list[torch.Tensor], dtype: torch.dtype, base: torch.Tensor | N
     where = {p: m for m, p in enumerate(squares_first)}
     order = torch.tensor([where[(min(i, j), max(i, j))] for i in range(k) for j in range(k)], dtype=torch.long)
     g = Sums(k * k, (k, k))
-    for s in range(0, n, GRAM_BLOCK):
-        part = _gram_block([f[s:s + GRAM_BLOCK] for f in flats], dtype,
-                           None if flat_base is None else flat_base[s:s + GRAM_BLOCK])
+    step = GRAM_BLOCK if not flats or flats[0].device.type == "cpu" else CUDA_GRAM_BLOCK
+    for s in range(0, n, step):
+        part = _gram_block([f[s:s + step] for f in flats], dtype,
+                           None if flat_base is None else flat_base[s:s + step])
         g.add(part.cpu().index_select(0, order))
     return g
 
