@@ -52,8 +52,11 @@ class MagnitudeCut:
     def tie_mask(self, bits: torch.Tensor, ties_seen: int) -> tuple[torch.Tensor, int]:
         """The entries equal to the cut that this chunk keeps (the first `ties` in element order overall)."""
         eq = bits == self.above
+        count = int(eq.sum())
+        if ties_seen + count <= self.ties:  # every tie here is kept: no ranks needed (all chunks but one)
+            return eq, ties_seen + count
         rank = torch.cumsum(eq, 0, dtype=torch.int64) + ties_seen  # 1-based rank of each tie
-        return eq & (rank <= self.ties), ties_seen + int(eq.sum())
+        return eq & (rank <= self.ties), ties_seen + count
 
 
 def magnitude_bits(delta: torch.Tensor) -> torch.Tensor:

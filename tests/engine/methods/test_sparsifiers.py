@@ -220,3 +220,22 @@ def test_della_radix_order_is_torchs_stable_descending_sort():
     for mag in rows:
         ref = torch.sort(mag, dim=-1, descending=True, stable=True).indices
         assert torch.equal(descending_order(mag), ref)
+
+
+@pytest.mark.parametrize("ties", [0, 1, 37, 250, 400])
+def test_cut_keeps_the_first_ties_in_element_order_across_chunks(ties):
+    """MagnitudeCut.mask chunk by chunk: everything above the cut plus exactly the first `ties` entries equal to
+    it, whichever chunk they fall in (chunks where all their ties are kept skip the ranking)."""
+    from mergebot.engine.methods._sparsify import MagnitudeCut
+    g = torch.Generator().manual_seed(ties)
+    bits = torch.randint(0, 8, (1000,), generator=g, dtype=torch.int32)
+    cut = MagnitudeCut(above=5, ties=ties, equal=int((bits == 5).sum()))
+    eq_at = (bits == 5).nonzero().flatten()
+    want = bits > 5
+    want[eq_at[:ties]] = True
+    for step in (1000, 97, 10):
+        seen, parts = 0, []
+        for s in range(0, 1000, step):
+            m, seen = cut.mask(bits[s:s + step], seen)
+            parts.append(m)
+        assert torch.equal(torch.cat(parts), want), step
