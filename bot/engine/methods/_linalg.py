@@ -68,6 +68,12 @@ def gram(vectors: list[torch.Tensor], dtype: torch.dtype, base: torch.Tensor | N
     return g
 
 
+def others_and_base(call) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """A call's non-base inputs and its base (None without one), as stored: `gram` and `lincomb` form the task
+    vectors xᵢ − base slice by slice."""
+    return [call.xs[i] for i in call.others], None if call.base is None else call.xs[call.base]
+
+
 def tensor_label(call) -> str:
     """' for tensor NAME' when the executor tells the call its tensor's name (MergeCall.name), else ''."""
     name = getattr(call, "name", None)

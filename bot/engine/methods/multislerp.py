@@ -19,21 +19,15 @@ import torch
 
 from mergebot.config.methods import SPECS
 from mergebot.engine.exact import Sums
-from mergebot.engine.methods._linalg import gram, lincomb, tensor_label
+from mergebot.engine.methods._linalg import gram, lincomb, others_and_base, tensor_label
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 from mergebot.errors import ModelError
-
-
-def _inputs(call: MergeCall) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """The non-base inputs and the base (None without one), as stored: vᵢ = xᵢ − base is formed by `gram`
-    and `lincomb` block by block."""
-    return [call.xs[i] for i in call.others], None if call.base is None else call.xs[call.base]
 
 
 def _reduce(call: MergeCall) -> Sums:
     if len(call.others) < 2:
         return Sums(0)
-    xs, base = _inputs(call)
+    xs, base = others_and_base(call)
     return gram(xs, call.dtype, base)
 
 
@@ -62,7 +56,7 @@ def coefficients(g: torch.Tensor, weights: list[float], normalize: bool, eps: fl
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     if len(call.others) == 1:
         return call.xs[call.others[0]].reshape(-1).to(call.dtype)
-    xs, base = _inputs(call)
+    xs, base = others_and_base(call)
     g = totals if totals is not None and totals.numel() else gram(xs, call.dtype, base).values()
     weights = [float(call.per_input[i]["weight"]) for i in call.others]
     beta = coefficients(g, weights, bool(call.shared["normalize_weights"]), float(call.shared["eps"]))

@@ -28,7 +28,7 @@ import torch
 
 from mergebot.config.methods import SPECS
 from mergebot.engine.exact import Sums
-from mergebot.engine.methods._linalg import gram, lincomb
+from mergebot.engine.methods._linalg import gram, lincomb, others_and_base
 from mergebot.engine.methods._rows import map_rows, row_blocks
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 
@@ -78,17 +78,11 @@ def coefficients(t: float, aa: torch.Tensor, bb: torch.Tensor, ab: torch.Tensor)
     return c0, c1
 
 
-def _flat_inputs(call: MergeCall) -> tuple[list[torch.Tensor], torch.Tensor | None]:
-    """The two inputs and the base (None without one), as stored: `gram` and `lincomb` form the task
-    vectors block by block."""
-    return [call.xs[i] for i in call.others], None if call.base is None else call.xs[call.base]
-
-
 def _reduce(call: MergeCall) -> Sums:
     """Flattened mode: the Gram matrix [[‖v0‖², ⟨v0,v1⟩], [⟨v0,v1⟩, ‖v1‖²]], exact."""
     if not call.shared["nuslerp_flatten"]:
         return Sums(0)
-    xs, base = _flat_inputs(call)
+    xs, base = others_and_base(call)
     return gram(xs, call.dtype, base)
 
 
@@ -96,7 +90,7 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     t = _t(call)
     if not call.shared["nuslerp_flatten"] and len(call.shape) >= 2:
         return _apply_vectors(call, t)
-    xs, base = _flat_inputs(call)
+    xs, base = others_and_base(call)
     g = totals if totals is not None and totals.numel() else gram(xs, call.dtype, base).values()
     c0, c1 = coefficients(t, g[0, 0], g[1, 1], g[0, 1])
     return lincomb(xs, [float(c0), float(c1)], call.dtype, base, call.out)  # c0·v0 + c1·v1 (+ base)
