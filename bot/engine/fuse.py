@@ -109,11 +109,29 @@ def fusable(fn: Callable[..., torch.Tensor], inductor: dict[str, Any] | None = N
             return fn(*args, **kwargs) if out is None else into(out, *args, **kwargs)
         key = out is not None
         if key not in compiled:
-            compiled[key] = torch.compile(into if key else fn, dynamic=True, options=inductor)
+            compiled[key] = torch.compile(into if key else fn, dynamic=True, options=known_options(inductor))
         return compiled[key](*args, **kwargs) if out is None else compiled[key](out, *args, **kwargs)
 
     wrapper.eager = fn  # type: ignore[attr-defined]
     return cast(Kernel, wrapper)
+
+
+def known_options(inductor: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The Inductor settings this torch knows: a setting is a speed hint, and torch.compile raises on a name its
+    version lacks (torch 2.11 has no realize_cpu_opcount_threshold), which failed every compiled merge there."""
+    if not inductor:
+        return inductor
+    import torch._inductor.config as inductor_config
+
+    def known(name: str) -> bool:
+        node: Any = inductor_config
+        for part in name.split("."):
+            if not hasattr(node, part):
+                return False
+            node = getattr(node, part)
+        return True
+
+    return {k: v for k, v in inductor.items() if known(k)}
 
 
 _scratch: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}

@@ -283,3 +283,24 @@ def test_warmup_configs_cover_every_method():
     for name, text in CONFIGS.items():
         cfg = parse_config(text.format(b="/m/base", x="/m/ft1", y="/m/ft2", h=1, n=2), f"{name}.yml")
         assert cfg.method_name == name and cfg.method is not None
+
+
+def test_inductor_settings_unknown_to_this_torch_are_dropped(monkeypatch):
+    """A kernel's Inductor settings are speed hints: a name the running torch lacks (torch 2.11 has no
+    realize_cpu_opcount_threshold) is dropped instead of failing every compiled merge, and known ones, dotted too,
+    are kept; the kernel still compiles and gives the eager bytes."""
+    from mergebot.engine import fuse
+    assert fuse.known_options({"no_such_setting_xyz": 1, "cpp.no_such": 2, "cpp.simdlen": 256,
+                               "realize_cpu_opcount_threshold": 100}) == {"cpp.simdlen": 256,
+                                                                          "realize_cpu_opcount_threshold": 100}
+    assert fuse.known_options(None) is None
+    if not fuse.compiler_available():
+        pytest.skip("no C compiler")
+
+    @fuse.fusable_with(no_such_setting_xyz=1)
+    def scaled(x: torch.Tensor) -> torch.Tensor:
+        return x * 3 + 1
+
+    x = torch.arange(1000, dtype=torch.float32) / 7
+    monkeypatch.setitem(fuse._state, "on", True)
+    assert torch.equal(scaled(x), x * 3 + 1)
