@@ -118,6 +118,36 @@ def keep32(idx: torch.Tensor, lo, key, hi, cut) -> torch.Tensor:
     return (h ^ _MIN32) < cut  # unsigned h < thr, compared as signed after flipping the top bit
 
 
+def _mix32_(h: torch.Tensor, t: torch.Tensor) -> None:
+    """`_mix32` in place (t: a work buffer like h), the same operations in the same order."""
+    for shift, mask, mult in ((16, 0xFFFF, _C1), (13, 0x7FFFF, _C2), (16, 0xFFFF, None)):
+        h.bitwise_xor_(torch.bitwise_right_shift(h, shift, out=t).bitwise_and_(mask))
+        if mult is not None:
+            h.mul_(mult)
+
+
+def keep32_into(idx: torch.Tensor, lo: int, key: int, hi: int, cut: torch.Tensor | int, out: torch.Tensor,
+                work: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """`keep32` eagerly into the bool tensor `out`, with two int32 work buffers shaped like idx: the same bits
+    with no temporaries (each of keep32's ~20 operations allocated a chunk-sized tensor)."""
+    h, t = work
+    torch.add(idx, lo, out=h).bitwise_xor_(key)
+    _mix32_(h, t)
+    _mix32_(h.bitwise_xor_(hi), t)
+    return torch.lt(h.bitwise_xor_(_MIN32), cut, out=out)
+
+
+_offsets: dict[str, torch.Tensor] = {}
+
+
+def offsets32(count: int, device: torch.device) -> torch.Tensor:
+    """0..count-1 as int32, from one cached tensor (a view: never write to it)."""
+    have = _offsets.get(str(device))
+    if have is None or have.numel() < count:
+        have = _offsets[str(device)] = torch.arange(max(count, 1 << 16), dtype=torch.int32, device=device)
+    return have[:count]
+
+
 def indices(start: torch.Tensor | int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.arange(count, dtype=torch.int64, device=device) + start
 

@@ -138,6 +138,15 @@ def test_int32_keep_mask_is_the_int64_hash_bit_for_bit(start, p):
     ref = rng.hash_u32(torch.arange(n, dtype=torch.int64) + start, key) < thr
     assert torch.equal(rng.keep32(torch.arange(n, dtype=torch.int32), *stream.args()), ref)
     assert ref.float().mean().item() == pytest.approx(p, abs=0.06)
+    if stream.cut is not None:  # the in-place form (DELLA's masks), with a cut per element too
+        work = (torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32))
+        out = torch.empty(n, dtype=torch.bool)
+        assert torch.equal(rng.keep32_into(rng.offsets32(n, torch.device("cpu")), stream.lo, stream.key, stream.hi,
+                                           stream.cut, out, work), ref)
+        cuts = torch.full((n,), stream.cut, dtype=torch.int32)
+        cuts[::3] = rng._MIN32  # threshold 0: nothing kept there
+        got = rng.keep32_into(torch.arange(n, dtype=torch.int32), stream.lo, stream.key, stream.hi, cuts, out, work)
+        assert torch.equal(got, ref & (torch.arange(n) % 3 != 0))
 
 
 def test_int32_keep_mask_compiled_and_chunk_boundary():

@@ -56,3 +56,14 @@ def map_rows(call: MergeCall, fn: Callable[[list[torch.Tensor], tuple[int, ...],
     for s, e, shape in row_blocks(call.shape, n, out.device):
         out[s:e].copy_(fn([x[s:e] for x in xs], shape, s).reshape(-1))
     return out
+
+
+def map_rows_into(call: MergeCall, fn: Callable[[list[torch.Tensor], tuple[int, ...], int, torch.Tensor], None]) -> torch.Tensor:
+    """`map_rows` for a block function that stores its result itself: fn(xs, shape, s, dest) fills
+    dest = out[s:e] (flat, `call.out_dtype`), so no block result is allocated and copied again."""
+    xs = [x.reshape(-1) for x in call.xs]
+    n = xs[0].numel()
+    out = call.out if call.out is not None else torch.empty(n, dtype=call.out_dtype, device=xs[0].device)
+    for s, e, shape in row_blocks(call.shape, n, out.device):
+        fn([x[s:e] for x in xs], shape, s, out[s:e])
+    return out

@@ -9,7 +9,7 @@ import torch
 
 from mergebot.engine.methods import _linalg, model_stock, nearswap
 from mergebot.engine.methods.base import MergeCall
-from mergebot.engine.methods.task_arithmetic.combine import Mix, kernel_masked, weighted_deltas_into
+from mergebot.engine.methods.task_arithmetic.combine import Mix, combine, combine_into, kernel_masked, weighted_deltas_into
 
 N = 4099  # not a multiple of any block or vector width
 
@@ -87,3 +87,58 @@ def test_ram_in_place_is_the_kernel(stored, dtype, lambdas):
     assert torch.equal(out, ram._kernel.eager(base, xs, eps, lambdas, dtype, stored))
     assert counts == ram._count_kernel.eager(base, xs, eps, dtype).tolist()
     assert 0 < sum(counts[0::2]) and 0 < sum(counts[1::2])  # shared and unique positions both occur
+
+
+@pytest.mark.parametrize("stored,dtype", STORED)
+@pytest.mark.parametrize("consensus,normalize,lam", [(True, True, 1.0), (True, False, 0.7), (False, True, 1.0),
+                                                     (False, False, 1.3)])
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_combine_in_place_is_combine(stored, dtype, consensus, normalize, lam, k):
+    """DELLA's merge pass and the eager masked kernel: the same bytes as `combine`, with zero deltas (no vote),
+    opposite deltas that cancel (total 0 votes +), negative weights and weights that are not float32 values."""
+    base, *xs = _inputs(k, stored, 6)
+    b = base.to(dtype)
+    deltas = [x.to(dtype) - b for x in xs]
+    deltas[0][5::17] = -deltas[-1][5::17] if k > 1 else 0.0
+    deltas[-1][7::19] = 0.0
+    weights = [0.6, -0.25, 1.0 / 3.0][:k]
+    want = combine(b, deltas, weights, consensus, normalize, lam, stored)
+    out = torch.empty(N, dtype=stored)
+    assert torch.equal(combine_into(b, [d.clone() for d in deltas], weights, consensus, normalize, lam, out), want)
+
+
+@pytest.mark.parametrize("stored,dtype", STORED)
+@pytest.mark.parametrize("consensus", [True, False])
+@pytest.mark.parametrize("ends", [[0, 0], [1500, N], [N, 7]])
+def test_ties_merge_in_place_is_the_kernel(stored, dtype, consensus, ends):
+    """TIES' merge pass without compiled kernels: the fused kernel's bytes, with cuts that fall on equal
+    magnitudes (ties kept up to each `end`), one model unpruned, and rescales."""
+    from mergebot.engine.methods.task_arithmetic import magnitude
+    base, *xs = _inputs(2, stored, 7)
+    b = base.to(dtype)
+    mags = [(x.to(dtype) - b).abs().to(torch.float32) for x in xs]
+    aboves = [mags[0].median().view(torch.int32).reshape(()), None]  # an element's value: the cut has ties
+    mix = Mix([0.7, -0.4], consensus, True, 0.9)
+    scales = [1.37, 1.0]
+    want = magnitude._kernel_magnitude.eager(base, xs, aboves, [torch.tensor(e, dtype=torch.int32) for e in ends],
+                                             scales, mix.weights, consensus, True, 0.9, dtype, stored)
+    out = torch.empty(N, dtype=stored)
+    assert torch.equal(magnitude._magnitude_into(base, xs, aboves, ends, scales, mix, dtype, out), want)
+    aboves[1] = mags[1].quantile(0.3).view(torch.int32).reshape(())  # both pruned
+    want = magnitude._kernel_magnitude.eager(base, xs, aboves, [torch.tensor(e, dtype=torch.int32) for e in ends],
+                                             scales, mix.weights, consensus, True, 0.9, dtype, stored)
+    assert torch.equal(magnitude._magnitude_into(base, xs, aboves, ends, scales, mix, dtype, out), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_unless_is_where(dtype):
+    """The integer-mask form of where(keep, d, 0.0) keeps -0.0, inf, NaN and subnormals bit for bit and drops to
+    +0.0, from a bool mask or an all-ones/zero integer mask."""
+    from mergebot.engine.methods.task_arithmetic.combine import bits_of, zero_unless
+    d = torch.tensor([1.5, -0.0, float("inf"), float("-inf"), float("nan"), 1e-310, -2.0, 3.0] * 9, dtype=dtype)
+    keep = torch.arange(d.numel()) % 3 != 1
+    want = torch.where(keep, d, 0.0)
+    got = zero_unless(d.clone(), keep)
+    assert torch.equal(bits_of(got), bits_of(want))
+    mask = keep.to(bits_of(d).dtype).neg_()
+    assert torch.equal(bits_of(zero_unless(d.clone(), mask)), bits_of(want))

@@ -21,7 +21,7 @@ from mergebot.config.methods import FAMILY, SPECS
 from mergebot.config.spec import FamilyVariant
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 from mergebot.engine.methods.task_arithmetic import dare, della, magnitude, outliers
-from mergebot.engine.methods.task_arithmetic.combine import Mix, kernel_masked, weighted_deltas_into
+from mergebot.engine.methods.task_arithmetic.combine import Mix, masked, weighted_deltas_into
 
 Apply = Callable[[MergeCall, "torch.Tensor | None", Mix], torch.Tensor]
 
@@ -33,17 +33,19 @@ def _unpruned(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.T
     xs = [call.xs[i] for i in call.others]
     if not mix.consensus and call.out is not None:
         return weighted_deltas_into(call.xs[call.base_at], xs, mix, call.dtype, call.out)
-    return kernel_masked(call.xs[call.base_at], xs, [None] * len(xs), [1.0] * len(xs), mix.weights, mix.consensus,
-                         mix.normalize, mix.lam, call.dtype, call.out_dtype, out=call.out)
+    return masked(call.xs[call.base_at], xs, [None] * len(xs), [1.0] * len(xs), mix, call.dtype, call.out_dtype,
+                  call.out)
 
 
 # sparsifier -> (apply, extra kernel fields)
 _SPARSIFIERS: dict[str | None, tuple[Apply, dict[str, Any]]] = {
     None: (_unpruned, {"fuse": False}),
-    "magnitude": (magnitude.apply, {"chunkable_when": magnitude.chunkable_when}),
+    # TIES, breadcrumbs and DELLA run eagerly in place (combine.combine_into, integer masks): as fast as their
+    # compiled kernels warm (0.86B TIES 17-21 s either way), and nothing to compile on a fresh runner
+    "magnitude": (magnitude.apply, {"chunkable_when": magnitude.chunkable_when, "fuse": False}),
     "random": (dare.apply, {"reduce": dare.reduce, "uses_rng": True}),
-    "magnitude_outliers": (outliers.apply, {"chunkable_when": outliers.chunkable_when}),
-    "della_magprune": (della.apply, {"chunkable_when": della.chunkable_when, "uses_rng": True}),
+    "magnitude_outliers": (outliers.apply, {"chunkable_when": outliers.chunkable_when, "fuse": False}),
+    "della_magprune": (della.apply, {"chunkable_when": della.chunkable_when, "uses_rng": True, "fuse": False}),
 }
 
 

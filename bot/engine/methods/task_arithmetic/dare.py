@@ -15,7 +15,7 @@ from mergebot.engine import rng
 from mergebot.engine.exact import Sums, partials
 from mergebot.engine.fuse import fusable, fusable_with
 from mergebot.engine.methods.base import MergeCall
-from mergebot.engine.methods.task_arithmetic.combine import Mix, combine, kernel_masked, l1_partials, rescale_factor
+from mergebot.engine.methods.task_arithmetic.combine import Mix, combine, l1_partials, masked, rescale_factor
 
 Streams = list[tuple]  # rng.Stream32.tensors() per non-base model (0-d int32 tensors)
 
@@ -70,8 +70,7 @@ def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tenso
     xs = [call.xs[i] for i in call.others]
     if call.rng == "mergekit":
         masks, scales = _mergekit_order_masks(call)
-        return kernel_masked(base, xs, masks, scales, mix.weights, mix.consensus, mix.normalize, mix.lam,
-                             call.dtype, call.out_dtype, out=call.out)
+        return masked(base, xs, masks, scales, mix, call.dtype, call.out_dtype, call.out)
     scales = [rescale_factor(float(totals[2 * j]), float(totals[2 * j + 1]))
               if totals is not None and totals.numel() else 1.0 for j in range(len(xs))]
     return _kernel_random(base, xs, _streams(call), scales, mix.weights, mix.consensus, mix.normalize, mix.lam,

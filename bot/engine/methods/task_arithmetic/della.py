@@ -26,10 +26,11 @@ import torch
 from mergebot.config.methods import check_epsilon
 from mergebot.engine import rng
 from mergebot.engine.exact import Sums
+from mergebot.engine.fuse import scratch
 from mergebot.engine.methods._linalg import tensor_label
-from mergebot.engine.methods._rows import map_rows, row_blocks
+from mergebot.engine.methods._rows import map_rows_into, row_blocks
 from mergebot.engine.methods.base import MergeCall
-from mergebot.engine.methods.task_arithmetic.combine import Mix, combine, l1_partials, rescale_factor
+from mergebot.engine.methods.task_arithmetic.combine import Mix, combine_into, l1_partials, rescale_factor
 
 
 def descending_order(mag: torch.Tensor) -> torch.Tensor:
@@ -103,7 +104,10 @@ def della_keep(delta: torch.Tensor, shape: tuple[int, ...], density: float, epsi
         return rng.hash_u32(torch.arange(n, dtype=torch.int64, device=thr.device) + start, key) < thr_all
     s = rng.Stream32.of(key, start, n, 0)
     cut = _scatter_by_rank(delta, shape, thr.sub_(1 << 31).to(torch.int32))  # keep32 compares unsigned as signed
-    return rng.keep32(torch.arange(n, dtype=torch.int32, device=cut.device), s.lo, s.key, s.hi, cut)
+    dev = cut.device
+    work = (scratch("della_h", n, torch.int32, dev), scratch("della_t", n, torch.int32, dev))
+    return rng.keep32_into(rng.offsets32(n, dev), s.lo, s.key, s.hi, cut, torch.empty(n, dtype=torch.bool, device=dev),
+                           work)
 
 
 # Keep masks of the first pass, held for the second while they fit (bool, one byte per element): the per-row
@@ -112,13 +116,15 @@ MASK_CACHE_BYTES = 256 << 20
 
 
 def _masked(call: MergeCall, xs: list[torch.Tensor], base: torch.Tensor, i: int, shape: tuple[int, ...],
-            s: int, cache: dict[tuple[int, int], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(δᵢ, keepᵢ) of one row block starting at flat offset s; keep None: no sampling (density ≥ 1 or ≤ 0)."""
+            s: int, cache: dict[tuple[int, int], torch.Tensor] | None = None,
+            tag: str = "della_d") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(δᵢ, keepᵢ) of one row block starting at flat offset s, δᵢ in the reused buffer `tag`; keep None: no
+    sampling (density ≥ 1 or ≤ 0)."""
     p = call.per_input[i]
     density, epsilon = float(p["density"]), float(p["epsilon"])
-    d = xs[i].to(call.dtype) - base
+    d = scratch(tag, base.numel(), call.dtype, base.device).copy_(xs[i]).sub_(base)
     if density <= 0:
-        return torch.zeros_like(d), None
+        return d.zero_(), None
     if density >= 1:
         return d, None
     if cache is not None and (s, i) in cache:
@@ -133,7 +139,7 @@ def _l1_scales(call: MergeCall, sampled: list[int],
     xs = [x.reshape(-1) for x in call.xs]
     for s, e, shape in row_blocks(call.shape, xs[0].numel(), xs[0].device):
         block = [x[s:e] for x in xs]
-        base = block[call.base_at].to(call.dtype)
+        base = scratch("della_base", e - s, call.dtype, xs[0].device).copy_(block[call.base_at])
         for i in sampled:
             d, keep = _masked(call, block, base, i, shape, s)
             assert keep is not None  # sampled: 0 < density < 1
@@ -155,19 +161,20 @@ def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tenso
         {} if call.xs[call.base_at].numel() * len(sampled) <= MASK_CACHE_BYTES else None)
     scales = _l1_scales(call, sampled, cache) if sampled and call.shared["rescale"] else {}
 
-    def block(xs: list[torch.Tensor], shape: tuple[int, ...], s: int) -> torch.Tensor:
-        base = xs[call.base_at].to(call.dtype)
+    def block(xs: list[torch.Tensor], shape: tuple[int, ...], s: int, dest: torch.Tensor) -> None:
+        n = dest.numel()
+        base = scratch("della_base", n, call.dtype, dest.device).copy_(xs[call.base_at])
         deltas = []
-        for i in others:
-            d, keep = _masked(call, xs, base, i, shape, s, cache)
+        for j, i in enumerate(others):
+            d, keep = _masked(call, xs, base, i, shape, s, cache, f"della_d{j}")
             if keep is not None:
-                d = torch.where(keep, d, 0.0)
+                d.masked_fill_(torch.logical_not(keep, out=scratch("della_drop", n, torch.bool, dest.device)), 0.0)
                 if scales.get(i, 1.0) != 1.0:
-                    d = d * scales[i]
+                    d.mul_(scales[i])
             deltas.append(d)
-        return combine(base, deltas, mix.weights, mix.consensus, mix.normalize, mix.lam, call.out_dtype)
+        combine_into(base, deltas, mix.weights, mix.consensus, mix.normalize, mix.lam, dest)
 
-    return map_rows(call, block)
+    return map_rows_into(call, block)
 
 
 def chunkable_when(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:

@@ -15,10 +15,19 @@ from typing import Any
 
 import torch
 
-from mergebot.engine.fuse import fusable
+from mergebot.engine.fuse import enabled, fusable, scratch
 from mergebot.engine.methods import _sparsify
 from mergebot.engine.methods.base import MergeCall
-from mergebot.engine.methods.task_arithmetic.combine import FlatDeltas, Mix, combine, merge_pruned, mergekit_precision, rescales
+from mergebot.engine.methods.task_arithmetic.combine import (
+    FlatDeltas,
+    Mix,
+    combine,
+    combine_into,
+    merge_pruned,
+    mergekit_precision,
+    rescales,
+    zero_unless,
+)
 
 
 def _bits(x: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -27,7 +36,8 @@ def _bits(x: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @fusable
 def _count_equal(base: torch.Tensor, x: torch.Tensor, above: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (_bits(x, base.reshape(-1).to(dtype), dtype) == above).sum()
+    bits = _bits(x, base.reshape(-1).to(dtype), dtype)
+    return bits.numel() - torch.count_nonzero(bits - above)  # eagerly ~5x faster than (bits == above).sum()
 
 
 @fusable
@@ -49,6 +59,36 @@ def _kernel_magnitude(base: torch.Tensor, xs: list[torch.Tensor], aboves: list[t
             d = d * s
         deltas.append(d)
     return combine(b, deltas, weights, consensus, normalize, lam, out_dtype)
+
+
+def _magnitude_into(base: torch.Tensor, xs: list[torch.Tensor], aboves: list[torch.Tensor | None], tie_ends: list[int],
+                    scales: list[float], mix: Mix, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+    """`_kernel_magnitude` eagerly in place in reused buffers (tie_ends as ints), with its roundings: what runs
+    where kernels are not compiled. The keep test is integer arithmetic on the non-negative bit patterns:
+    (cut − bits) >> 31 is all ones exactly where bits > cut (and cut − 1 where ties up to `end` are kept too),
+    and the delta's bits are ANDed with it (`zero_unless`): no bool tensors, which torch makes ~10x slower."""
+    n, dev = out.numel(), out.device
+    b = scratch("tm_base", n, dtype, dev).copy_(base.reshape(-1))
+    bits = scratch("tm_bits", n, torch.int32, dev)
+    wide = scratch("tm_wide", n, torch.int64, dev) if dtype == torch.float64 else None
+    deltas = []
+    for j, (x, above, end, sc) in enumerate(zip(xs, aboves, tie_ends, scales)):
+        d = scratch(f"tm_d{j}", n, dtype, dev).copy_(x.reshape(-1)).sub_(b)
+        if above is not None:
+            mag = bits.view(torch.float32)
+            if dtype == torch.float32:
+                torch.abs(d, out=mag)
+            else:
+                mag.copy_(d.abs())
+            cut = int(above)
+            torch.sub(cut - 1, bits[:end], out=bits[:end])  # bits >= cut where the cut's ties are kept
+            torch.sub(cut, bits[end:], out=bits[end:])
+            keep = bits.bitwise_right_shift_(31)
+            zero_unless(d, keep if wide is None else wide.copy_(keep))
+        if sc != 1.0:
+            d.mul_(sc)
+        deltas.append(d)
+    return combine_into(b, deltas, mix.weights, mix.consensus, mix.normalize, mix.lam, out)
 
 
 def _tie_end(base: torch.Tensor, x: torch.Tensor, cut: _sparsify.MagnitudeCut | None, above: torch.Tensor | None,
@@ -116,6 +156,10 @@ def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tenso
     ends = [_tie_end(base, x, cut, above, n, step, call.dtype) for x, cut, above in zip(xs, cuts, aboves)]
     for s in range(0, n, step):
         e = min(n, s + step)
+        if not enabled():
+            _magnitude_into(base[s:e], [x[s:e] for x in xs], aboves, [min(max(end - s, 0), e - s) for end in ends],
+                            scales, mix, call.dtype, out[s:e])
+            continue
         _kernel_magnitude(base[s:e], [x[s:e] for x in xs], aboves,
                           [torch.tensor(min(max(end - s, 0), e - s), dtype=torch.int32) for end in ends],
                           scales, mix.weights, mix.consensus, mix.normalize, mix.lam, call.dtype, call.out_dtype,
