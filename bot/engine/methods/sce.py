@@ -26,7 +26,7 @@ from mergebot.engine.exact import BLOCK, Sums, partials, partials_of_rows
 from mergebot.engine.fuse import scratch
 from mergebot.engine.methods import _sparsify
 from mergebot.engine.methods.base import MergeCall, MergeMethod
-from mergebot.engine.methods.task_arithmetic.combine import mergekit_precision
+from mergebot.engine.methods.task_arithmetic.combine import bits_of, mergekit_precision, zero_unless
 
 UNIFORM_EPS = 1e-6
 PIECE = 1 << 18  # elements per in-place step (a multiple of the exact sums' BLOCK): float64 buffers of 2 MB
@@ -109,6 +109,27 @@ def _merge(base: torch.Tensor, taus: list[torch.Tensor], weights: list[float]) -
     return base + mixed / div.clamp(min=DIV_EPS)
 
 
+def _merge_into(base: torch.Tensor, taus: list[torch.Tensor], weights: list[float], out: torch.Tensor) -> None:
+    """`_merge` in place into `out` (the τ, flat and the caller's own, are overwritten), with its roundings: votes as
+    float 0/1 and integer masks (combine.combine_into), no bool tensors or where."""
+    n, dev, dtype = base.numel(), base.device, base.dtype
+    sign = scratch("sce_sign", n, dtype, dev).copy_(taus[0])
+    for t in taus[1:]:
+        sign.add_(t)
+    sign.ge_(0).mul_(2).sub_(1)  # where(total >= 0, 1, -1)
+    vote = scratch("sce_vote", n, dtype, dev)
+    mask = bits_of(scratch("sce_mask", n, dtype, dev))
+    mixed = scratch("sce_mixed", n, dtype, dev).zero_()
+    div = scratch("sce_div", n, dtype, dev).zero_()
+    shift = 8 * vote.element_size() - 3
+    for t, w in zip(taus, weights):
+        torch.mul(t, sign, out=vote).gt_(0)  # agree: t·sign > 0 (a zero or NaN τ never votes)
+        zero_unless(t.mul_(w), torch.bitwise_right_shift(bits_of(vote), shift, out=mask).neg_())
+        mixed.add_(t)
+        div.add_(vote.mul_(float(torch.tensor(w, dtype=torch.float32))))  # where(agree, w, 0.0) is float32
+    out.copy_(mixed.div_(div.clamp_(min=DIV_EPS)).add_(base))
+
+
 def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
     if call.others and float(call.shared["select_topk"]) < 1:
         return _apply_selected(call)
@@ -117,7 +138,11 @@ def _apply(call: MergeCall, totals: torch.Tensor | None) -> torch.Tensor:
         return base
     if totals is None or not totals.numel():
         totals = _sums(taus).values()
-    return _merge(base, taus, matrix_weights([float(v) for v in totals[:-1]], float(totals[-1])))
+    weights = matrix_weights([float(v) for v in totals[:-1]], float(totals[-1]))
+    if call.out is None:
+        return _merge(base, taus, weights)
+    _merge_into(base, taus, weights, call.out.reshape(-1))
+    return call.out
 
 
 def _apply_selected(call: MergeCall) -> torch.Tensor:
@@ -159,7 +184,7 @@ def _apply_selected(call: MergeCall) -> torch.Tensor:
             keep = chosen[s:e]
         else:
             keep, seen = cut.mask(_variance_bits(taus), seen)
-        return b, [torch.where(keep, t, 0.0) for t in taus], seen
+        return b, [zero_unless(t, keep) for t in taus], seen
 
     sums: Sums | None = None
     seen = 0
@@ -175,7 +200,7 @@ def _apply_selected(call: MergeCall) -> torch.Tensor:
     for s in range(0, n, step):
         e = min(n, s + step)
         b, taus, seen = selected(s, e, seen)
-        out[s:e] = _merge(b, taus, weights)
+        _merge_into(b, taus, weights, out[s:e])
     return out
 
 

@@ -142,3 +142,21 @@ def test_zero_unless_is_where(dtype):
     assert torch.equal(bits_of(got), bits_of(want))
     mask = keep.to(bits_of(d).dtype).neg_()
     assert torch.equal(bits_of(zero_unless(d.clone(), mask)), bits_of(want))
+
+
+@pytest.mark.parametrize("stored,dtype", STORED)
+@pytest.mark.parametrize("k", [1, 3])
+def test_sce_merge_in_place_is_the_formula(stored, dtype, k):
+    """SCE's sign election and ω-weighted mean without bool tensors: `_merge`'s bytes, with zero τ (no vote),
+    τ that cancel, and positions where no τ agrees (the divisor's clamp)."""
+    from mergebot.engine.methods import sce
+    base, *xs = _inputs(k, stored, 8)
+    b = base.to(dtype)
+    taus = [x.to(dtype) - b for x in xs]
+    if k > 1:
+        taus[1][3::11] = -taus[0][3::11]
+    weights = [0.5, 0.2, 0.3][:k]
+    want = sce._merge(b, taus, weights)
+    out = torch.empty(N, dtype=dtype)
+    sce._merge_into(b, [t.clone() for t in taus], weights, out)
+    assert torch.equal(out, want)
