@@ -30,7 +30,7 @@ from mergebot.engine.fuse import scratch
 from mergebot.engine.methods._linalg import tensor_label
 from mergebot.engine.methods._rows import map_rows_into, row_blocks
 from mergebot.engine.methods.base import MergeCall
-from mergebot.engine.methods.task_arithmetic.combine import Mix, combine_into, l1_partials, rescale_factor
+from mergebot.engine.methods.task_arithmetic.combine import Mix, combine_into, l1_partials, rescale_factor, zero_unless
 
 
 def descending_order(mag: torch.Tensor) -> torch.Tensor:
@@ -168,7 +168,7 @@ def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tenso
         for j, i in enumerate(others):
             d, keep = _masked(call, xs, base, i, shape, s, cache, f"della_d{j}")
             if keep is not None:
-                d.masked_fill_(torch.logical_not(keep, out=scratch("della_drop", n, torch.bool, dest.device)), 0.0)
+                zero_unless(d, keep)
                 if scales.get(i, 1.0) != 1.0:
                     d.mul_(scales[i])
             deltas.append(d)
