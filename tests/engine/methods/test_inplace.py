@@ -160,3 +160,33 @@ def test_sce_merge_in_place_is_the_formula(stored, dtype, k):
     out = torch.empty(N, dtype=dtype)
     sce._merge_into(b, [t.clone() for t in taus], weights, out)
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("stored,dtype", STORED)
+@pytest.mark.parametrize("start", [0, (1 << 31) - 70000, 5 * (1 << 32) + 3])
+@pytest.mark.parametrize("consensus", [True, False])
+def test_dare_in_place_is_the_kernel(stored, dtype, start, consensus):
+    """DARE without compiled kernels: the L1 sums' integers and the merged bytes of the kernels (whose compiled
+    form tests/engine/test_execution.py checks), over several 256K-element pieces of a chunk that starts where the
+    int32 index wraps or past 2**32, densities that keep nothing, some or all, and a rescale factor."""
+    from mergebot.engine.methods.task_arithmetic import dare
+    from mergebot.engine import rng
+    g = torch.Generator().manual_seed(9)
+    n = 2 * dare.PIECE + 4099
+    base = (torch.randn(n, generator=g, dtype=torch.float64) * 0.05).to(stored)
+    xs = [(base.double() + torch.randn(n, generator=g, dtype=torch.float64) * 0.01).to(stored) for _ in range(3)]
+    per_input = [{}] + [{"density": d} for d in (0.3, 1.0, 0.0)]
+    call = MergeCall([base, *xs], 0, {}, per_input, dtype=dtype, out_dtype=stored, start=start,
+                     keys=[0, 11, 22, 33])
+    streams = dare._streams(call)
+    assert torch.equal(dare._Eager(call).l1_sums(), dare._l1_sums.eager(base, xs, streams, dtype))
+    mix = Mix([0.5, 0.3, -0.2], consensus, True, 1.0)
+    scales = [1.7, 1.0, 1.0]
+    want = dare._kernel_random.eager(base, xs, streams, scales, mix.weights, consensus, True, 1.0, dtype, stored)
+    out = torch.empty(n, dtype=stored)
+    assert torch.equal(dare._Eager(call).merge(scales, mix, out), want)
+    mask = rng.keep32_mask_into(torch.arange(n, dtype=torch.int32), *rng.Stream32.of(11, start, n, 1 << 31).args(),
+                                torch.empty(n, dtype=torch.int32), (torch.empty(n, dtype=torch.int32),
+                                                                    torch.empty(n, dtype=torch.int32)),
+                                torch.empty(n, dtype=torch.int64))
+    assert torch.equal(mask == -1, rng.hash_u32(torch.arange(n, dtype=torch.int64) + start, 11) < (1 << 31))

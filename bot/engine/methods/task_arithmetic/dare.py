@@ -13,9 +13,17 @@ import torch
 
 from mergebot.engine import rng
 from mergebot.engine.exact import Sums, partials
-from mergebot.engine.fuse import fusable, fusable_with
+from mergebot.engine.fuse import enabled, fusable, fusable_with, scratch
 from mergebot.engine.methods.base import MergeCall
-from mergebot.engine.methods.task_arithmetic.combine import Mix, combine, l1_partials, masked, rescale_factor
+from mergebot.engine.methods.task_arithmetic.combine import (
+    Mix,
+    combine,
+    combine_into,
+    l1_partials,
+    masked,
+    rescale_factor,
+    zero_unless,
+)
 
 Streams = list[tuple]  # rng.Stream32.tensors() per non-base model (0-d int32 tensors)
 
@@ -51,6 +59,71 @@ def _kernel_random(base: torch.Tensor, xs: list[torch.Tensor], streams: Streams,
     return combine(b, deltas, weights, consensus, normalize, lam, out_dtype)
 
 
+PIECE = 1 << 18  # elements per in-place step (a multiple of the exact sums' BLOCK): buffers that stay in cache
+
+
+def _pieces(n: int, device: torch.device) -> list[tuple[int, int]]:
+    """CPU: cache-sized pieces; a GPU takes the chunk whole (each piece costs ~50 kernel launches)."""
+    step = PIECE if device.type == "cpu" else max(n, 1)
+    return [(s, min(n, s + step)) for s in range(0, max(n, 1), step)]  # an empty chunk is one empty piece
+
+
+class _Eager:
+    """DARE without compiled kernels, in place in reused cache-sized buffers, with the kernels' bytes: the hash in
+    int32 lanes into integer masks (`rng.keep32_mask_into`) ANDed into the deltas (`combine.zero_unless`), the
+    tail by `combine.combine_into`. Before, eager DARE allocated ~40 chunk-sized temporaries per model and took
+    4x its compiled kernel; a fresh runner had to compile that kernel first (dare_ties 0.86B: 50 s cold)."""
+
+    def __init__(self, call: MergeCall):
+        self.call = call
+        base = call.xs[call.base_at]
+        self.n, self.dev, self.dtype = base.numel(), base.device, call.dtype
+        self.streams = [rng.Stream32.of(call.keys[i], call.start, self.n,
+                                        rng.threshold(float(call.per_input[i]["density"]))) for i in call.others]
+
+    def _delta(self, j: int, x: torch.Tensor, b: torch.Tensor, s: int, e: int) -> torch.Tensor:
+        return scratch(f"dare_d{j}", e - s, self.dtype, self.dev).copy_(x.reshape(-1)[s:e]).sub_(b)
+
+    def _mask(self, j: int, s: int, e: int, like: torch.Tensor) -> torch.Tensor:
+        st, m = self.streams[j], e - s
+        work = (scratch("dare_h", m, torch.int32, self.dev), scratch("dare_t", m, torch.int32, self.dev))
+        wide = scratch("dare_wide", m, torch.int64, self.dev)
+        mask = wide if like.element_size() == 8 else scratch("dare_mask", m, torch.int32, self.dev)
+        # offsets from the chunk start; lo is the chunk's, so piece s starts at lo + s (int32 wrap, as keep32)
+        return rng.keep32_mask_into(rng.offsets32(m, self.dev), rng.signed32(st.lo + s), st.key, st.hi, st.cut,
+                                    mask, work, wide)
+
+    def base(self, s: int, e: int) -> torch.Tensor:
+        b = self.call.xs[self.call.base_at].reshape(-1)
+        return scratch("dare_base", e - s, self.dtype, self.dev).copy_(b[s:e])
+
+    def l1_sums(self) -> torch.Tensor:
+        """`_l1_sums`' integers: [‖δᵢ‖₁, ‖δᵢ⊙keepᵢ‖₁] per model, piece by piece (whole BLOCKs, so the same blocks)."""
+        per_piece = []
+        for s, e in _pieces(self.n, self.dev):
+            b = self.base(s, e)
+            terms = []
+            for j, i in enumerate(self.call.others):
+                a = self._delta(j, self.call.xs[i], b, s, e).abs_()
+                kept = scratch(f"dare_k{j}", e - s, self.dtype, self.dev).copy_(a)
+                terms += [a, zero_unless(kept, self._mask(j, s, e, kept))]
+            per_piece.append(partials(terms, nonneg=True, bound=[None if k % 2 == 0 else k - 1 for k in range(len(terms))]))
+        return torch.cat(per_piece, -1)
+
+    def merge(self, scales: list[float], mix: Mix, out: torch.Tensor) -> torch.Tensor:
+        flat = out.reshape(-1)
+        for s, e in _pieces(self.n, self.dev):
+            b = self.base(s, e)
+            deltas = []
+            for j, (i, sc) in enumerate(zip(self.call.others, scales)):
+                d = self._delta(j, self.call.xs[i], b, s, e)
+                if sc != 1.0:
+                    d.mul_(sc)
+                deltas.append(zero_unless(d, self._mask(j, s, e, d)))
+            combine_into(b, deltas, mix.weights, mix.consensus, mix.normalize, mix.lam, flat[s:e])
+        return out
+
+
 def _streams(call: MergeCall) -> Streams:
     base = call.xs[call.base_at]
     return [rng.Stream32.of(call.keys[i], call.start, base.numel(),
@@ -61,6 +134,8 @@ def _streams(call: MergeCall) -> Streams:
 def reduce(call: MergeCall) -> Sums:
     if not call.shared["rescale"] or not call.others:
         return Sums(0)
+    if not enabled():
+        return Sums.of(_Eager(call).l1_sums())
     xs = [call.xs[i] for i in call.others]
     return Sums.of(_l1_sums(call.xs[call.base_at], xs, _streams(call), call.dtype))
 
@@ -73,6 +148,8 @@ def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tenso
         return masked(base, xs, masks, scales, mix, call.dtype, call.out_dtype, call.out)
     scales = [rescale_factor(float(totals[2 * j]), float(totals[2 * j + 1]))
               if totals is not None and totals.numel() else 1.0 for j in range(len(xs))]
+    if call.out is not None and not enabled():
+        return _Eager(call).merge(scales, mix, call.out)
     return _kernel_random(base, xs, _streams(call), scales, mix.weights, mix.consensus, mix.normalize, mix.lam,
                           call.dtype, call.out_dtype, out=call.out)
 
