@@ -169,8 +169,8 @@ def test_dare_in_place_is_the_kernel(stored, dtype, start, consensus):
     """DARE without compiled kernels: the L1 sums' integers and the merged bytes of the kernels (whose compiled
     form tests/engine/test_execution.py checks), over several 256K-element pieces of a chunk that starts where the
     int32 index wraps or past 2**32, densities that keep nothing, some or all, and a rescale factor."""
-    from mergebot.engine.methods.task_arithmetic import dare
     from mergebot.engine import rng
+    from mergebot.engine.methods.task_arithmetic import dare
     g = torch.Generator().manual_seed(9)
     n = 2 * dare.PIECE + 4099
     base = (torch.randn(n, generator=g, dtype=torch.float64) * 0.05).to(stored)
