@@ -150,4 +150,6 @@ def run(cfg: Config, out_dir: Path, options: MergeOptions, *, push_to: str | Non
         published = publish(out_dir, push_to, token=token, private=private, create_pr=create_pr,
                             endpoint=endpoint, license_report=report, allow_license_risk=allow_license_risk,
                             preuploaded=preuploaded)
+        if session is not None:
+            session.reveal()
     return PipelineResult(out_dir, result, report, push_to, published, session.stats if session else None, outcome)

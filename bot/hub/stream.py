@@ -243,6 +243,7 @@ class StreamSession:
         self.stats = StreamStats()
         self.readers: list[RemoteWeights] = []
         self.uploader: ShardUploader | None = None
+        self.hidden = False  # created private by this run, to be made public once published (`reveal`)
 
     # -------------------------------------------------------------------- parents
     def resolve(self, ref: ModelRef, search: list[Path]) -> ResolvedModel:
@@ -294,11 +295,42 @@ class StreamSession:
     def writer(self, work: Path, entries: list[ShardEntry], max_shard_bytes: int,
                metadata: dict | None = None) -> StreamingShardWriter:
         """The output shards, each uploaded and deleted once finished (the repo is created first if needed)."""
-        self.api.create_repo(self.repo_id, private=self.private, exist_ok=True, token=self.token)
+        self._create_repo()
         self.uploader = ShardUploader(self.api, self.repo_id, self.token, self.endpoint, self.stats, self.create_pr)
         return StreamingShardWriter(work, entries, max_shard_bytes, self.uploader.submit, metadata,
                                     on_create=self.stats.disk_add, on_close=self.uploader.results,
                                     before_create=self.uploader.make_room)
+
+    def _create_repo(self) -> None:
+        """The repo, created if needed before the first shard goes up. A repo that does not exist yet is created
+        private even when it is to be public, and made public only once the publish commit has landed (`reveal`):
+        a run interrupted before that leaves nothing visible, only an empty private repo holding the uploaded
+        shards, which a re-run resumes into. An existing repo keeps its visibility."""
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        if not self.private:
+            try:
+                if self.api.repo_info(self.repo_id, token=self.token).private:
+                    log.warning("%s exists and is private: it stays private (publishing never changes an existing "
+                                "repo's visibility)", self.repo_id)
+            except RepositoryNotFoundError:
+                self.api.create_repo(self.repo_id, private=True, exist_ok=True, token=self.token)
+                self.hidden = True
+                log.info("%s: created private until the merge is published", self.repo_id)
+                return
+        self.api.create_repo(self.repo_id, private=self.private, exist_ok=True, token=self.token)
+
+    def reveal(self) -> None:
+        """After the publish commit: make public the repo `_create_repo` created private for this run."""
+        if not self.hidden:
+            return
+        try:
+            self.api.update_repo_settings(self.repo_id, private=False, token=self.token)
+        except Exception as e:  # noqa: BLE001 - any failure gets the same one-line instruction
+            raise MergebotError(f"{self.repo_id}: published, but it stays private: making it public failed "
+                                f"({type(e).__name__}); make it public in its settings on the Hub") from e
+        self.hidden = False
+        log.info("%s: now public", self.repo_id)
 
     def finish(self, out_dir: Path) -> list[Uploaded]:
         """After the merge: wait for every shard's upload (the first failure is raised here) and log the traffic."""

@@ -104,6 +104,7 @@ def test_streamed_merge_on_a_small_disk_equals_a_local_merge(hub, parents, on_hu
     err = capsys.readouterr().err
     assert "streamed: fetched" in err and "peak disk" in err
     assert len(hub.server.history(repo)) == 2  # the repo's creation, then one commit
+    assert not hub.server.repos[repo].private  # created private for the run, public once published
     local = _local_merge(parents, tmp_path)
     files = hub.server.files(repo)
     shards = sorted(p.name for p in local.glob("*.safetensors"))
@@ -306,6 +307,7 @@ def test_a_killed_streamed_merge_leaves_no_commit_and_its_rerun_uploads_only_the
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0, err
     assert len(hub.server.history(repo)) == 1  # created, nothing committed
+    assert hub.server.repos[repo].private  # and nothing visible: the new repo stays private until published
     assert not (small_disk / "out").exists() and not list(small_disk.glob(".out.mergebot-*"))
     first = hub.server.count("PUT", uploads)
     hub.server.lfs_delay = 0.0
@@ -315,6 +317,8 @@ def test_a_killed_streamed_merge_leaves_no_commit_and_its_rerun_uploads_only_the
     assert first >= 1 and hub.server.count("PUT", uploads) == len(shards)  # nothing uploaded twice
     assert "already on the Hub" in done.stderr
     assert len(hub.server.history(repo)) == 2
+    # the re-run cannot tell its own private repo from one made private on purpose: it never widens visibility
+    assert hub.server.repos[repo].private and "exists and is private: it stays private" in done.stderr
 
 
 def test_local_parents_are_read_from_disk_beside_streamed_ones(hub, parents, on_hub, tmp_path):
@@ -328,3 +332,21 @@ def test_local_parents_are_read_from_disk_beside_streamed_ones(hub, parents, on_
         assert files[shard.name] == shard.read_bytes(), shard.name
     served = hub.server.bytes_sent("GET", r"/p0/resolve/.*\.safetensors$")
     assert served == 0  # the local parent's tensors never came from the Hub
+
+
+def test_a_repo_that_cannot_be_made_public_is_one_line(hub, on_hub, small_disk, tmp_path, monkeypatch, capsys):
+    """Publishing landed but the visibility change failed: the run fails with one line saying the repo stays
+    private and what to do, and the commit is there."""
+    from huggingface_hub import HfApi
+
+    def refuse(self, *a, **k):
+        raise RuntimeError("injected: settings are down")
+
+    monkeypatch.setattr(HfApi, "update_repo_settings", refuse)
+    repo = f"{hub.org}/hidden"
+    cfg = _config(tmp_path / "c.yml", on_hub)
+    assert main(["merge", str(cfg), str(small_disk / "out"), "--push-to", repo, "--stream", "--quiet",
+                 "--out-shard-size", SHARD]) != 0
+    err = capsys.readouterr().err
+    assert f"{repo}: published, but it stays private: making it public failed (RuntimeError)" in err
+    assert "injected" not in err and hub.server.repos[repo].private and len(hub.server.history(repo)) == 2

@@ -64,6 +64,22 @@ class Repos:
             del self.fake.repos[f"{namespace}/{body.get('name')}"]
         self._json(200, {})
 
+    def repo_settings(self, ns: str, name: str) -> None:
+        """PUT /api/models/{ns}/{name}/settings: visibility ("private"/"public", or the older `private` flag) and
+        gating, by a token that may write the namespace (what HfApi.update_repo_settings sends)."""
+        token = self._token()
+        self._can_write(ns, token)
+        body = self._json_body()
+        with self.fake.lock:
+            repo = self.fake._repo(f"{ns}/{name}")
+            if body.get("visibility") in ("private", "public"):
+                repo.private = body["visibility"] == "private"
+            elif isinstance(body.get("private"), bool):
+                repo.private = body["private"]
+            if "gated" in body:
+                repo.gated = body["gated"]
+        self._json(200, {})
+
     def validate_yaml(self) -> None:
         body = self._json_body()
         try:

@@ -54,6 +54,7 @@ ROUTES = [
     Route("GET", ("api", "models", "{ns}", "{name}"), "model_info"),
     Route("GET", ("api", "models", "{ns}", "{name}", "revision", "{rev}"), "model_info"),
     Route("GET", ("api", "models", "{ns}", "{name}", "refs"), "refs"),
+    Route("PUT", ("api", "models", "{ns}", "{name}", "settings"), "repo_settings"),  # update_repo_settings
     Route("GET", ("api", "models", "{ns}", "{name}", "tree", "{rev}"), "tree"),
     Route("GET", ("api", "models", "{ns}", "{name}", "tree", "{rev}", "{path*}"), "tree"),
     Route("POST", ("api", "models", "{ns}", "{name}", "paths-info", "{rev}"), "paths_info"),
