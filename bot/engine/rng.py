@@ -126,15 +126,21 @@ def _mix32_(h: torch.Tensor, t: torch.Tensor) -> None:
             h.mul_(mult)
 
 
-def keep32_into(idx: torch.Tensor, lo: int, key: int, hi: int, cut: torch.Tensor | int, out: torch.Tensor,
-                work: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """`keep32` eagerly into the bool tensor `out`, with two int32 work buffers shaped like idx: the same bits
-    with no temporaries (each of keep32's ~20 operations allocated a chunk-sized tensor)."""
+def _flipped_hash_into(idx: torch.Tensor, lo: int, key: int, hi: int, work: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """keep32's hash of idx in place in work[0] (work[1]: scratch), top bit flipped: its signed order is the
+    hash's unsigned order, so h < cut compares as keep32 does."""
     h, t = work
     torch.add(idx, lo, out=h).bitwise_xor_(key)
     _mix32_(h, t)
     _mix32_(h.bitwise_xor_(hi), t)
-    return torch.lt(h.bitwise_xor_(_MIN32), cut, out=out)
+    return h.bitwise_xor_(_MIN32)
+
+
+def keep32_into(idx: torch.Tensor, lo: int, key: int, hi: int, cut: torch.Tensor | int, out: torch.Tensor,
+                work: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """`keep32` eagerly into the bool tensor `out`, with two int32 work buffers shaped like idx: the same bits
+    with no temporaries (each of keep32's ~20 operations allocated a chunk-sized tensor)."""
+    return torch.lt(_flipped_hash_into(idx, lo, key, hi, work), cut, out=out)
 
 
 def keep32_mask_into(idx: torch.Tensor, lo: int, key: int, hi: int, cut: int | None, mask: torch.Tensor,
@@ -144,11 +150,7 @@ def keep32_mask_into(idx: torch.Tensor, lo: int, key: int, hi: int, cut: int | N
     integer pass on the CPU). The signed compare h < cut is the sign of h − cut in int64 (`wide`: no overflow)."""
     if cut is None:
         return mask.fill_(-1)
-    h, t = work
-    torch.add(idx, lo, out=h).bitwise_xor_(key)
-    _mix32_(h, t)
-    _mix32_(h.bitwise_xor_(hi), t)
-    wide.copy_(h.bitwise_xor_(_MIN32)).sub_(cut).bitwise_right_shift_(63)
+    wide.copy_(_flipped_hash_into(idx, lo, key, hi, work)).sub_(cut).bitwise_right_shift_(63)
     return wide if mask is wide else mask.copy_(wide)
 
 

@@ -84,8 +84,8 @@ def combine(b: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], c
 
 
 def bits_of(t: torch.Tensor) -> torch.Tensor:
-    """The same memory as the signed integers of its width (float32 -> int32, float64 -> int64)."""
-    return t.view(torch.int64 if t.element_size() == 8 else torch.int32)
+    """The same memory as the signed integers of its width (float32 -> int32, float64 -> int64, 16-bit -> int16)."""
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
 
 
 def zero_unless(d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
