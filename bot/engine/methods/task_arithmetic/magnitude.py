@@ -4,8 +4,8 @@ the whole tensor, exactly, in bounded memory.
 The cut per model is found by radix selection over chunks (`_sparsify.magnitude_cut`: two histogram passes),
 then, with `rescale`, the kept L1 norm (one pass), then the merge chunk by chunk. Where a cut must choose among
 equal magnitudes and mergekit computes in our precision, the choice is mergekit's (its whole-tensor argsort,
-`_sparsify.mergekit_selection`); otherwise ties go to the earliest elements, which the fused kernel encodes as
-a count (`_tie_end`), so the whole merge is one fused pass per chunk.
+`_sparsify.mergekit_selection`); otherwise ties go to the earliest elements, encoded as a count (`_tie_end`),
+so the merge is one in-place pass per chunk (`_magnitude_into`, the bytes of the formula `_kernel_magnitude`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mergebot.engine.fuse import enabled, fusable, scratch
+from mergebot.engine.fuse import fusable, scratch
 from mergebot.engine.methods import _sparsify
 from mergebot.engine.methods.base import MergeCall
 from mergebot.engine.methods.task_arithmetic.combine import (
@@ -44,7 +44,8 @@ def _count_equal(base: torch.Tensor, x: torch.Tensor, above: torch.Tensor, dtype
 def _kernel_magnitude(base: torch.Tensor, xs: list[torch.Tensor], aboves: list[torch.Tensor | None],
                       tie_ends: list[torch.Tensor], scales: list[float], weights: list[float], consensus: bool,
                       normalize: bool, lam: float, dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
-    """TIES in one fused pass: δᵢ kept where the float32 bits of |δᵢ| exceed its cut (`aboves`: 0-d int32
+    """TIES' merge as a formula (what `_magnitude_into` computes in place, compared bit for bit in
+    tests/engine/methods/test_inplace.py): δᵢ kept where the float32 bits of |δᵢ| exceed its cut (`aboves`: 0-d int32
     tensors, None keeps all), or equal it before chunk offset `tie_ends` (the cut's ties go to the earliest
     elements, _sparsify.MagnitudeCut); then the common tail."""
     b = base.reshape(-1).to(dtype)
@@ -63,8 +64,9 @@ def _kernel_magnitude(base: torch.Tensor, xs: list[torch.Tensor], aboves: list[t
 
 def _magnitude_into(base: torch.Tensor, xs: list[torch.Tensor], aboves: list[torch.Tensor | None], tie_ends: list[int],
                     scales: list[float], mix: Mix, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
-    """`_kernel_magnitude` eagerly in place in reused buffers (tie_ends as ints), with its roundings: what runs
-    where kernels are not compiled. The keep test is integer arithmetic on the non-negative bit patterns:
+    """`_kernel_magnitude` eagerly in place in reused buffers (tie_ends as ints), with its roundings: TIES'
+    merge pass, as fast as that kernel compiled and with nothing to compile. The keep test is integer
+    arithmetic on the non-negative bit patterns:
     (cut − bits) >> 31 is all ones exactly where bits > cut (and cut − 1 where ties up to `end` are kept too),
     and the delta's bits are ANDed with it (`zero_unless`): no bool tensors, which torch makes ~10x slower."""
     n, dev = out.numel(), out.device
@@ -156,14 +158,8 @@ def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tenso
     ends = [_tie_end(base, x, cut, above, n, step, call.dtype) for x, cut, above in zip(xs, cuts, aboves)]
     for s in range(0, n, step):
         e = min(n, s + step)
-        if not enabled():
-            _magnitude_into(base[s:e], [x[s:e] for x in xs], aboves, [min(max(end - s, 0), e - s) for end in ends],
-                            scales, mix, call.dtype, out[s:e])
-            continue
-        _kernel_magnitude(base[s:e], [x[s:e] for x in xs], aboves,
-                          [torch.tensor(min(max(end - s, 0), e - s), dtype=torch.int32) for end in ends],
-                          scales, mix.weights, mix.consensus, mix.normalize, mix.lam, call.dtype, call.out_dtype,
-                          out=out[s:e])
+        _magnitude_into(base[s:e], [x[s:e] for x in xs], aboves, [min(max(end - s, 0), e - s) for end in ends],
+                        scales, mix, call.dtype, out[s:e])
     return out
 
 
