@@ -25,7 +25,7 @@ from mergebot.engine import rng
 from mergebot.engine.fuse import scratch
 from mergebot.engine.methods._rows import map_rows_into, row_blocks
 from mergebot.engine.methods.base import MergeCall, MergeMethod
-from mergebot.engine.methods.task_arithmetic.combine import bits_of, zero_unless
+from mergebot.engine.methods.task_arithmetic.combine import vote_mask, zero_unless
 
 QUANTILE_SAMPLE_SIZE = 1_000_000
 KL_EPS = 1e-8
@@ -111,8 +111,7 @@ def _streamed(call: MergeCall, other: int, key: int | None) -> torch.Tensor:
         vote = torch.abs(d, out=scratch("af_vote", n, dtype, dev))
         vote.view(-1, width).mul_(kl[s // width:(s + n) // width])
         vote.ge_(cut)  # 1.0 where kept (NaN importance: 0.0, as where's comparison)
-        mask = torch.bitwise_right_shift(bits_of(vote), 8 * vote.element_size() - 3, out=bits_of(vote)).neg_()
-        dest.copy_(zero_unless(d, mask).add_(b))
+        dest.copy_(zero_unless(d, vote_mask(vote)).add_(b))
 
     return map_rows_into(call, block)
 

@@ -26,7 +26,13 @@ from mergebot.engine.exact import BLOCK, Sums, partials, partials_of_rows
 from mergebot.engine.fuse import scratch
 from mergebot.engine.methods import _sparsify
 from mergebot.engine.methods.base import MergeCall, MergeMethod
-from mergebot.engine.methods.task_arithmetic.combine import bits_of, mergekit_precision, zero_unless
+from mergebot.engine.methods.task_arithmetic.combine import (
+    bits_of,
+    float32_value,
+    mergekit_precision,
+    vote_mask,
+    zero_unless,
+)
 
 UNIFORM_EPS = 1e-6
 PIECE = 1 << 18  # elements per in-place step (a multiple of the exact sums' BLOCK): float64 buffers of 2 MB
@@ -121,12 +127,10 @@ def _merge_into(base: torch.Tensor, taus: list[torch.Tensor], weights: list[floa
     mask = bits_of(scratch("sce_mask", n, dtype, dev))
     mixed = scratch("sce_mixed", n, dtype, dev).zero_()
     div = scratch("sce_div", n, dtype, dev).zero_()
-    shift = 8 * vote.element_size() - 3
     for t, w in zip(taus, weights):
         torch.mul(t, sign, out=vote).gt_(0)  # agree: t·sign > 0 (a zero or NaN τ never votes)
-        zero_unless(t.mul_(w), torch.bitwise_right_shift(bits_of(vote), shift, out=mask).neg_())
-        mixed.add_(t)
-        div.add_(vote.mul_(float(torch.tensor(w, dtype=torch.float32))))  # where(agree, w, 0.0) is float32
+        mixed.add_(zero_unless(t.mul_(w), vote_mask(vote, out=mask)))
+        div.add_(vote.mul_(float32_value(w)))  # where(agree, w, 0.0) is float32
     out.copy_(mixed.div_(div.clamp_(min=DIV_EPS)).add_(base))
 
 

@@ -98,6 +98,19 @@ def zero_unless(d: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return d
 
 
+def vote_mask(vote: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Float votes of 1.0 or 0.0 as an integer mask for `zero_unless` (all ones or zero), into `out` (else over
+    the votes themselves): 1.0's bits shifted right by width − 3 are 1 (0x3F80…, 0x3FF0…, 0x3C00), 0.0's are 0,
+    then negated. Votes come from in-place comparisons on floats (`gt_`, `ge_`), which are fast, unlike bool ones."""
+    bits = bits_of(vote)
+    return torch.bitwise_right_shift(bits, 8 * vote.element_size() - 3, out=bits if out is None else out).neg_()
+
+
+def float32_value(w: float) -> float:
+    """w rounded to float32: what a where(mask, w, 0.0) tensor (default dtype) holds."""
+    return float(torch.tensor(w, dtype=torch.float32))
+
+
 def combine_into(b: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], consensus: bool,
                  normalize: bool, lam: float, out: torch.Tensor) -> torch.Tensor:
     """`combine` eager and in place, with its roundings (its bytes on every input; tests/engine/methods/
@@ -116,15 +129,12 @@ def combine_into(b: torch.Tensor, deltas: list[torch.Tensor], weights: list[floa
         vote = scratch("cb_vote", n, dtype, dev)
         mask = bits_of(scratch("cb_mask", n, dtype, dev))
         div = scratch("cb_div", n, dtype, dev).zero_()
-        shift = 8 * vote.element_size() - 3
         mixed.zero_()
         for d, w in zip(deltas, weights):
             # agree (sign(d) == sign) exactly when d·sign > 0: a zero or NaN delta never votes (§2.7 step 4)
             torch.mul(d, sign, out=vote).gt_(0)
-            # vote is 1.0 or 0.0: its bits shifted right by width - 3 are 1 or 0 (0x3F8.../0x3FF0...), negated a mask
-            mixed.add_(zero_unless(d, torch.bitwise_right_shift(bits_of(vote), shift, out=mask).neg_()))
-            # combine adds where(agree, w, 0.0), a default-dtype (float32) tensor: w rounded to float32
-            div.add_(vote.mul_(float(torch.tensor(w, dtype=torch.float32))))
+            mixed.add_(zero_unless(d, vote_mask(vote, out=mask)))
+            div.add_(vote.mul_(float32_value(w)))  # combine adds where(agree, w, 0.0): float32
         div.add_(vote.copy_(div).eq_(0))  # where(div == 0, 1, div)
         if normalize:
             mixed.div_(div)
