@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 
-from mergebot import __version__
+from mergebot import __version__, startup
 from mergebot.cli._errors import run_guarded
 
 COMMANDS = ("merge", "validate", "publish", "plan", "action", "demo", "check", "card", "watch")
@@ -39,14 +39,23 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "run", None):
-        parser.print_help()
-        return 2
-    return run_guarded(lambda: args.run(args), args.debug)
+    """The console script (argv None: the process ends after it), or an in-process call with its arguments,
+    which gets its garbage collector back as it was (mergebot.startup)."""
+    collecting = startup.hold()
+    try:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "run", None):
+            parser.print_help()
+            return 2
+        return run_guarded(lambda: args.run(args), args.debug)
+    finally:
+        if argv is not None:
+            startup.restore(collecting)
+        else:
+            startup.exiting()
 
 
 if __name__ == "__main__":

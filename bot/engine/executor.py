@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergebot import startup
 from mergebot.engine import exact, fuse
 from mergebot.engine.methods.base import MergeCall, MergeMethod
 from mergebot.engine.plan import Plan, TensorJob
@@ -63,6 +64,7 @@ def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | Non
     mergekit_rng = rng == "mergekit" and plan.method.uses_rng
     stats.compiled = fuse.configure(compile, sum(j.numel * len(j.inputs) for j in plan.jobs),
                                     plan.method.fuse and not mergekit_rng, device.type)
+    startup.settle()  # the imports are done (the compiler's too): the collector runs again, on new objects only
     if mergekit_rng:
         torch.manual_seed(seed)
     start = time.perf_counter()

@@ -301,12 +301,15 @@ def test_global_selections_hold_chunks_not_tensors(tmp_path):
                         "{rescale: true}"))
     sce = tmp_path / "sce.yml"
     sce.write_text(_yaml(dirs[0], dirs[1:], "sce", None, "{select_topk: 0.5}"))
-    # MERGEBOT_TIE_SORT_MAX=0: the streaming selection alone. By default a float32 tensor whose cut meets equal
-    # magnitudes (16M random float32 values share mantissas) is also sorted once as mergekit sorts it
-    # (_sparsify.PARITY_MAX_ELEMS): about 28 bytes per element while it sorts, measured below.
-    for limit, bound in (("0", size * 1.5), (str(1 << 24), size * 8)):
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MERGEBOT_TIE_SORT_MAX=limit)
-        outs = tmp_path / f"limit{limit}"
+    # MERGEBOT_TIE_SORT_MAX=0: the streaming selection alone, keeping nothing between passes (MERGEBOT_KEEP_BYTES
+    # 0), or keeping no more than a budget smaller than the tensor's deltas (32 MB). By default a float32 tensor
+    # whose cut meets equal magnitudes (16M random float32 values share mantissas) is also sorted once as
+    # mergekit sorts it (_sparsify.PARITY_MAX_ELEMS): about 28 bytes per element while it sorts, measured below;
+    # and the first pass's deltas or variances (64-128 MB here) are kept for the next passes.
+    for limit, keep, bound in (("0", "0", size * 1.5), ("0", str(size // 2), size * 1.5),
+                               (str(1 << 24), str(512 << 20), size * 8)):
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MERGEBOT_TIE_SORT_MAX=limit, MERGEBOT_KEEP_BYTES=keep)
+        outs = tmp_path / f"limit{limit}-{keep}"
         outs.mkdir()
         r = subprocess.run([sys.executable, "-c", MEASURE, str(warm), str(outs), str(bc), str(sce)], cwd=ROOT,
                            capture_output=True, text=True, timeout=300, env=env, check=False)

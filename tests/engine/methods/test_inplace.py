@@ -190,3 +190,23 @@ def test_dare_in_place_is_the_kernel(stored, dtype, start, consensus):
                                                                     torch.empty(n, dtype=torch.int32)),
                                 torch.empty(n, dtype=torch.int64))
     assert torch.equal(mask == -1, rng.hash_u32(torch.arange(n, dtype=torch.int64) + start, 11) < (1 << 31))
+
+
+@pytest.mark.parametrize("width", [torch.int32, torch.int64])
+@pytest.mark.parametrize("k", [1, 700, 2047, 4098, 4099])
+def test_integer_keep_mask_is_the_cuts_bool_mask(monkeypatch, width, k):
+    """`MagnitudeCut.tie_end` + `keep_into` (integer masks, no running count) keep exactly the entries the
+    bool form with its running tie count keeps, chunk by chunk, including cuts among many equal patterns."""
+    from mergebot.engine.methods import _sparsify
+    monkeypatch.setattr(_sparsify, "CHUNK", 512)
+    g = torch.Generator().manual_seed(k)
+    bits = torch.randint(0, 40, (N,), generator=g).to(width) * 1000003  # ~100 equal patterns per value
+    bits[::7] = 0
+    cut = _sparsify.top_k_cuts(lambda s, e: bits[s:e], N, [k], width)[0]
+    end = cut.tie_end(lambda s, e: bits[s:e], N)
+    seen = 0
+    for s in range(0, N, 512):
+        want, seen = cut.mask(bits[s:s + 512], seen)
+        got = cut.keep_into(bits[s:s + 512], s, end, torch.empty_like(bits[s:s + 512]))
+        assert torch.equal(got, -want.to(width)), s
+    assert int(cut.keep_into(bits, 0, end, bits.clone()).ne(0).sum()) == min(k, N)

@@ -100,6 +100,22 @@ def test_sce(family, tmp_path, topk):
         assert all(torch.equal(out[k], X32[k]) for k in X32)
 
 
+def test_sce_selection_same_bits_with_and_without_kept_variance(family, tmp_path, monkeypatch):
+    """The variance bits kept between passes (_sparsify.KEEP_BYTES) and the ones computed again in each pass of
+    a tensor too large to keep give the same merge, chunk by chunk (small _sparsify.CHUNK) as whole."""
+    from mergebot.engine.methods import _sparsify
+    base, a, b, c = family
+    text = (models_yaml((a, None), (b, None), (c, None))
+            + f"merge_method: sce\nbase_model: {base}\nparameters: {{select_topk: 0.4}}\n")
+    kept = merge_yaml(tmp_path, text, name="kept")
+    monkeypatch.setattr(_sparsify, "CHUNK", 96)
+    chunked = merge_yaml(tmp_path, text, name="chunked")
+    monkeypatch.setattr(_sparsify, "KEEP_BYTES", 0)
+    again = merge_yaml(tmp_path, text, name="again")
+    assert kept.keys() == again.keys()
+    assert all(torch.equal(kept[k], chunked[k]) and torch.equal(kept[k], again[k]) for k in kept)
+
+
 def test_sce_tiny_task_vectors_get_uniform_weights(tmp_path):
     base, a, b = make_family(tmp_path / "fam", 3, seed=9, noise=1e-4)  # mean τ² ≈ 1e-8: below the 1e-6 guard
     X32, A32, B32 = load_tensors(base), load_tensors(a), load_tensors(b)

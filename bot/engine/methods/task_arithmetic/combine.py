@@ -12,7 +12,7 @@ Everything is computed in float32 (float64 for float64 inputs) and cast once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -187,17 +187,22 @@ def kernel_masked(base: torch.Tensor, xs: list[torch.Tensor], masks: list[torch.
 
 
 def masked(base: torch.Tensor, xs: list[torch.Tensor], masks: list[torch.Tensor | None], scales: list[float],
-           mix: Mix, dtype: torch.dtype, out_dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+           mix: Mix, dtype: torch.dtype, out_dtype: torch.dtype, out: torch.Tensor | None,
+           given: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """`kernel_masked`: compiled when kernels are, else (into `out`) eagerly in place in reused buffers, with the
-    kernel's roundings: δᵢ = xᵢ − b, · scaleᵢ, masked, then `combine_into`."""
+    kernel's roundings: δᵢ = xᵢ − b, · scaleᵢ, masked, then `combine_into`. `given`: δᵢ already computed
+    (FlatDeltas.whole; None for a model: computed here), used and overwritten by the eager form. Masks: bool,
+    or integer masks of the compute dtype's width (`zero_unless`) for the eager form."""
     if out is None or enabled():
+        masks = [m if m is None or m.dtype == torch.bool else m.ne(0) for m in masks]
         return kernel_masked(base, xs, masks, scales, mix.weights, mix.consensus, mix.normalize, mix.lam, dtype,
                              out_dtype, out=out)
     n, dev = out.numel(), out.device
     b = scratch("mk_base", n, dtype, dev).copy_(base.reshape(-1))
     deltas = []
     for j, (x, m, sc) in enumerate(zip(xs, masks, scales)):
-        d = scratch(f"mk_d{j}", n, dtype, dev).copy_(x.reshape(-1)).sub_(b)
+        known = None if given is None else given[j]
+        d = known.reshape(-1) if known is not None else scratch(f"mk_d{j}", n, dtype, dev).copy_(x.reshape(-1)).sub_(b)
         if sc != 1.0:
             d.mul_(sc)
         if m is not None:
@@ -209,22 +214,48 @@ def masked(base: torch.Tensor, xs: list[torch.Tensor], masks: list[torch.Tensor 
 @dataclass(frozen=True)
 class FlatDeltas:
     """The base and the other inputs flattened, and δ = x − base of any slice in the compute dtype: what the
-    whole-tensor sparsifiers (magnitude, breadcrumbs) walk in chunks."""
+    whole-tensor sparsifiers (magnitude, breadcrumbs) walk in chunks, pass after pass.
+
+    With `keep` (`of(call, keep=True)`, when all the deltas fit in `_sparsify.KEEP_BYTES`), each model's δ is
+    kept as its first pass computes it, chunk by chunk in order, and later passes read it instead of the
+    parents again (the cut's second histogram, its ties, the merge: ~a third of a TIES merge). The slices it
+    returns are shared: callers read them, and only the last pass may write them (`whole`)."""
 
     call: MergeCall
     base: torch.Tensor
     xs: list[torch.Tensor]
+    kept: list[torch.Tensor] = field(default_factory=list)
+    filled: list[int] = field(default_factory=list)
 
     @classmethod
-    def of(cls, call: MergeCall) -> FlatDeltas:
-        return cls(call, call.xs[call.base_at].reshape(-1), [call.xs[i].reshape(-1) for i in call.others])
+    def of(cls, call: MergeCall, keep: bool = False) -> FlatDeltas:
+        base = call.xs[call.base_at].reshape(-1)
+        xs = [call.xs[i].reshape(-1) for i in call.others]
+        width = torch.empty(0, dtype=call.dtype).element_size()
+        if not keep or base.numel() * width * len(xs) > _sparsify.KEEP_BYTES:
+            return cls(call, base, xs)
+        return cls(call, base, xs, [torch.empty(base.numel(), dtype=call.dtype, device=base.device) for _ in xs],
+                   [0] * len(xs))
 
     @property
     def n(self) -> int:
         return self.base.numel()
 
     def delta(self, x: torch.Tensor, s: int, e: int) -> torch.Tensor:
-        return x[s:e].to(self.call.dtype) - self.base[s:e].to(self.call.dtype)
+        j = next((j for j, y in enumerate(self.xs) if y is x), -1) if self.kept else -1
+        if j < 0:
+            return x[s:e].to(self.call.dtype) - self.base[s:e].to(self.call.dtype)
+        if e <= self.filled[j]:
+            return self.kept[j][s:e]
+        if s != self.filled[j]:  # not the next chunk in order: computed, not kept
+            return x[s:e].to(self.call.dtype) - self.base[s:e].to(self.call.dtype)
+        d = torch.sub(x[s:e].to(self.call.dtype), self.base[s:e].to(self.call.dtype), out=self.kept[j][s:e])
+        self.filled[j] = e
+        return d
+
+    def whole(self, j: int) -> torch.Tensor | None:
+        """Model j's whole δ when it is kept and complete, for a last pass to use (and overwrite); else None."""
+        return self.kept[j] if self.kept and self.filled[j] == self.n else None
 
 
 def mergekit_precision(call: MergeCall) -> bool:
@@ -251,8 +282,9 @@ def chunk_bounds(n: int) -> list[tuple[int, int]]:
 
 
 def rescales(call: MergeCall, base: torch.Tensor, xs: list[torch.Tensor],
-             pruners: list[Pruner | None]) -> list[float]:
-    """The L1 rescale factor of each pruned model (one pass over the chunks each); 1 for the others."""
+             pruners: list[Pruner | None], flat: FlatDeltas | None = None) -> list[float]:
+    """The L1 rescale factor of each pruned model (one pass over the chunks each); 1 for the others. `flat`:
+    the deltas as its passes keep them."""
     scales = [1.0] * len(xs)
     for j, (x, pruner) in enumerate(zip(xs, pruners)):
         if pruner is None:
@@ -260,21 +292,24 @@ def rescales(call: MergeCall, base: torch.Tensor, xs: list[torch.Tensor],
         sums = Sums(2)
         pruner.reset()
         for s, e in chunk_bounds(base.numel()):
-            d = x[s:e].to(call.dtype) - base[s:e].to(call.dtype)
+            d = x[s:e].to(call.dtype) - base[s:e].to(call.dtype) if flat is None else flat.delta(x, s, e)
             sums.add(l1_partials(d, pruner.mask(s, e, d)))
         scales[j] = rescale_factor(*sums.values().tolist())
     return scales
 
 
 def merge_pruned(call: MergeCall, base: torch.Tensor, xs: list[torch.Tensor], pruners: list[Pruner | None],
-                 scales: list[float], mix: Mix) -> torch.Tensor:
-    """The merge, chunk by chunk, each model masked by its pruner (None: kept whole)."""
+                 scales: list[float], mix: Mix, flat: FlatDeltas | None = None) -> torch.Tensor:
+    """The merge, chunk by chunk, each model masked by its pruner (None: kept whole). `flat`: the deltas as
+    its passes keep them (this last pass overwrites them)."""
     out = call.out if call.out is not None else torch.empty(base.numel(), dtype=call.out_dtype, device=base.device)
     for pruner in pruners:
         if pruner is not None:
             pruner.reset()
+    kept = [None if flat is None else flat.whole(j) for j in range(len(xs))]
     for s, e in chunk_bounds(base.numel()):
-        masks = [None if p is None else p.mask(s, e, x[s:e].to(call.dtype) - base[s:e].to(call.dtype))
-                 for x, p in zip(xs, pruners)]
-        masked(base[s:e], [x[s:e] for x in xs], masks, scales, mix, call.dtype, call.out_dtype, out[s:e])
+        masks = [None if p is None else p.mask(s, e, x[s:e].to(call.dtype) - base[s:e].to(call.dtype)
+                                               if flat is None else flat.delta(x, s, e)) for x, p in zip(xs, pruners)]
+        masked(base[s:e], [x[s:e] for x in xs], masks, scales, mix, call.dtype, call.out_dtype, out[s:e],
+               [None if d is None else d[s:e] for d in kept])
     return out

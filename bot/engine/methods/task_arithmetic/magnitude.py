@@ -4,8 +4,9 @@ the whole tensor, exactly, in bounded memory.
 The cut per model is found by radix selection over chunks (`_sparsify.magnitude_cut`: two histogram passes),
 then, with `rescale`, the kept L1 norm (one pass), then the merge chunk by chunk. Where a cut must choose among
 equal magnitudes and mergekit computes in our precision, the choice is mergekit's (its whole-tensor argsort,
-`_sparsify.mergekit_selection`); otherwise ties go to the earliest elements, encoded as a count (`_tie_end`),
-so the merge is one in-place pass per chunk (`_magnitude_into`, the bytes of the formula `_kernel_magnitude`).
+`_sparsify.mergekit_selection`); otherwise ties go to the earliest elements, encoded as the index after the last
+kept one (`MagnitudeCut.tie_end`), so the merge is one in-place pass per chunk (`_magnitude_into`, the bytes of
+the formula `_kernel_magnitude`).
 """
 
 from __future__ import annotations
@@ -35,12 +36,6 @@ def _bits(x: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @fusable
-def _count_equal(base: torch.Tensor, x: torch.Tensor, above: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    bits = _bits(x, base.reshape(-1).to(dtype), dtype)
-    return bits.numel() - torch.count_nonzero(bits - above)  # eagerly ~5x faster than (bits == above).sum()
-
-
-@fusable
 def _kernel_magnitude(base: torch.Tensor, xs: list[torch.Tensor], aboves: list[torch.Tensor | None],
                       tie_ends: list[torch.Tensor], scales: list[float], weights: list[float], consensus: bool,
                       normalize: bool, lam: float, dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
@@ -63,51 +58,33 @@ def _kernel_magnitude(base: torch.Tensor, xs: list[torch.Tensor], aboves: list[t
 
 
 def _magnitude_into(base: torch.Tensor, xs: list[torch.Tensor], aboves: list[torch.Tensor | None], tie_ends: list[int],
-                    scales: list[float], mix: Mix, dtype: torch.dtype, out: torch.Tensor) -> torch.Tensor:
+                    scales: list[float], mix: Mix, dtype: torch.dtype, out: torch.Tensor,
+                    given: list[torch.Tensor | None] | None = None) -> torch.Tensor:
     """`_kernel_magnitude` eagerly in place in reused buffers (tie_ends as ints), with its roundings: TIES'
-    merge pass, as fast as that kernel compiled and with nothing to compile. The keep test is integer
-    arithmetic on the non-negative bit patterns:
-    (cut − bits) >> 31 is all ones exactly where bits > cut (and cut − 1 where ties up to `end` are kept too),
-    and the delta's bits are ANDed with it (`zero_unless`): no bool tensors, which torch makes ~10x slower."""
+    merge pass, as fast as that kernel compiled and with nothing to compile. `given`: δ = x − base already
+    computed (FlatDeltas.whole; None for a model: computed here), used and overwritten. The keep test is integer
+    arithmetic on the non-negative bit patterns (`_sparsify.keep_mask_into`), and the delta's bits are ANDed
+    with it (`zero_unless`): no bool tensors, which torch makes ~10x slower."""
     n, dev = out.numel(), out.device
     b = scratch("tm_base", n, dtype, dev).copy_(base.reshape(-1))
     bits = scratch("tm_bits", n, torch.int32, dev)
     wide = scratch("tm_wide", n, torch.int64, dev) if dtype == torch.float64 else None
     deltas = []
     for j, (x, above, end, sc) in enumerate(zip(xs, aboves, tie_ends, scales)):
-        d = scratch(f"tm_d{j}", n, dtype, dev).copy_(x.reshape(-1)).sub_(b)
+        known = None if given is None else given[j]
+        d = known.reshape(-1) if known is not None else scratch(f"tm_d{j}", n, dtype, dev).copy_(x.reshape(-1)).sub_(b)
         if above is not None:
             mag = bits.view(torch.float32)
             if dtype == torch.float32:
                 torch.abs(d, out=mag)
             else:
                 mag.copy_(d.abs())
-            cut = int(above)
-            torch.sub(cut - 1, bits[:end], out=bits[:end])  # bits >= cut where the cut's ties are kept
-            torch.sub(cut, bits[end:], out=bits[end:])
-            keep = bits.bitwise_right_shift_(31)
+            keep = _sparsify.keep_mask_into(int(above), bits, end, bits)
             zero_unless(d, keep if wide is None else wide.copy_(keep))
         if sc != 1.0:
             d.mul_(sc)
         deltas.append(d)
     return combine_into(b, deltas, mix.weights, mix.consensus, mix.normalize, mix.lam, out)
-
-
-def _tie_end(base: torch.Tensor, x: torch.Tensor, cut: _sparsify.MagnitudeCut | None, above: torch.Tensor | None,
-             n: int, step: int, dtype: torch.dtype) -> int:
-    """The flat index after the last tie the cut keeps: its `ties` entries equal to the cut are the earliest
-    ones. Counted chunk by chunk (fused) up to the chunk where they run out, then located in it."""
-    if cut is None or above is None or cut.ties <= 0:
-        return 0
-    need = cut.ties
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        count = int(_count_equal(base[s:e], x[s:e], above, dtype))
-        if count >= need:
-            eq = _bits(x[s:e], base[s:e].to(dtype), dtype) == above
-            return s + int(eq.nonzero()[need - 1]) + 1
-        need -= count
-    return n
 
 
 class _Cut:
@@ -128,7 +105,7 @@ class _Cut:
 
 
 def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tensor:
-    flat = FlatDeltas.of(call)
+    flat = FlatDeltas.of(call, keep=True)
     base, xs, n, delta = flat.base, flat.xs, flat.n, flat.delta
 
     densities = [float(call.per_input[i]["density"]) for i in call.others]
@@ -155,11 +132,13 @@ def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tenso
     # the cut's bit pattern as a tensor (see rng.Stream32.tensors: no 64-bit widening in compiled kernels)
     aboves = [None if cut is None or cut.above < 0 else torch.tensor(cut.above, dtype=torch.int32, device=base.device)
               for cut in cuts]
-    ends = [_tie_end(base, x, cut, above, n, step, call.dtype) for x, cut, above in zip(xs, cuts, aboves)]
+    ends = [0 if cut is None or above is None else cut.tie_end(partial(bits, x), n)
+            for x, cut, above in zip(xs, cuts, aboves)]
+    kept = [flat.whole(j) for j in range(len(xs))]
     for s in range(0, n, step):
         e = min(n, s + step)
         _magnitude_into(base[s:e], [x[s:e] for x in xs], aboves, [min(max(end - s, 0), e - s) for end in ends],
-                        scales, mix, call.dtype, out[s:e])
+                        scales, mix, call.dtype, out[s:e], [None if d is None else d[s:e] for d in kept])
     return out
 
 

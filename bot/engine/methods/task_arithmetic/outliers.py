@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from mergebot.engine.fuse import scratch
 from mergebot.engine.methods import _sparsify
 from mergebot.engine.methods._sparsify import MagnitudeCut, magnitude_bits
 from mergebot.engine.methods.base import MergeCall
@@ -44,26 +45,27 @@ def outlier_band(bits_of: _sparsify.BitsOf, n: int, density: float, gamma: float
 
 
 class _Band:
-    """One model's kept band as a Pruner (`seen` carries the ties each cut met in earlier chunks), or mergekit's
-    own sort where a cut must choose among equal magnitudes."""
+    """One model's kept band as a Pruner: integer masks from the two cuts and where their ties end (see
+    `_sparsify.keep_mask_into`), or mergekit's own sort where a cut must choose among equal magnitudes."""
 
-    def __init__(self, band: Band, chosen: torch.Tensor | None):
-        self.band, self.chosen, self.seen = band, chosen, [0, 0]
+    def __init__(self, j: int, band: Band, chosen: torch.Tensor | None, bits_of: _sparsify.BitsOf, n: int):
+        self.tag, self.band, self.chosen = f"band_keep{j}", band, chosen  # each model's mask its own buffer
+        self.ends = (0, 0) if chosen is not None else (band[0].tie_end(bits_of, n), band[1].tie_end(bits_of, n))
 
     def reset(self) -> None:
-        self.seen = [0, 0]
+        pass
 
     def mask(self, s: int, e: int, delta: torch.Tensor) -> torch.Tensor:
         if self.chosen is not None:
             return self.chosen[s:e]
         bits = magnitude_bits(delta)
-        keep, self.seen[0] = self.band[0].mask(bits, self.seen[0])
-        top, self.seen[1] = self.band[1].mask(bits, self.seen[1])
-        return keep & ~top
+        keep = self.band[0].keep_into(bits, s, self.ends[0], scratch(self.tag, bits.numel(), bits.dtype, bits.device))
+        top = self.band[1].keep_into(bits, s, self.ends[1], bits)
+        return keep.bitwise_and_(top.bitwise_not_())  # in the top n − n_bot, not in the top n − n_bot − target
 
 
 def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tensor:
-    flat = FlatDeltas.of(call)
+    flat = FlatDeltas.of(call, keep=True)
     base, xs, n, delta = flat.base, flat.xs, flat.n, flat.delta
 
     def bits(x: torch.Tensor, s: int, e: int) -> torch.Tensor:
@@ -80,9 +82,9 @@ def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tenso
             target, n_bot = band_bounds(n, *params[j])
             w = _sparsify.gather_float32(partial(delta, x), n).abs_()
             chosen = _sparsify.mergekit_selection(w, "band", n_bot, n_bot + target).to(base.device)
-        pruners.append(None if band is None else _Band(band, chosen))
-    scales = rescales(call, base, xs, pruners) if call.shared["rescale"] else [1.0] * len(xs)
-    return merge_pruned(call, base, xs, pruners, scales, mix)
+        pruners.append(None if band is None else _Band(j, band, chosen, partial(bits, x), n))
+    scales = rescales(call, base, xs, pruners, flat) if call.shared["rescale"] else [1.0] * len(xs)
+    return merge_pruned(call, base, xs, pruners, scales, mix, flat)
 
 
 def chunkable_when(shared: dict[str, Any], per_input: list[dict[str, Any]]) -> bool:
