@@ -63,7 +63,7 @@ def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | Non
     stats = RunStats()
     mergekit_rng = rng == "mergekit" and plan.method.uses_rng
     stats.compiled = fuse.configure(compile, sum(j.numel * len(j.inputs) for j in plan.jobs),
-                                    plan.method.fuse and not mergekit_rng, device.type)
+                                    plan.method.fuse and not mergekit_rng, device.type, plan.method.name)
     startup.settle()  # the imports are done (the compiler's too): the collector runs again, on new objects only
     if mergekit_rng:
         torch.manual_seed(seed)
@@ -93,6 +93,8 @@ def run_plan(plan: Plan, writer: ShardedWriter, *, load_dtype: torch.dtype | Non
         if progress:
             progress(job.nbytes)
     stats.seconds = time.perf_counter() - start
+    if device.type == "cpu" and compile != "off" and plan.method.fuse and not mergekit_rng:
+        fuse.remember(plan.method.name)  # this cache has met the method: `auto` compiles it from now on
     return stats
 
 

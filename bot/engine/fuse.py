@@ -10,10 +10,14 @@ first time (cached on disk after that), more than tiny merges take.
 from __future__ import annotations
 
 import functools
+import getpass
 import os
 import platform
+import re
 import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 import torch
@@ -29,6 +33,14 @@ class Kernel(Protocol):
 
 _state = {"on": False}
 AUTO_MIN_ELEMENTS = 200_000_000
+# `auto` for a method this kernel cache has never met (`marker`): a fresh machine, runner or container without
+# mergebot's image, where compiling the method's kernels costs ~35 s on 2 cores (dare_ties of three 0.86B
+# models: 49.7 s cold, 15.8 s warm) while its eager form loses ~2 s per 1e9 elements read against them (eager
+# DARE: 21 s there). Compiling pays for itself within the merge only from ~17e9 elements read (three 5.7B
+# models) on 2 cores, and later on more cores, where the eager passes gain threads and the compile does not.
+# Once the method has run here (`remember`), the cache is a machine's that persists: `auto` compiles from then
+# on, at AUTO_MIN_ELEMENTS, and the compile is paid once.
+AUTO_COLD_MIN_ELEMENTS = 16_000_000_000
 
 
 def compiler_available() -> bool:
@@ -36,10 +48,45 @@ def compiler_available() -> bool:
     return any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "c++") if c)
 
 
-def configure(mode: str, total_elements: int, benefits: bool = True, device: str = "cpu") -> bool:
+def inductor_cache_dir() -> Path:
+    """Where Inductor keeps compiled kernels: torch._inductor.runtime.cache_dir_utils.cache_dir's rule, without
+    importing torch._inductor (1 s here) for a merge that may not compile (tests compare the two)."""
+    where = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if where is None:
+        try:
+            user = getpass.getuser()
+        except (KeyError, ModuleNotFoundError, OSError):
+            getuid = getattr(os, "getuid", None)
+            user = f"uid_{getuid()}" if callable(getuid) else "unknown_user"
+        where = os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+    return Path(os.path.abspath(where))
+
+
+def marker(kernels: str) -> Path:
+    """The file that says this method (`kernels`: its name) has run with this kernel cache and this torch, for
+    this kind of build (portable or native), so `auto` compiles it: written after every CPU merge of a method
+    that compiles (`remember`), including the image's warm-up. Removing the cache removes it."""
+    portable = "-portable" if os.environ.get("MERGEBOT_PORTABLE_KERNELS") == "1" else ""
+    return inductor_cache_dir() / "mergebot-seen" / f"{torch.__version__}-{kernels}{portable}"
+
+
+def remember(kernels: str) -> None:
+    """Record that `kernels` ran with this cache (best effort: a read-only cache stays unmet)."""
+    try:
+        path = marker(kernels)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError:
+        pass
+
+
+def configure(mode: str, total_elements: int, benefits: bool = True, device: str = "cpu",
+              kernels: str | None = None) -> bool:
     """mode: on | off | auto. Returns whether kernels will be compiled. `benefits`: the method's eager form
     is slow (many passes, e.g. DARE's hash RNG); methods with a fast in-place eager form say False, since
     loading compiled kernels costs seconds per process even with a warm cache, and stay eager in every mode.
+    `kernels`: the method's name, to look for its `marker`; without one (the method never ran with this cache),
+    `auto` compiles only merges large enough to repay a cold compile (AUTO_COLD_MIN_ELEMENTS).
 
     `auto` never compiles for CUDA: on a GPU the eager passes run at device-memory speed, far above the
     host-to-device copies that bound the merge. Measured on an H100, dare_ties of three 1.1B-parameter
@@ -57,7 +104,8 @@ def configure(mode: str, total_elements: int, benefits: bool = True, device: str
     elif mode == "on":
         on = True
     else:
-        on = device == "cpu" and total_elements >= AUTO_MIN_ELEMENTS and compiler_available()
+        least = AUTO_MIN_ELEMENTS if kernels is None or marker(kernels).exists() else AUTO_COLD_MIN_ELEMENTS
+        on = device == "cpu" and total_elements >= least and compiler_available()
     _state["on"] = on
     if on:
         # each merge compiles as a fresh process would: which graphs Dynamo makes depends on the calls it saw

@@ -3,6 +3,8 @@ the counter-based RNG, compiled kernels equal to eager ones, and mergekit's bf16
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 import torch
 
@@ -108,7 +110,7 @@ def test_compiled_elementwise_kernels_equal_eager(family, tmp_path, method, para
     assert sum(not torch.equal(eager[k], parent[k].to(eager[k].dtype)) for k in eager) > len(eager) // 2  # not the base
 
 
-def test_auto_compile_only_for_large_cpu_merges_of_methods_that_gain(monkeypatch):
+def test_auto_compile_only_for_large_cpu_merges_of_methods_that_gain(monkeypatch, tmp_path):
     """`--compile auto` (mergebot.engine.fuse.configure): never on CUDA (eager beats a cold Triton compile there), never
     for small merges or methods with a fast eager form, never without a C compiler."""
     from mergebot.engine import fuse
@@ -122,6 +124,17 @@ def test_auto_compile_only_for_large_cpu_merges_of_methods_that_gain(monkeypatch
     assert not fuse.configure("on", big, True, "cuda")  # GPU kernels are eager in every mode
     # methods whose eager form is one in-place pass (linear, slerp) stay eager even with --compile on
     assert not fuse.configure("on", big, False, "cpu")
+    # a method this kernel cache never met (a fresh runner): `auto` compiles only merges that repay the compile
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cold"))
+    assert not fuse.configure("auto", big, True, "cpu", "dare_ties")
+    assert not fuse.configure("auto", fuse.AUTO_COLD_MIN_ELEMENTS - 1, True, "cpu", "dare_ties")
+    assert fuse.configure("auto", fuse.AUTO_COLD_MIN_ELEMENTS, True, "cpu", "dare_ties")
+    assert fuse.configure("on", 1, True, "cpu", "dare_ties")  # `on` compiles, met or not
+    fuse.remember("dare_ties")
+    assert fuse.marker("dare_ties").is_file()
+    assert str(fuse.marker("dare_ties")).startswith(str(tmp_path / "cold"))
+    assert fuse.configure("auto", big, True, "cpu", "dare_ties")  # met: a cache that persists, worth filling
+    assert not fuse.configure("auto", big, True, "cpu", "ram")  # per method
     monkeypatch.setattr(fuse, "compiler_available", lambda: False)
     assert not fuse.configure("auto", big, True, "cpu")
     fuse.configure("off", 0)
@@ -278,6 +291,40 @@ def test_compiled_kernels_serve_any_thread_count_and_portable_isa(monkeypatch):
     if platform.machine() in ("x86_64", "AMD64"):
         assert (inductor_config.cpp.march, inductor_config.cpp.simdlen) == ("x86-64-v2", 256)
     fuse.configure("off", 0)
+
+
+@pytest.mark.parametrize("env", [None, "relative/kernels"])
+def test_inductor_cache_dir_is_torchs(monkeypatch, tmp_path, env):
+    """fuse.inductor_cache_dir follows torch's own rule (which it copies to avoid importing torch._inductor)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    from mergebot.engine import fuse
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    if env is None:
+        monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    else:
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", env)
+    mine = fuse.inductor_cache_dir()
+    assert str(mine) == cache_dir()  # torch's also exports it to the environment: monkeypatch restores that
+
+
+def test_merges_remember_the_methods_that_compile(family, tmp_path, monkeypatch):
+    """A CPU merge of a method that compiles leaves its marker in the kernel cache, compiled or not (`auto`
+    compiles it from the next merge on); `--compile off` and methods that never compile leave none."""
+    from mergebot.engine import fuse
+    base, a, _, _ = family
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    ram = f"models:\n  - model: {base}\n  - model: {a}\nmerge_method: ram\nbase_model: {base}\n"
+    ties = ram.replace("merge_method: ram", "merge_method: ties").replace(
+        f"  - model: {a}\n", f"  - model: {a}\n    parameters: {{weight: 1, density: 0.5}}\n")
+    merge_yaml(tmp_path, ram, name="off", compile="off")
+    merge_yaml(tmp_path, ties, name="ties")
+    assert not (tmp_path / "cache").exists()
+    merge_yaml(tmp_path, ram, name="auto")  # small: eager, but remembered
+    assert fuse.marker("ram").is_file() and "-ram" in fuse.marker("ram").name
+    assert sorted(p.name.split("-", 1)[1] for p in fuse.marker("ram").parent.iterdir()) == ["ram"]
 
 
 def test_warmup_configs_cover_every_method():
