@@ -44,8 +44,10 @@ HEADER_FILES = ["*.json", "*.jinja", "tokenizer.model"]  # a dry run: everything
 
 
 def resolve(ref: ModelRef, search: list[Path] | None = None, *, download: bool = True,
-            token: str | None = None) -> ResolvedModel:
-    """Find a model's files; for Hub models pin the revision to a commit sha and download what is needed."""
+            token: str | None = None, stream: bool = False) -> ResolvedModel:
+    """Find a model's files; for Hub models pin the revision to a commit sha and download what is needed.
+    `stream`: the weights stay on the Hub, read later by range (mergebot.hub.stream): only the small files
+    (json, tokenizer, licenses) come down, and a repo without safetensors is refused."""
     local = is_local(ref, search or [])
     if local is not None:
         return local_model(ref, local)
@@ -53,9 +55,14 @@ def resolve(ref: ModelRef, search: list[Path] | None = None, *, download: bool =
         raise ModelError(f"{ref}: no such local directory, and not a Hugging Face repo id")
     info = model_info(ref, str(ref), "model", token)
     names = [s.rfilename for s in (info.siblings or [])]
-    weights = ["*.safetensors", "*.safetensors.index.json"] if any(n.endswith(".safetensors") for n in names) \
-        else ["*.bin", "*.bin.index.json"]
-    d = download_snapshot(ref, str(ref), info.sha, weights + MODEL_FILES if download else HEADER_FILES, token)
+    safetensors = any(n.endswith(".safetensors") for n in names)
+    if stream and not safetensors:
+        from mergebot.hub.stream import StreamRefused
+        raise StreamRefused(f"{ref}: --stream reads safetensors by range; this repo has only .bin weights "
+                            "(merge without --stream)")
+    weights = ["*.safetensors", "*.safetensors.index.json"] if safetensors else ["*.bin", "*.bin.index.json"]
+    patterns = MODEL_FILES if stream else weights + MODEL_FILES if download else HEADER_FILES
+    d = download_snapshot(ref, str(ref), info.sha, patterns, token)
     confine.audit(d, str(ref))
     return ResolvedModel(ref, d, True, info.sha, read_json_object(d, "config.json", str(ref)))
 

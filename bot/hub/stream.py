@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from mergebot.config.configfile import Config
 from mergebot.config.refs import ModelRef, is_repo_id
-from mergebot.errors import MergebotError, ModelError
+from mergebot.errors import MergebotError
 from mergebot.hub.client import client, resolve_endpoint
 from mergebot.io.local import ResolvedModel, is_local
 from mergebot.io.remote import REQUEST_BYTES, FetchStats, RangeSource, RemoteWeights
@@ -249,22 +249,8 @@ class StreamSession:
     def resolve(self, ref: ModelRef, search: list[Path]) -> ResolvedModel:
         """A parent with its small files only (json, tokenizer, licenses): the weights stay on the Hub."""
         from mergebot.hub import fetch
-        from mergebot.io import confine
-        from mergebot.io.local import local_model, read_json_object
 
-        local = is_local(ref, search)
-        if local is not None:
-            return local_model(ref, local)
-        if not is_repo_id(ref.path):
-            raise ModelError(f"{ref}: no such local directory, and not a Hugging Face repo id")
-        info = fetch.model_info(ref, str(ref), "model", self.token)
-        names = {s.rfilename for s in (info.siblings or [])}
-        if not any(n.endswith(".safetensors") for n in names):
-            raise StreamRefused(f"{ref}: --stream reads safetensors by range; this repo has only .bin weights "
-                                "(merge without --stream)")
-        d = fetch.download_snapshot(ref, str(ref), info.sha, fetch.MODEL_FILES, self.token)
-        confine.audit(d, str(ref))
-        return ResolvedModel(ref, d, True, info.sha, read_json_object(d, "config.json", str(ref)))
+        return fetch.resolve(ref, search, token=self.token, stream=True)
 
     def reader(self, ref: ModelRef, resolved: ResolvedModel) -> TensorReader:
         """Hub parents by range (headers validated as a dry run's are); local ones as always."""
