@@ -203,6 +203,21 @@ def test_refused_modes_say_why_in_one_line(hub, on_hub, tmp_path, capsys, extra,
     assert f"{hub.org}/x" not in hub.server.repos
 
 
+def test_a_parent_with_only_bin_weights_is_refused_in_one_line(hub, parents, on_hub, tmp_path, capsys):
+    """--stream reads safetensors by range: a parent repo holding only .bin weights is refused before anything is
+    created or uploaded (fetch.resolve(stream=True))."""
+    files = {p.name: p.read_bytes() for p in parents[2].iterdir() if p.is_file() and not p.name.endswith(".safetensors")}
+    files["pytorch_model.bin"] = b"not read"
+    files["README.md"] = b"---\nlicense: apache-2.0\n---\n# bin only\n"
+    hub.server.create_repo(f"{hub.org}/binonly")
+    hub.server.commit(f"{hub.org}/binonly", files, message="upload")
+    cfg = _config(tmp_path / "c.yml", [on_hub[0], on_hub[1], f"{hub.org}/binonly"])
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--stream", "--quiet", "--push-to", f"{hub.org}/x"]) != 0
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and f"{hub.org}/binonly: --stream reads safetensors by range" in err[0], err
+    assert f"{hub.org}/x" not in hub.server.repos
+
+
 def test_moe_and_multi_configs_are_refused_in_stream_mode(tmp_path):
     from mergebot.config.configfile import load
 
