@@ -5,7 +5,8 @@ them again (0.3 s of `import torch` on 2 cores), and so does the full collection
 after a merge). `mergebot`'s entry point pauses collection (`hold`) until the merge starts (`settle`), which
 moves everything alive then into the permanent generation (`gc.freeze`): the modules, never garbage, are
 walked by no later collection. Reference counting frees everything else as before; only cyclic garbage made
-during start-up waits for the next collection."""
+during start-up waits for the next collection. `mergebot action` settles once its imports are done (a run may
+only publish); the other commands that never merge are short and keep the collector paused until they exit."""
 
 from __future__ import annotations
 

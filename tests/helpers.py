@@ -138,3 +138,16 @@ def counting_tensors(cfg: dict, seed: int, scale: float = 0.02) -> dict[str, tor
                   p + "mlp.down_proj.weight": r(h, inter), p + "input_layernorm.weight": torch.ones(h),
                   p + "post_attention_layernorm.weight": torch.ones(h)})
     return t
+
+
+def assert_same_bytes_kept_chunked_recomputed(tmp: Path, text: str, monkeypatch, chunk: int) -> None:
+    """A whole-tensor selection gives the same bytes with what it keeps between passes (_sparsify.KEEP_BYTES),
+    in small chunks (_sparsify.CHUNK), and with nothing kept (recomputed in every pass)."""
+    from mergebot.engine.methods import _sparsify
+    kept = merge_yaml(tmp, text, name="kept")
+    monkeypatch.setattr(_sparsify, "CHUNK", chunk)
+    chunked = merge_yaml(tmp, text, name="chunked")
+    monkeypatch.setattr(_sparsify, "KEEP_BYTES", 0)
+    again = merge_yaml(tmp, text, name="again")
+    assert kept.keys() == again.keys()
+    assert all(torch.equal(kept[k], chunked[k]) and torch.equal(kept[k], again[k]) for k in kept)

@@ -60,8 +60,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mergebot import startup
     from mergebot.action.run import report_stopped, run_action
 
+    startup.settle()  # imports done: a run that only publishes or refreshes cards collects as usual from here
     try:
         inputs, event = inputs_and_event(args)
     except MergebotError as e:  # a bad input or event: annotation, summary and outputs, then the one-line error

@@ -34,13 +34,14 @@ class Kernel(Protocol):
 _state = {"on": False}
 AUTO_MIN_ELEMENTS = 200_000_000
 # `auto` for a method this kernel cache has never met (`marker`): a fresh machine, runner or container without
-# mergebot's image, where compiling the method's kernels costs ~35 s on 2 cores (dare_ties of three 0.86B
-# models: 49.7 s cold, 15.8 s warm) while its eager form loses ~2 s per 1e9 elements read against them (eager
-# DARE: 21 s there). Compiling pays for itself within the merge only from ~17e9 elements read (three 5.7B
-# models) on 2 cores, and later on more cores, where the eager passes gain threads and the compile does not.
-# Once the method has run here (`remember`), the cache is a machine's that persists: `auto` compiles from then
-# on, at AUTO_MIN_ELEMENTS, and the compile is paid once.
-AUTO_COLD_MIN_ELEMENTS = 16_000_000_000
+# mergebot's image, where compiling the method's kernels costs 17-35 s on 2 cores while its eager form loses
+# 2-4.4 s per 1e9 elements read against them (dare_ties of three 0.86B models, 2.5e9 elements: eager 20.6-21 s,
+# compiled 9.6-15.8 s warm and 27-50 s cold, 2026-11-27 and 28 on this drifting VM). A cold compile thus
+# repays itself within the merge from 4e9-17e9 elements read; 8e9 (three 2.7B models) splits the difference, and
+# the point moves up on more cores, where the eager passes gain threads and the compile does not. Once the method
+# has run here (`remember`), the cache is a machine's that persists: `auto` compiles from then on, at
+# AUTO_MIN_ELEMENTS, and the compile is paid once.
+AUTO_COLD_MIN_ELEMENTS = 8_000_000_000
 
 
 def compiler_available() -> bool:

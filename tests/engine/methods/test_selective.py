@@ -12,7 +12,7 @@ import torch
 from mergebot.engine.methods import METHODS
 from mergebot.engine.methods.base import MergeCall
 from mergebot.tinymodels import llama_config, llama_tensors, load_tensors, make_family
-from tests.helpers import ATOL, close, f64, merge_yaml, models_yaml, save_llama
+from tests.helpers import ATOL, assert_same_bytes_kept_chunked_recomputed, close, f64, merge_yaml, models_yaml, save_llama
 
 # --------------------------------------------------------------------------------------------------- model_stock
 
@@ -103,17 +103,10 @@ def test_sce(family, tmp_path, topk):
 def test_sce_selection_same_bits_with_and_without_kept_variance(family, tmp_path, monkeypatch):
     """The variance bits kept between passes (_sparsify.KEEP_BYTES) and the ones computed again in each pass of
     a tensor too large to keep give the same merge, chunk by chunk (small _sparsify.CHUNK) as whole."""
-    from mergebot.engine.methods import _sparsify
     base, a, b, c = family
     text = (models_yaml((a, None), (b, None), (c, None))
             + f"merge_method: sce\nbase_model: {base}\nparameters: {{select_topk: 0.4}}\n")
-    kept = merge_yaml(tmp_path, text, name="kept")
-    monkeypatch.setattr(_sparsify, "CHUNK", 96)
-    chunked = merge_yaml(tmp_path, text, name="chunked")
-    monkeypatch.setattr(_sparsify, "KEEP_BYTES", 0)
-    again = merge_yaml(tmp_path, text, name="again")
-    assert kept.keys() == again.keys()
-    assert all(torch.equal(kept[k], chunked[k]) and torch.equal(kept[k], again[k]) for k in kept)
+    assert_same_bytes_kept_chunked_recomputed(tmp_path, text, monkeypatch, 96)
 
 
 def test_sce_tiny_task_vectors_get_uniform_weights(tmp_path):

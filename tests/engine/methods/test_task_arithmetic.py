@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import close, f64, merge_dare, merge_yaml, ties64
+from tests.helpers import assert_same_bytes_kept_chunked_recomputed, close, f64, merge_dare, merge_yaml, ties64
 
 
 def test_task_arithmetic_with_lambda(family, tmp_path):
@@ -209,15 +209,8 @@ def test_ties_chunked_with_ties_at_the_cut_equals_whole_tensor(family_bf16, tmp_
 def test_kept_deltas_give_the_same_bytes(family_bf16, tmp_path, monkeypatch, method, extra, rescale):
     """The deltas a selection keeps between its passes (_sparsify.KEEP_BYTES), read back and finally
     overwritten by the merge, give the bytes of deltas computed again in every pass, chunked or whole."""
-    from mergebot.engine.methods import _sparsify
     base, a, b = family_bf16
     text = (f"models:\n  - model: {base}\n  - model: {a}\n    parameters: {{weight: 0.6, density: 0.37{extra}}}\n"
             f"  - model: {b}\n    parameters: {{weight: 0.4, density: 0.61{extra}}}\nmerge_method: {method}\n"
             f"base_model: {base}\nparameters: {{rescale: {str(rescale).lower()}}}\n")
-    kept = merge_yaml(tmp_path, text, name="kept")
-    monkeypatch.setattr(_sparsify, "CHUNK", 100)
-    chunked = merge_yaml(tmp_path, text, name="chunked")
-    monkeypatch.setattr(_sparsify, "KEEP_BYTES", 0)
-    again = merge_yaml(tmp_path, text, name="again")
-    assert kept.keys() == again.keys()
-    assert all(torch.equal(kept[k], chunked[k]) and torch.equal(kept[k], again[k]) for k in kept)
+    assert_same_bytes_kept_chunked_recomputed(tmp_path, text, monkeypatch, 100)
