@@ -192,7 +192,7 @@ def _apply_selected(call: MergeCall) -> torch.Tensor:
         chosen = _sparsify.mergekit_selection(var, "topk", k).to(base.device)
 
     masks = None  # the kept variance bits turned, in place, into integer keep masks (_sparsify.keep_into)
-    if kept is not None and chosen is None and kept.element_size() == torch.empty(0, dtype=call.dtype).element_size():
+    if kept is not None and chosen is None:  # bits_dtype has the compute dtype's width, as zero_unless needs
         masks = cut.keep_into(kept, 0, cut.tie_end(var_bits, n), out=kept)
 
     def selected(s: int, e: int, seen: int) -> tuple[torch.Tensor, list[torch.Tensor], int]:
