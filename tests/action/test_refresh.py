@@ -14,7 +14,6 @@ from tests.action.support import README, ZERO, act, commits, linear, push, uploa
 pytestmark = pytest.mark.filterwarnings("ignore:Use .content=<...>. to upload raw:DeprecationWarning")
 
 SCHEDULE = {"schedule": "17 3 * * 1"}
-WEIGHTS = r"/resolve/.*\.safetensors"
 
 
 def blobs(hub, repo: str) -> dict[str, str]:
@@ -60,7 +59,7 @@ def test_lock_records_digests_of_what_the_merge_read(hub, published):
 
 def test_readme_metadata_edit_is_a_card_only_commit(hub, published, checkout, monkeypatch, capsys):
     repo, ft1 = published
-    before, weights_before, n = blobs(hub, repo), hub.server.count("GET", WEIGHTS), commits(hub, repo)
+    before, weights_before, n = blobs(hub, repo), len(hub.server.file_gets()), commits(hub, repo)
 
     # nothing changed: nothing committed
     run = scheduled(hub, checkout, monkeypatch, capsys)
@@ -86,7 +85,7 @@ def test_readme_metadata_edit_is_a_card_only_commit(hub, published, checkout, mo
     # NOTICE names the commit the licenses were read from; weights, config, tokenizer: same blobs
     assert changed == {"README.md", "NOTICE", "mergebot.lock.json"}
     assert f"{ft1}@{new_sha}" in hub.server.files(repo)["NOTICE"].decode()
-    assert hub.server.count("GET", WEIGHTS) == weights_before  # no weights downloaded
+    assert len(hub.server.file_gets()) == weights_before  # no weights downloaded
     assert "language:\n- fr" in readme(hub, repo)
     pin = {p["ref"]: p for p in lock(hub, repo)["parents"]}[ft1]
     assert pin["sha"] != new_sha and pin["card_sha"] == new_sha  # the weights' provenance is the merged commit
@@ -123,13 +122,13 @@ def test_parent_license_change_refreshes_the_verdict_or_blocks(hub, published, c
 
 def test_shard_change_is_a_full_remerge(hub, published, tiny_models, checkout, monkeypatch, capsys):
     repo, ft1 = published
-    n, weights_before = commits(hub, repo), hub.server.count("GET", WEIGHTS)
+    n, weights_before = commits(hub, repo), len(hub.server.file_gets())
     other = (tiny_models[2] / "model.safetensors").read_bytes()
     new_sha = hub.server.commit(ft1, {"model.safetensors": other}, message="new weights")
     run = scheduled(hub, checkout, monkeypatch, capsys)
     assert run.rc == 0, run.stdout
     assert run.results["merges/a.yml"]["status"] == "published" and commits(hub, repo) == n + 1
-    assert hub.server.count("GET", WEIGHTS) > weights_before
+    assert len(hub.server.file_gets()) > weights_before
     assert {p["ref"]: p["sha"] for p in lock(hub, repo)["parents"]}[ft1] == new_sha
     assert f"weights changed in {ft1} (" in run.summary and "): model.safetensors" in run.summary
 
@@ -220,12 +219,12 @@ def test_card_template_input_renders_every_card_and_a_change_refreshes_them(hub,
     assert run.rc == 0 and run.results["merges/a.yml"]["status"] == "up-to-date" and commits(hub, repo) == n
 
     checkout.commit({"cards/card.md.j2": TEMPLATE.replace("Ask the merges team", "Write to the merges team")})
-    weights_before = hub.server.count("GET", WEIGHTS)
+    weights_before = len(hub.server.file_gets())
     run = scheduled(hub, checkout, monkeypatch, capsys, card_template="cards/card.md.j2")
     assert run.rc == 0, run.stdout
     assert run.results["merges/a.yml"]["status"] == "card-refreshed" and commits(hub, repo) == n + 1
     assert f"Write to the merges team ({repo})." in readme(hub, repo)
-    assert hub.server.count("GET", WEIGHTS) == weights_before  # no merge: no weights downloaded
+    assert len(hub.server.file_gets()) == weights_before  # no merge: no weights downloaded
 
     (checkout.path.parent / "outside.md.j2").write_text(TEMPLATE)
     run = scheduled(hub, checkout, monkeypatch, capsys, card_template="../outside.md.j2")

@@ -162,8 +162,10 @@ def test_dry_run_of_hub_models_reads_headers_only(hub, family, tmp_path, capsys)
                    f"merge_method: task_arithmetic\nbase_model: {hub.org}/base\n")
     assert main(["merge", str(cfg), str(tmp_path / "out"), "--dry-run"]) == 0
     assert "model.layers.3.mlp.down_proj.weight" in capsys.readouterr().out
-    gets = [r for r in hub.server.requests if r[0] == "GET" and r[1].endswith(".safetensors")]
-    assert gets and all(status == 206 for _, _, status in gets), gets  # HTTP range requests for the headers
+    gets = [(p, status) for p, status, _ in hub.server.file_gets()]
+    served = [(p, status) for p, status in gets if status != 302]  # the Hub redirects to its storage host
+    assert served and all(status == 206 for _, status in served), gets  # HTTP range requests for the headers
+    assert not hub.server.cdn_auth_refused
     assert not list(hub.home.rglob("*.safetensors")), "a dry run must not download tensor data"
 
 
@@ -194,3 +196,20 @@ def test_integer_buffers_are_copied_when_equal_and_refused_when_not(tmp_path):
     with pytest.raises(ModelError, match="non-floating buffer 'model.position_ids' differs"):
         _merge(tmp_path, text, name="out2")
     assert not (tmp_path / "out2").exists()
+
+
+def test_the_fake_hubs_storage_refuses_a_request_that_carries_the_token(hub, family):
+    """The check behind every download test: the storage host the Hub redirects LFS files to refuses a request
+    with an Authorization header (as pre-signed S3/CAS URLs do), so a client that forwarded the token fails."""
+    from huggingface_hub.utils import get_session
+
+    http = get_session()  # huggingface_hub's own HTTP client
+    _upload(hub, f"{hub.org}/base", family[0])
+    url = f"{hub.url}/{hub.org}/base/resolve/main/model.safetensors"
+    first = http.get(url, headers={"Authorization": f"Bearer {hub.token}"}, follow_redirects=False)
+    assert first.status_code == 302 and first.headers["X-Linked-Size"]
+    location = first.headers["Location"]
+    assert location.startswith(hub.server.cdn_url) and hub.server.cdn_url != hub.url  # another origin
+    assert http.get(location, headers={"Range": "bytes=0-7"}).status_code == 206
+    assert http.get(location, headers={"Authorization": f"Bearer {hub.token}"}).status_code == 400
+    assert hub.server.cdn_auth_refused == [location[len(hub.server.cdn_url):]]

@@ -3,7 +3,8 @@
 It implements what huggingface_hub 2.4.0 calls with `HF_HUB_DISABLE_XET=1` (hub-action-cards-licenses.md
 §3.2-§3.3): whoami, repo create/delete, model info, refs, tree, commits, preupload, the LFS batch API with basic
 transfer + verify, NDJSON commits with the `parentCommit` check (412 when stale, as the Hub), validate-yaml,
-resolve (HEAD/GET with ETag, X-Repo-Commit, X-Linked-Etag/-Size and Range) and paths-info. State lives in
+resolve (HEAD/GET with ETag, X-Repo-Commit, X-Linked-Etag/-Size and Range; LFS files by a 302 to a storage host
+on a second port that refuses the token, as the Hub sends Xet/LFS files to pre-signed URLs) and paths-info. State lives in
 memory: repos -> refs -> commits -> {path: file}. Fault hooks let tests fail an LFS upload, fail a commit, or
 slip a concurrent commit in just before the next commit request is applied.
 

@@ -46,8 +46,7 @@ class _Handler(Repos, Lfs, Resolve, Jobs, Webhooks, BaseHTTPRequestHandler):
     def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
               content_type: str = "application/json") -> None:
         # recorded before the answer leaves: a client that got it may look at `requests` at once
-        self.fake.requests.append((self.command, self.path, status))
-        self.fake.sent.append((self.command, self.path, 0 if self.command == "HEAD" else len(body)))
+        self.fake.record(self.command, self.path, status, 0 if self.command == "HEAD" else len(body))
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))

@@ -65,4 +65,5 @@ ROUTES = [
     Route("PUT", ("__lfs", "upload", "{oid}", "{size}"), "lfs_upload"),
     Route("POST", ("__lfs", "verify", "{ns}", "{name}"), "lfs_verify"),
     Route("GET", ("{ns}", "{name}", "resolve", "{rev}", "{path*}"), "resolve"),
+    Route("GET", ("__storage", "{sha256}", "{path*}"), "storage"),  # where `lfs_redirect` sends resolve
 ]

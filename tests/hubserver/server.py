@@ -34,6 +34,7 @@ class FakeHub:
         self.lfs_store: dict[str, bytes] = {}
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status)
         self.sent: list[tuple[str, str, int]] = []  # (method, path, body bytes sent): what a client downloaded
+        self.log: list[tuple[str, str, int, int]] = []  # (method, path, status, body bytes), one per answer
         self.jobs: list[dict[str, Any]] = []  # HF Jobs submitted (POST /api/jobs/{ns})
         self.webhooks: dict[str, dict[str, Any]] = {}  # id -> webhook (with its "owner"), /api/settings/webhooks
         self.unhandled: list[tuple[str, str]] = []
@@ -45,9 +46,13 @@ class FakeHub:
         self._range_faults: list[tuple[str, int]] = []  # ("status", code) | ("cut", bytes) for the next range GETs
         self._commit_failures: list[tuple[int, bool]] = []  # (status, apply the commit before failing)
         self._before_commit: list[Callable[[], None]] = []
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-        self.url = ""
+        # As the Hub does for LFS/Xet files: resolve answers 302 to a storage host of another origin (here a
+        # second port) that serves the bytes and ranges and refuses requests carrying an Authorization header
+        # (S3/CAS-bridge pre-signed URLs answer 400 to a second auth mechanism).
+        self.lfs_redirect = True
+        self.cdn_auth_refused: list[str] = []  # storage requests that came with an Authorization header
+        self._servers: list[ThreadingHTTPServer] = []
+        self.url = self.cdn_url = ""
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> FakeHub:
@@ -60,24 +65,32 @@ class FakeHub:
         class Handler(_Handler):
             fake = hub
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-hub", daemon=True)
-        self._thread.start()
+        for _ in range(2):  # the Hub, then its storage host (another origin)
+            server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, name="fake-hub", daemon=True).start()
+            self._servers.append(server)
+        self.url, self.cdn_url = (f"http://127.0.0.1:{s.server_address[1]}" for s in self._servers)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+        self._servers = []
 
     def __enter__(self) -> FakeHub:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def record(self, method: str, path: str, status: int, sent: int) -> None:
+        """One answer, in `requests`, `sent` and `log` together."""
+        with self.lock:
+            self.requests.append((method, path, status))
+            self.sent.append((method, path, sent))
+            self.log.append((method, path, status, sent))
 
     # ------------------------------------------------------------------ direct state access for tests
     def create_repo(self, repo_id: str, *, private: bool = False, gated: str | bool = False,
@@ -128,6 +141,13 @@ class FakeHub:
     def bytes_sent(self, method: str, pattern: str) -> int:
         """Body bytes answered to requests matching `method` and the regex `pattern` on the path."""
         return sum(n for m, p, n in self.sent if m == method and re.search(pattern, p))
+
+    def file_gets(self, repo: str = "[^/]+/[^/]+", file: str = r"[^?]*\.safetensors") -> list[tuple[str, int, int]]:
+        """(path, status, body bytes) of each GET of a file of `repo` (regexes), from the Hub (resolve) or from
+        its storage host (`lfs_redirect`)."""
+        pattern = re.compile(rf"^/(?:{repo})/resolve/[^/]+/(?:{file})(?:\?.*)?$|^/__storage/[^/]+/(?:{repo})/(?:{file})\?")
+        with self.lock:
+            return [(p, status, n) for m, p, status, n in self.log if m == "GET" and pattern.search(p)]
 
     def count(self, method: str, pattern: str) -> int:
         """How many requests matched `method` and the regex `pattern` on the path."""
