@@ -54,3 +54,22 @@ def test_library_callers_keep_their_collector(tmp_path, pair, spy):
         gc.enable()
     merge_yaml(tmp_path, pair, name="again")
     assert spy[2:] == [(True, 0), (True, 0)] and gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("given, seen", [(None, startup.SPINCOUNT), ("5", "5")])
+def test_the_console_script_shortens_openmps_idle_spin_unless_the_user_set_it(given, seen):
+    """libgomp reads GOMP_SPINCOUNT once, when torch loads: the console script sets it before anything imports
+    torch (DELLA's threaded sorts and the file readers need the cores OpenMP's idle workers spin on); a value in
+    the environment wins."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    if given is not None:
+        env["GOMP_SPINCOUNT"] = given
+    probe = ("import os, sys\nsys.argv = ['mergebot', '--version']\nfrom mergebot.cli.main import main\n"
+             "try:\n    main()\nexcept SystemExit:\n    pass\n"
+             "print('torch' in sys.modules, os.environ.get('GOMP_SPINCOUNT'))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[-2:] == ["False", seen]

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     """The console script (argv None: the process ends after it), or an in-process call with its arguments,
     which gets its garbage collector back as it was (mergebot.startup)."""
     collecting = startup.hold()
+    if argv is None:
+        startup.threads()
     try:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _terminate)

@@ -9,7 +9,9 @@ block of each input to the compute dtype at a time, so memory stays near one blo
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -67,3 +69,28 @@ def map_rows_into(call: MergeCall, fn: Callable[[list[torch.Tensor], tuple[int, 
     for s, e, shape in row_blocks(call.shape, n, out.device):
         fn([x[s:e] for x in xs], shape, s, out[s:e])
     return out
+
+
+# numpy work on rows that runs on one thread (sorts, bincounts) is split into ranges of rows; below this many
+# elements a split costs more than it saves (a thread hand-off is ~50 µs).
+PARALLEL_MIN_ELEMS = 1 << 15
+_pool: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool)
+
+
+def numpy_parallel(part: Callable[[int, int], None], rows: int, elems: int) -> None:
+    """part(s, e) for ranges of rows covering [0, rows), one per torch thread, run side by side: numpy lets go
+    of the GIL in its sorts, ufuncs and takes but runs each on one core, where torch's own ops use them all.
+    Each part must write only its rows, so the result does not depend on the split."""
+    parts = min(torch.get_num_threads(), rows)
+    if parts <= 1 or elems < PARALLEL_MIN_ELEMS:
+        part(0, rows)
+        return
+    global _pool
+    if _pool is None or _pool[0] < parts - 1:  # a larger --threads after the first use
+        size = max(parts, os.cpu_count() or 1) - 1
+        _pool = (size, ThreadPoolExecutor(max_workers=size, thread_name_prefix="rows"))
+    cuts = [rows * i // parts for i in range(parts + 1)]
+    futures = [_pool[1].submit(part, cuts[i], cuts[i + 1]) for i in range(1, parts)]
+    part(cuts[0], cuts[1])  # the calling thread takes the first range
+    for f in futures:
+        f.result()

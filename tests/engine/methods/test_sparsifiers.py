@@ -206,7 +206,7 @@ def test_della_epsilon_bounds_error(family, tmp_path, density, epsilon):
 def test_della_radix_order_is_torchs_stable_descending_sort():
     """DELLA's ranks come from a numpy radix sort of the magnitudes' bits on the CPU (della.descending_order): the
     same permutation as torch's stable descending sort, ties in element order, at zeros, subnormals, infinities
-    and bf16-rounded values that repeat."""
+    and bf16-rounded values that repeat, whatever the number of threads its rows are split across."""
     import torch
 
     from mergebot.engine.methods.task_arithmetic.della import descending_order
@@ -216,10 +216,17 @@ def test_della_radix_order_is_torchs_stable_descending_sort():
         torch.randn(7, 4099, generator=g).abs(),
         torch.tensor([[0.0, 1e-45, 3e-39, float("inf"), 0.0, 1.0, 1e-45, 65504.0, float("inf"), 2.0]]),
         torch.zeros(3, 17),
+        torch.tensor([[float("nan"), 0.0, float("nan"), float("inf"), 5.0]] * 3),
     ]
-    for mag in rows:
-        ref = torch.sort(mag, dim=-1, descending=True, stable=True).indices
-        assert torch.equal(descending_order(mag), ref)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 8):
+            torch.set_num_threads(n)
+            for mag in rows:
+                ref = torch.sort(mag, dim=-1, descending=True, stable=True).indices
+                assert torch.equal(descending_order(mag), ref)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("ties", [0, 1, 37, 250, 400])
