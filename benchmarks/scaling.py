@@ -1,8 +1,10 @@
 """Thread scaling of one merge on this machine: the same merge at several OMP_NUM_THREADS settings, eager and
-compiled, reporting wall and merge-loop time. With --profile, py-spy samples the largest setting's merge
+compiled, and at several GOMP_SPINCOUNT settings (libgomp's default 300000 vs mergebot's 10000, mergebot.startup),
+reporting wall and merge-loop time. With --profile, py-spy samples the largest setting's merge
 (native frames included) into a collapsed-stack file, to see what does not scale.
 
-Usage: python benchmarks/scaling.py [--shape small|1b] [--threads 2,4,8,16] [--method dare_ties] [--profile DIR]
+Usage: python benchmarks/scaling.py [--shape small|1b] [--threads 2,4,8,16] [--spins 300000,10000] [--method dare_ties]
+       [--profile DIR]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main() -> None:
     ap.add_argument("--threads", default="2,4,8,16")
     ap.add_argument("--method", default="dare_ties")
     ap.add_argument("--compile", default="off,on", help="compile modes to run (on: one warm-up run first)")
+    ap.add_argument("--spins", default="10000", help="GOMP_SPINCOUNT values to run (300000: libgomp's default)")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
     ap.add_argument("--profile", type=Path, default=None, help="py-spy output directory for the last setting")
     ap.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second (native unwinding of many "
@@ -37,14 +40,16 @@ def main() -> None:
     cfg = args.cache / f"{args.method}.yml"
     cfg.write_text(CONFIGS[args.method].format(base=base, a=a, b=b))
     out = args.cache / "out"
-    print(f"{'threads':>7} {'compile':>7} {'wall s':>8} {'loop s':>8}", flush=True)
+    print(f"{'threads':>7} {'compile':>7} {'spin':>7} {'wall s':>8} {'loop s':>8}", flush=True)
     for mode in args.compile.split(","):
         if mode == "on":  # compile once so the timed runs read a warm cache
             run_merge(cfg, out, extra=["--compile", "on"])
         for t in [int(v) for v in args.threads.split(",")]:
-            os.environ["OMP_NUM_THREADS"] = str(t)
-            r = run_merge(cfg, out, extra=["--compile", mode])
-            print(f"{t:7d} {mode:>7} {r['wall_s']:8.2f} {r['engine_s'] or float('nan'):8.2f}", flush=True)
+            for spin in args.spins.split(","):
+                os.environ["OMP_NUM_THREADS"], os.environ["GOMP_SPINCOUNT"] = str(t), spin
+                r = run_merge(cfg, out, extra=["--compile", mode])
+                print(f"{t:7d} {mode:>7} {spin:>7} {r['wall_s']:8.2f} {r['engine_s'] or float('nan'):8.2f}", flush=True)
+    os.environ.pop("GOMP_SPINCOUNT", None)
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
         t = max(int(v) for v in args.threads.split(","))

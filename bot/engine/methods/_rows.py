@@ -71,16 +71,17 @@ def map_rows_into(call: MergeCall, fn: Callable[[list[torch.Tensor], tuple[int, 
     return out
 
 
-# numpy work on rows that runs on one thread (sorts, bincounts) is split into ranges of rows; below this many
+# numpy work on rows that runs on one thread (its sorts) is split into ranges of rows; below this many
 # elements a split costs more than it saves (a thread hand-off is ~50 µs).
 PARALLEL_MIN_ELEMS = 1 << 15
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (workers, pool)
 
 
-def numpy_parallel(part: Callable[[int, int], None], rows: int, elems: int) -> None:
+def threaded_rows(part: Callable[[int, int], object], rows: int, elems: int) -> None:
     """part(s, e) for ranges of rows covering [0, rows), one per torch thread, run side by side: numpy lets go
     of the GIL in its sorts, ufuncs and takes but runs each on one core, where torch's own ops use them all.
-    Each part must write only its rows, so the result does not depend on the split."""
+    Each part must write only its rows, so the result does not depend on the split. (torch ops gain nothing
+    here: torch's bincount, split so, ran no faster.)"""
     parts = min(torch.get_num_threads(), rows)
     if parts <= 1 or elems < PARALLEL_MIN_ELEMS:
         part(0, rows)

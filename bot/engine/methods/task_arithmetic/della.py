@@ -29,7 +29,7 @@ from mergebot.engine import rng
 from mergebot.engine.exact import Sums
 from mergebot.engine.fuse import scratch
 from mergebot.engine.methods._linalg import tensor_label
-from mergebot.engine.methods._rows import map_rows_into, numpy_parallel, row_blocks
+from mergebot.engine.methods._rows import map_rows_into, row_blocks, threaded_rows
 from mergebot.engine.methods.base import MergeCall
 from mergebot.engine.methods.task_arithmetic.combine import Mix, combine_into, l1_partials, rescale_factor, zero_unless
 
@@ -41,14 +41,14 @@ def descending_order(mag: torch.Tensor) -> torch.Tensor:
     On the CPU as an LSD radix sort of the float32 bit patterns (which order like the values): two stable
     passes over 16-bit digits that numpy sorts by counting, ~4x faster than torch's comparison sort, which was
     a third of a DELLA merge's time. numpy sorts on one thread but lets go of the GIL, so the rows are split
-    into one range per torch thread (`_rows.numpy_parallel`): 13.5 -> 9.5 ns/element on 2 vCPUs, given
+    into one range per torch thread (`_rows.threaded_rows`): 13.5 -> 9.5 ns/element on 2 vCPUs, given
     OpenMP's short idle spin (mergebot.startup.SPINCOUNT; at libgomp's default it was slower than one thread)."""
     if (mag.device.type != "cpu" or mag.dtype != torch.float32 or mag.dim() != 2 or mag.shape[-1] < 2
             or torch.compiler.is_compiling() or sys.byteorder != "little"):
         return torch.sort(mag, dim=-1, descending=True, stable=True).indices
     bits = mag.contiguous().numpy()
     out = np.empty(bits.shape, dtype=np.int64)
-    numpy_parallel(lambda s, e: _radix_descending(bits[s:e], out[s:e]), bits.shape[0], bits.size)
+    threaded_rows(lambda s, e: _radix_descending(bits[s:e], out[s:e]), bits.shape[0], bits.size)
     return torch.from_numpy(out)
 
 
