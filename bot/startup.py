@@ -6,7 +6,9 @@ after a merge). `mergebot`'s entry point pauses collection (`hold`) until the me
 moves everything alive then into the permanent generation (`gc.freeze`): the modules, never garbage, are
 walked by no later collection. Reference counting frees everything else as before; only cyclic garbage made
 during start-up waits for the next collection. `mergebot action` settles once its imports are done (a run may
-only publish); the other commands that never merge are short and keep the collector paused until they exit."""
+only publish); the other commands that never merge are short and keep the collector paused until they exit.
+
+The console script also shortens OpenMP's idle spin before torch loads (`threads`, below)."""
 
 from __future__ import annotations
 
