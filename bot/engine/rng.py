@@ -18,6 +18,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 M32 = 0xFFFFFFFF
@@ -152,6 +153,36 @@ def keep32_mask_into(idx: torch.Tensor, lo: int, key: int, hi: int, cut: int | N
         return mask.fill_(-1)
     wide.copy_(_flipped_hash_into(idx, lo, key, hi, work)).sub_(cut).bitwise_right_shift_(63)
     return wide if mask is wide else mask.copy_(wide)
+
+
+_C1U, _C2U = np.uint32(0x85EBCA6B), np.uint32(0xC2B2AE35)
+_IDX_NP: list[np.ndarray] = [np.arange(1 << 16, dtype=np.uint32)]
+
+
+def _mix_np(h: np.ndarray, t: np.ndarray) -> None:
+    """murmur3's finaliser in place on uint32 lanes (t: scratch like h): wrapping products and logical shifts
+    are numpy's uint32 arithmetic, so each step is one pass (the int32 torch form needs a mask per shift)."""
+    for shift, mult in ((16, _C1U), (13, _C2U), (16, None)):
+        np.bitwise_xor(h, np.right_shift(h, shift, out=t), out=h)
+        if mult is not None:
+            np.multiply(h, mult, out=h)
+
+
+def keep_flags_np(first: int, lo: int, key: int, hi: int, cut: int, h: np.ndarray, t: np.ndarray,
+                  flags: np.ndarray) -> np.ndarray:
+    """keep32 for the int32 offsets first .. first+len(flags)-1 of a stream (a Stream32's int fields, cut not
+    None) as 0/1 bytes in `flags` (bool or uint8), with uint32 work arrays h and t of the same length: the
+    same bits as `keep32`. numpy runs it on one core at ~1.7 ns per element, twice torch's int32 form per
+    core, and lets go of the GIL, so callers split a piece over threads (each a disjoint range)."""
+    n = flags.shape[0]
+    if _IDX_NP[0].shape[0] < n:
+        _IDX_NP[0] = np.arange(max(n, 2 * _IDX_NP[0].shape[0]), dtype=np.uint32)
+    np.add(_IDX_NP[0][:n], np.uint32((lo + first) & M32), out=h)
+    np.bitwise_xor(h, np.uint32(key & M32), out=h)
+    _mix_np(h, t)
+    np.bitwise_xor(h, np.uint32(hi & M32), out=h)
+    _mix_np(h, t)
+    return np.less(h, np.uint32(cut - _MIN32), out=flags.view(np.bool_))
 
 
 _offsets: dict[str, torch.Tensor] = {}

@@ -161,6 +161,15 @@ def test_int32_keep_mask_is_the_int64_hash_bit_for_bit(start, p):
         got = rng.keep32_into(torch.arange(n, dtype=torch.int32), stream.lo, stream.key, stream.hi, cuts, out, work)
         assert torch.equal(got, ref & (torch.arange(n) % 3 != 0))
 
+        # numpy's uint32 form (eager DARE's flags), over ranges that start anywhere in the chunk
+        import numpy as np
+        flags = np.empty(n, dtype=np.uint8)
+        for a, z in [(0, n), (0, 1), (7, 500), (500, n)]:
+            m = z - a
+            h, t = np.empty(m, np.uint32), np.empty(m, np.uint32)
+            rng.keep_flags_np(a, stream.lo, stream.key, stream.hi, stream.cut, h, t, flags[a:z])
+            assert torch.equal(torch.from_numpy(flags[a:z]).bool(), ref[a:z]), (a, z)
+
 
 def test_int32_keep_mask_compiled_and_chunk_boundary():
     pytest.importorskip("torch._inductor")

@@ -165,12 +165,20 @@ def test_sce_merge_in_place_is_the_formula(stored, dtype, k):
 @pytest.mark.parametrize("stored,dtype", STORED)
 @pytest.mark.parametrize("start", [0, (1 << 31) - 70000, 5 * (1 << 32) + 3])
 @pytest.mark.parametrize("consensus", [True, False])
-def test_dare_in_place_is_the_kernel(stored, dtype, start, consensus):
+@pytest.mark.parametrize("threads,keep", [(None, True), (1, False), (3, True)])
+def test_dare_in_place_is_the_kernel(monkeypatch, stored, dtype, start, consensus, threads, keep):
     """DARE without compiled kernels: the L1 sums' integers and the merged bytes of the kernels (whose compiled
     form tests/engine/test_execution.py checks), over several 256K-element pieces of a chunk that starts where the
-    int32 index wraps or past 2**32, densities that keep nothing, some or all, and a rescale factor."""
+    int32 index wraps or past 2**32, densities that keep nothing, some or all, and a rescale factor; the keep
+    flags hashed over one range per thread (1 or 3), and kept from the sums to the merge or (keep=False: over
+    budget) hashed again."""
     from mergebot.engine import rng
+    from mergebot.engine.methods import _sparsify
     from mergebot.engine.methods.task_arithmetic import dare
+    if threads:
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    if not keep:
+        monkeypatch.setattr(_sparsify, "KEEP_BYTES", 0)
     g = torch.Generator().manual_seed(9)
     n = 2 * dare.PIECE + 4099
     base = (torch.randn(n, generator=g, dtype=torch.float64) * 0.05).to(stored)
@@ -184,7 +192,9 @@ def test_dare_in_place_is_the_kernel(stored, dtype, start, consensus):
     scales = [1.7, 1.0, 1.0]
     want = dare._kernel_random.eager(base, xs, streams, scales, mix.weights, consensus, True, 1.0, dtype, stored)
     out = torch.empty(n, dtype=stored)
+    assert len(dare._FLAGS) == (2 if keep else 0)  # densities 0.3 and 0.0 (1.0 keeps all: no hash)
     assert torch.equal(dare._Eager(call).merge(scales, mix, out), want)
+    assert not dare._FLAGS  # the merge took them
     mask = rng.keep32_mask_into(torch.arange(n, dtype=torch.int32), *rng.Stream32.of(11, start, n, 1 << 31).args(),
                                 torch.empty(n, dtype=torch.int32), (torch.empty(n, dtype=torch.int32),
                                                                     torch.empty(n, dtype=torch.int32)),

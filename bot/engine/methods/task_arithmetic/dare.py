@@ -9,14 +9,18 @@ mergekit 0.1.5 does instead (torch's global RNG, whole tensors in sorted-name or
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from mergebot.engine import rng
 from mergebot.engine.exact import Sums, partials
 from mergebot.engine.fuse import enabled, fusable, fusable_with, scratch
+from mergebot.engine.methods import _sparsify
+from mergebot.engine.methods._rows import threaded_rows
 from mergebot.engine.methods.base import MergeCall
 from mergebot.engine.methods.task_arithmetic.combine import (
     Mix,
+    bits_of,
     combine,
     combine_into,
     l1_partials,
@@ -68,11 +72,22 @@ def _pieces(n: int, device: torch.device) -> list[tuple[int, int]]:
     return [(s, min(n, s + step)) for s in range(0, max(n, 1), step)]  # an empty chunk is one empty piece
 
 
+# Keep flags (0/1 bytes) that a tensor's reduce hashed, for its apply to read instead of hashing again: the hash
+# was ~40% of an eager DARE merge, computed once per pass. Keyed by stream and chunk; cleared when a tensor's
+# reduce starts (chunk 0), so it holds one tensor's flags at most, within _sparsify.KEEP_BYTES (else recomputed).
+_FLAGS: dict[tuple[rng.Stream32, int, int], torch.Tensor] = {}
+
+
+def _flag_bytes() -> int:
+    return sum(f.numel() for f in _FLAGS.values())
+
+
 class _Eager:
-    """DARE without compiled kernels, in place in reused cache-sized buffers, with the kernels' bytes: the hash in
-    int32 lanes into integer masks (`rng.keep32_mask_into`) ANDed into the deltas (`combine.zero_unless`), the
-    tail by `combine.combine_into`. Before, eager DARE allocated ~40 chunk-sized temporaries per model and took
-    4x its compiled kernel; a fresh runner had to compile that kernel first (dare_ties 0.86B: 50 s cold)."""
+    """DARE without compiled kernels, in place in reused cache-sized buffers, with the kernels' bytes: the hash
+    (numpy's uint32 lanes, `rng.keep_flags_np`, split over threads) into integer masks ANDed into the deltas
+    (`combine.zero_unless`), the tail by `combine.combine_into`. Before, eager DARE allocated ~40 chunk-sized
+    temporaries per model and took 4x its compiled kernel; a fresh runner had to compile that kernel first
+    (dare_ties 0.86B: 50 s cold)."""
 
     def __init__(self, call: MergeCall):
         self.call = call
@@ -81,24 +96,73 @@ class _Eager:
         self.streams = [rng.Stream32.of(call.keys[i], call.start, self.n,
                                         rng.threshold(float(call.per_input[i]["density"]))) for i in call.others]
 
+    def _key(self, j: int) -> tuple[rng.Stream32, int, int]:
+        return self.streams[j], self.call.start, self.n
+
     def _delta(self, j: int, x: torch.Tensor, b: torch.Tensor, s: int, e: int) -> torch.Tensor:
         return scratch(f"dare_d{j}", e - s, self.dtype, self.dev).copy_(x.reshape(-1)[s:e]).sub_(b)
 
-    def _mask(self, j: int, s: int, e: int, like: torch.Tensor) -> torch.Tensor:
+    def _flags(self, j: int, into: torch.Tensor) -> torch.Tensor:
+        """Model j's keep flags for the whole chunk into `into` (uint8, CPU): numpy's uint32 hash over one range
+        per thread. numpy ufuncs run on one core each and let go of the GIL, but each call costs a GIL hand-off:
+        split over threads only ranges of ~256K elements or more run faster (cache-sized pieces ran slower
+        split than on one thread), so the flags are hashed here for the whole chunk, not per piece."""
+        st = self.streams[j]
+        assert st.cut is not None
+        h = scratch("dare_h", self.n, torch.int32, self.dev).numpy().view(np.uint32)
+        t = scratch("dare_t", self.n, torch.int32, self.dev).numpy().view(np.uint32)
+        flags = into.numpy()
+        cut = st.cut
+
+        def part(a: int, z: int) -> None:
+            rng.keep_flags_np(a, st.lo, st.key, st.hi, cut, h[a:z], t[a:z], flags[a:z])
+
+        threaded_rows(part, self.n, self.n // 4)  # a range per thread only from ~256K elements each (see above)
+        return into
+
+    def _mask(self, j: int, s: int, e: int, like: torch.Tensor, flags: torch.Tensor | None) -> torch.Tensor:
+        """The integer mask of piece [s, e) for model j (like `like`'s bits), from the chunk's keep `flags`
+        (CPU; None when the density keeps all) or hashed here (GPU)."""
         st, m = self.streams[j], e - s
-        work = (scratch("dare_h", m, torch.int32, self.dev), scratch("dare_t", m, torch.int32, self.dev))
-        wide = scratch("dare_wide", m, torch.int64, self.dev)
-        mask = wide if like.element_size() == 8 else scratch("dare_mask", m, torch.int32, self.dev)
-        # offsets from the chunk start; lo is the chunk's, so piece s starts at lo + s (int32 wrap, as keep32)
-        return rng.keep32_mask_into(rng.offsets32(m, self.dev), rng.signed32(st.lo + s), st.key, st.hi, st.cut,
-                                    mask, work, wide)
+        mask = scratch(f"dare_mask{like.element_size()}", m, bits_of(like).dtype, self.dev)
+        if st.cut is None:
+            return mask.fill_(-1)
+        if flags is None:
+            work = (scratch("dare_h", m, torch.int32, self.dev), scratch("dare_t", m, torch.int32, self.dev))
+            wide = scratch("dare_wide", m, torch.int64, self.dev)
+            # offsets from the chunk start; lo is the chunk's, so piece s starts at lo + s (int32 wrap, as keep32)
+            return rng.keep32_mask_into(rng.offsets32(m, self.dev), rng.signed32(st.lo + s), st.key, st.hi, st.cut,
+                                        mask, work, wide)
+        np.negative(flags[s:e].numpy().view(np.int8), out=mask.numpy())  # 1 -> all ones, 0 -> 0
+        return mask
+
+    def _all_flags(self, keep: bool) -> list[torch.Tensor | None]:
+        """Each model's keep flags for the chunk (CPU; None: keeps all, or on a GPU), kept in _FLAGS for the
+        apply when `keep` and they fit, else in a scratch buffer."""
+        flags: list[torch.Tensor | None] = []
+        for j, st in enumerate(self.streams):
+            if self.dev.type != "cpu" or st.cut is None:
+                flags.append(None)
+                continue
+            cached = _FLAGS.pop(self._key(j), None) if not keep else None
+            if cached is not None:
+                flags.append(cached)
+            elif keep and _flag_bytes() + self.n <= _sparsify.KEEP_BYTES:
+                flags.append(self._flags(j, _FLAGS.setdefault(self._key(j), torch.empty(self.n, dtype=torch.uint8))))
+            else:
+                flags.append(self._flags(j, scratch(f"dare_flags{j}", self.n, torch.uint8, self.dev)))
+        return flags
 
     def base(self, s: int, e: int) -> torch.Tensor:
         b = self.call.xs[self.call.base_at].reshape(-1)
         return scratch("dare_base", e - s, self.dtype, self.dev).copy_(b[s:e])
 
     def l1_sums(self) -> torch.Tensor:
-        """`_l1_sums`' integers: [‖δᵢ‖₁, ‖δᵢ⊙keepᵢ‖₁] per model, piece by piece (whole BLOCKs, so the same blocks)."""
+        """`_l1_sums`' integers: [‖δᵢ‖₁, ‖δᵢ⊙keepᵢ‖₁] per model, piece by piece (whole BLOCKs, so the same blocks).
+        Keeps the chunk's keep flags for `merge` (see _FLAGS) while they fit."""
+        if self.call.start == 0:
+            _FLAGS.clear()
+        flags = self._all_flags(keep=True)
         per_piece = []
         for s, e in _pieces(self.n, self.dev):
             b = self.base(s, e)
@@ -106,12 +170,13 @@ class _Eager:
             for j, i in enumerate(self.call.others):
                 a = self._delta(j, self.call.xs[i], b, s, e).abs_()
                 kept = scratch(f"dare_k{j}", e - s, self.dtype, self.dev).copy_(a)
-                terms += [a, zero_unless(kept, self._mask(j, s, e, kept))]
+                terms += [a, zero_unless(kept, self._mask(j, s, e, kept, flags[j]))]
             per_piece.append(partials(terms, nonneg=True, bound=[None if k % 2 == 0 else k - 1 for k in range(len(terms))]))
         return torch.cat(per_piece, -1)
 
     def merge(self, scales: list[float], mix: Mix, out: torch.Tensor) -> torch.Tensor:
         flat = out.reshape(-1)
+        flags = self._all_flags(keep=False)
         for s, e in _pieces(self.n, self.dev):
             b = self.base(s, e)
             deltas = []
@@ -119,7 +184,7 @@ class _Eager:
                 d = self._delta(j, self.call.xs[i], b, s, e)
                 if sc != 1.0:
                     d.mul_(sc)
-                deltas.append(zero_unless(d, self._mask(j, s, e, d)))
+                deltas.append(zero_unless(d, self._mask(j, s, e, d, flags[j])))
             combine_into(b, deltas, mix.weights, mix.consensus, mix.normalize, mix.lam, flat[s:e])
         return out
 
