@@ -112,6 +112,26 @@ def partials_of_rows(terms: torch.Tensor, nonneg_rows: int = 0) -> torch.Tensor:
     return _rows(v, field, e).view(2, k, -1).transpose(0, 1)
 
 
+def partials_of_pairs(terms: torch.Tensor) -> torch.Tensor:
+    """`partials` of 2k non-negative terms held as the rows of one [2k, n] tensor (n a multiple of BLOCK), each
+    odd row bounded by the even row before it (`bound=[None, 0, None, 2, ...]`: a masked copy, as DARE's kept
+    deltas): the same integers, from one max, one product, one conversion and one sum for all of them instead of
+    ~15 small operations per term (eager DARE's sums: ~4 ns per element for two models term by term)."""
+    k, n = terms.shape
+    if n % BLOCK or k % 2:
+        raise ValueError(f"partials_of_pairs: {k} rows of {n}: need an even row count and whole {BLOCK}-blocks")
+    v = terms.view(k, n // BLOCK, BLOCK)
+    bits_dtype, mant, mask, bias, lowest = _FORMATS[v.dtype]
+    field = (v[0::2].amax(2).view(bits_dtype) >> mant) & mask  # [k/2, blocks]: the bounding rows' exponents
+    field = field.repeat_interleave(2, 0)
+    e = (field.to(torch.int64) - bias).clamp(min=lowest)
+    scale = ((bias + FRAC - e) << mant).to(bits_dtype).view(v.dtype)  # 2^(FRAC−e), exactly
+    f = torch.mul(v, scale[:, :, None], out=scratch("exact_f", v.numel(), v.dtype, v.device).view_as(v))
+    q = scratch("exact_q", v.numel(), torch.int64, v.device).view_as(v).copy_(f)
+    e = torch.where(field == mask, NONFINITE, e)
+    return torch.stack([e, q.sum(2)], 1)
+
+
 class Sums:
     """Exact running totals of k quantities (a reduce's result): add chunks' partials in any order, read them
     once as float64. `shape` restores a matrix (e.g. a Gram matrix) from its k entries."""

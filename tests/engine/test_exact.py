@@ -92,6 +92,32 @@ def test_batched_rows_give_partials_integers(dtype):
         exact.partials_of_rows(rows[:, :-1].contiguous())
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairs_give_the_bounded_partials_integers(dtype):
+    """partials_of_pairs (eager DARE's L1 sums) must give partials' integers with each odd term bounded by the
+    even one before it: masked copies, a block of zeros, a tiny and a huge scale, and non-finite blocks (an inf
+    in a whole term marks its kept copy too, as partials does)."""
+    a, b, c = _terms(3 * exact.BLOCK, 12)
+    whole = [a.to(dtype).abs(), (b.to(dtype) * 1e-30).abs(), (c.to(dtype) * 1e20).abs()]
+    whole[0][exact.BLOCK:2 * exact.BLOCK] = 0
+    terms = []
+    for t in whole:
+        terms += [t, t * (torch.rand(t.shape, generator=torch.Generator().manual_seed(3)) < 0.4)]
+    bound = [None if k % 2 == 0 else k - 1 for k in range(len(terms))]
+    rows = torch.stack(terms)
+    assert torch.equal(exact.partials_of_pairs(rows), partials(terms, nonneg=True, bound=bound))
+    rows[2, 7] = math.inf
+    rows[4, 2 * exact.BLOCK + 9] = math.nan
+    want = partials(list(rows), nonneg=True, bound=bound)
+    assert torch.equal(exact.partials_of_pairs(rows), want)
+    got = Sums.of(want).values()
+    assert [math.isnan(v) for v in got.tolist()] == [False, False, True, True, True, True]
+    with pytest.raises(ValueError, match="whole"):
+        exact.partials_of_pairs(rows[:, :-1].contiguous())
+    with pytest.raises(ValueError, match="even"):
+        exact.partials_of_pairs(rows[:5])
+
 @pytest.mark.parametrize("n", [5, 3 * exact.BLOCK + 17])
 def test_gram_of_offsets_against_float64_and_any_slicing(n, monkeypatch):
     """The eager Gram matrix of offsets from a base: float64's within rounding, and the same integers

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mergebot.engine import rng
-from mergebot.engine.exact import Sums, partials
+from mergebot.engine.exact import BLOCK, Sums, partials, partials_of_pairs
 from mergebot.engine.fuse import enabled, fusable, fusable_with, scratch
 from mergebot.engine.methods import _sparsify
 from mergebot.engine.methods._rows import threaded_rows
@@ -164,14 +164,18 @@ class _Eager:
             _FLAGS.clear()
         flags = self._all_flags(keep=True)
         per_piece = []
+        k = 2 * len(self.call.others)
         for s, e in _pieces(self.n, self.dev):
             b = self.base(s, e)
-            terms = []
+            # rows 2j, 2j+1: |δⱼ| and its kept copy, summed together when the piece is whole blocks
+            rows = scratch("dare_rows", k * (e - s), self.dtype, self.dev).view(k, e - s)
             for j, i in enumerate(self.call.others):
-                a = self._delta(j, self.call.xs[i], b, s, e).abs_()
-                kept = scratch(f"dare_k{j}", e - s, self.dtype, self.dev).copy_(a)
-                terms += [a, zero_unless(kept, self._mask(j, s, e, kept, flags[j]))]
-            per_piece.append(partials(terms, nonneg=True, bound=[None if k % 2 == 0 else k - 1 for k in range(len(terms))]))
+                a = rows[2 * j].copy_(self.call.xs[i].reshape(-1)[s:e]).sub_(b).abs_()
+                zero_unless(rows[2 * j + 1].copy_(a), self._mask(j, s, e, a, flags[j]))
+            if (e - s) % BLOCK == 0:
+                per_piece.append(partials_of_pairs(rows))
+            else:
+                per_piece.append(partials(list(rows), nonneg=True, bound=[None if t % 2 == 0 else t - 1 for t in range(k)]))
         return torch.cat(per_piece, -1)
 
     def merge(self, scales: list[float], mix: Mix, out: torch.Tensor) -> torch.Tensor:
