@@ -20,7 +20,10 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from mergebot.engine.methods._rows import threaded_rows
 
 CHUNK = 1 << 20  # elements per pass step: 4 MB float32 buffers; a TIES chunk's temporaries stay near 60 MB
 
@@ -110,6 +113,26 @@ def _histogram(bits: torch.Tensor, shift: int) -> torch.Tensor:
     return torch.bincount((bits >> shift) & 0xFFFF, minlength=1 << 16).cpu()
 
 
+def _inner_histograms(bits: torch.Tensor, shift: int, prefixes: list[int]) -> list[torch.Tensor]:
+    """For each prefix p: counts of the 16 bits at `shift` among the CPU chunk's patterns whose bits above them
+    are p (a radix selection's inner passes). numpy selects and counts on one core each, over one range of the
+    chunk per thread, the ranges' counts added (exact integers, whatever the split): 2.7x faster than torch's
+    comparison into bool and masked select (a first pass over all patterns gains nothing so: np.bincount
+    widens them to int64 first)."""
+    b = bits.numpy()
+    parts = min(torch.get_num_threads(), max(1, b.size // (1 << 18)))  # ranges of >= 256K: see threaded_rows
+    counts: list[list[np.ndarray]] = [[] for _ in range(parts)]
+
+    def part(r0: int, r1: int) -> None:
+        for r in range(r0, r1):
+            piece = b[b.size * r // parts: b.size * (r + 1) // parts]
+            high = piece >> (shift + 16)
+            counts[r] = [np.bincount((piece[high == p] >> shift) & 0xFFFF, minlength=1 << 16) for p in prefixes]
+
+    threaded_rows(part, parts, parts << 18)
+    return [torch.from_numpy(sum(c[i] for c in counts)) for i in range(len(prefixes))]
+
+
 def top_k_cuts(bits_of: BitsOf, n: int, ks: Sequence[int], dtype: torch.dtype = torch.int32,
                top: torch.Tensor | None = None) -> list[MagnitudeCut]:
     """Exact cuts keeping the k largest of the n non-negative patterns of `dtype` (int32: float32 values,
@@ -134,10 +157,17 @@ def top_k_cuts(bits_of: BitsOf, n: int, ks: Sequence[int], dtype: torch.dtype = 
         else:
             for s in range(0, n, CHUNK):
                 b = bits_of(s, min(n, s + CHUNK)).reshape(-1)
-                for p in prefixes:
-                    inside = b if shift == width - 16 else b[(b >> (shift + 16)) == p]
-                    if inside.numel():
-                        hists[p] += _histogram(inside, shift)
+                if shift == width - 16:
+                    hists[0] += _histogram(b, shift)
+                elif b.device.type == "cpu":
+                    order = sorted(prefixes)
+                    for p, h in zip(order, _inner_histograms(b, shift, order)):
+                        hists[p] += h
+                else:
+                    for p in prefixes:
+                        inside = b[(b >> (shift + 16)) == p]
+                        if inside.numel():
+                            hists[p] += _histogram(inside, shift)
         for j, st in state.items():
             h = hists[st[0]]
             at_least = torch.flip(torch.cumsum(torch.flip(h, [0]), 0), [0])  # at_least[d]: count with digit >= d
