@@ -385,3 +385,37 @@ def test_user_template_named_like_the_builtin_extends_the_builtin(tmp_path: Path
     mine.write_bytes(b"\xff\xfe{{ ctx }}")
     with pytest.raises(CardError, match="card.md.j2: cannot read the card template"):
         render_card(ctx, mine)
+
+
+@pytest.mark.parametrize("front", [
+    "license: mit\ntags: [merge]\n",
+    "license: apache-2.0\nbase_model:\n- a/b\n- c/d\n",
+    "tags: [merge]\n",  # no license
+    "license: [mit\n",  # not YAML
+    "- license\n- mit\n",  # not a mapping
+    "",  # empty
+    "license: mit\nmodel-index:\n- name: x\n  results:\n  - task: {type: t}\n    metrics: 3\n",  # bad eval results
+    "license: mit\nmodel-index:\n- name: x\n  results:\n  - task: {type: text-generation}\n    dataset: {name: d, type: d}\n"
+    "    metrics:\n    - {type: acc, value: 0.5}\n",
+])
+def test_metadata_check_agrees_with_the_hub_clients_model_card(tmp_path: Path, front: str) -> None:
+    """The card check parses front matter with the Hub client's steps, not ModelCard itself (whose import loads
+    the Hub API, ~0.2 s of every merge): it accepts and refuses what ModelCard(text) does (plus a license)."""
+    from huggingface_hub import ModelCard
+
+    from mergebot.card.render import _check_metadata
+    text = f"---\n{front}---\n# card\n"
+    try:
+        license_ = ModelCard(text).data.to_dict().get("license")
+        hub_error = None if license_ else "no `license`"
+    except Exception as e:
+        hub_error = "invalid: " + type(e).__name__
+    try:
+        _check_metadata(text, tmp_path / "t.md.j2")
+        ours = None
+    except CardError as e:
+        ours = str(e)
+    assert (ours is None) == (hub_error is None), (ours, hub_error)
+    if ours is not None:
+        assert ours.startswith(f"{tmp_path / 't.md.j2'}: ") and "\n" not in ours
+        assert ("no `license`" in ours) == (hub_error == "no `license`"), (ours, hub_error)
