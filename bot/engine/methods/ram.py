@@ -18,6 +18,7 @@ from mergebot.config.methods import SPECS
 from mergebot.engine.exact import Sums
 from mergebot.engine.fuse import enabled, fusable, scratch
 from mergebot.engine.methods.base import MergeCall, MergeMethod
+from mergebot.engine.methods.task_arithmetic.combine import vote_mask, zero_unless
 
 
 def _parts(base: torch.Tensor, xs: list[torch.Tensor], eps: float, dtype: torch.dtype):
@@ -55,43 +56,70 @@ def _kernel(base: torch.Tensor, xs: list[torch.Tensor], eps: float, lambdas: lis
 
 
 class _InPlace:
-    """`_parts` and `_merge` eagerly, in place in reused buffers, with their operations in their order: the
-    CPU form when kernels are not compiled (no allocation per pass); tests/engine/methods/test_inplace.py
-    holds it to the kernels' bytes."""
+    """`_parts` and `_merge` eagerly, in place in reused cache-sized buffers (PIECE elements at a time), with their
+    operations in their order: the CPU form when kernels are not compiled; tests/engine/methods/test_inplace.py
+    holds it to the kernels' bytes. Masks are float 0/1 votes turned into integer masks ANDed into the deltas
+    (`combine.zero_unless`), not bool tensors and `where`, which are ~10x slower on the CPU: the same bytes
+    (+0.0 where a mask is off, as where(·, ·, 0.0) gives)."""
+
+    PIECE = 1 << 18
 
     def __init__(self, base: torch.Tensor, xs: list[torch.Tensor], eps: float, dtype: torch.dtype):
-        n, k, dev = base.numel(), len(xs), base.device
-        self.dtype = dtype
-        self.b = scratch("ram_base", n, dtype, dev).copy_(base.reshape(-1))
-        self.taus = scratch("ram_taus", k * n, dtype, dev).view(k, n)
-        self.active = scratch("ram_active", k * n, torch.bool, dev).view(k, n)
-        self.count = scratch("ram_count", n, torch.int32, dev).zero_()
-        size = scratch("ram_size", n, dtype, dev)
-        for t, a, x in zip(self.taus, self.active, xs):
-            t.copy_(x.reshape(-1)).sub_(self.b)
-            torch.gt(torch.abs(t, out=size), eps, out=a)
-            self.count.add_(a)
-        self.unique = torch.eq(self.count, 1, out=scratch("ram_unique", n, torch.bool, dev))
-        self.shared = torch.gt(self.count, 1, out=scratch("ram_shared", n, torch.bool, dev))
+        self.base, self.xs, self.eps, self.dtype = base.reshape(-1), [x.reshape(-1) for x in xs], eps, dtype
+        self.n, self.dev = self.base.numel(), self.base.device
+
+    def _pieces(self) -> list[tuple[int, int]]:
+        return [(s, min(self.n, s + self.PIECE)) for s in range(0, self.n, self.PIECE)]
+
+    def _parts(self, s: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The piece's base, deltas τᵢ (rows), active votes |τᵢ| > eps (rows of 1.0/0.0) and their count (float)."""
+        m, k, dtype, dev = e - s, len(self.xs), self.dtype, self.dev
+        b = scratch("ram_base", m, dtype, dev).copy_(self.base[s:e])
+        taus = scratch("ram_taus", k * m, dtype, dev).view(k, m)
+        active = scratch("ram_active", k * m, dtype, dev).view(k, m)
+        count = scratch("ram_count", m, dtype, dev).zero_()
+        for t, a, x in zip(taus, active, self.xs):
+            t.copy_(x[s:e]).sub_(b)
+            torch.abs(t, out=a).gt_(self.eps)  # the float comparison `abs(t) > eps` makes, as 1.0/0.0
+            count.add_(a)  # small integers: exact in any float
+        return b, taus, active, count
+
+    def _flags(self, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(count == 1, count > 1) as 1.0/0.0 votes."""
+        m = count.numel()
+        unique = scratch("ram_unique", m, self.dtype, self.dev).copy_(count).eq_(1)
+        shared = scratch("ram_shared", m, self.dtype, self.dev).copy_(count).gt_(1)
+        return unique, shared
 
     def merge(self, lambdas: list[float], out: torch.Tensor) -> torch.Tensor:
-        """The merge into `out` (once: it overwrites the deltas)."""
-        n, dev = self.b.numel(), self.b.device
-        denom = scratch("ram_denom", n, self.dtype, dev).copy_(self.count).clamp_(min=1)
-        acc = scratch("ram_acc", n, self.dtype, dev).copy_(self.b)
-        u = scratch("ram_u", n, self.dtype, dev)
-        zero = torch.zeros((), dtype=self.dtype, device=dev)  # where(·, ·, 0.0)'s +0.0
-        for t, a, lam in zip(self.taus, self.active, lambdas):
-            tz = torch.where(a, t, zero, out=t)
-            torch.where(self.unique, tz, zero, out=u)
-            if lam != 1.0:
-                u.mul_(lam)
-            acc.add_(u).add_(torch.where(self.shared, tz, zero, out=tz).div_(denom))  # (out + u) + shared/denom
-        return out.copy_(acc)
+        """The merge into `out`."""
+        flat = out.reshape(-1)
+        for s, e in self._pieces():
+            b, taus, active, count = self._parts(s, e)
+            unique, shared = (vote_mask(f) for f in self._flags(count))
+            denom = count.clamp_(min=1)  # count.clamp(min=1) in the compute dtype
+            acc = b  # out = base, then + u + shared/denom per model
+            u = scratch("ram_u", e - s, self.dtype, self.dev)
+            for t, a, lam in zip(taus, active, lambdas):
+                tz = zero_unless(t, vote_mask(a))
+                zero_unless(u.copy_(tz), unique)
+                if lam != 1.0:
+                    u.mul_(lam)
+                acc.add_(u).add_(zero_unless(tz, shared).div_(denom))  # (out + u) + shared/denom
+            flat[s:e].copy_(acc)
+        return out
 
     def counts(self) -> list[int]:
-        both = scratch("ram_both", self.b.numel(), torch.bool, self.b.device)
-        return [int(torch.logical_and(a, m, out=both).sum()) for a in self.active for m in (self.shared, self.unique)]
+        """[#(aᵢ ∧ shared), #(aᵢ ∧ unique) for each i], as Python integers."""
+        totals = [0] * (2 * len(self.xs))
+        for s, e in self._pieces():
+            _, _, active, count = self._parts(s, e)
+            unique, shared = self._flags(count)
+            for i, a in enumerate(active):
+                # dot products of 0/1 votes: whole numbers below 2**24 per piece, exact in float32
+                totals[2 * i] += int(torch.dot(a, shared))
+                totals[2 * i + 1] += int(torch.dot(a, unique))
+        return totals
 
 
 def _run(call: MergeCall, lambdas: list[float]) -> torch.Tensor:

@@ -76,9 +76,13 @@ def test_task_arithmetic_in_place_is_the_kernel(stored, dtype, normalize, lam):
 
 @pytest.mark.parametrize("stored,dtype", STORED)
 @pytest.mark.parametrize("lambdas", [[1.0, 1.0, 1.0], [1.3, 0.8, 1.0]])
-def test_ram_in_place_is_the_kernel(stored, dtype, lambdas):
+@pytest.mark.parametrize("piece", [1 << 18, 1000])
+def test_ram_in_place_is_the_kernel(monkeypatch, stored, dtype, lambdas, piece):
+    """RAM's in-place form, in one piece or five, with NaN and infinite deltas (never active: NaN; always: inf)."""
     from mergebot.engine.methods import ram
+    monkeypatch.setattr(ram._InPlace, "PIECE", piece)
     base, *xs = _inputs(3, stored, 5)
+    xs[1][7], xs[2][8] = float("nan"), float("inf")
     eps = 0.01
     form = ram._InPlace(base, xs, eps, dtype)
     counts = form.counts()
