@@ -38,7 +38,8 @@ AUTO_MIN_ELEMENTS = 200_000_000
 # 2-4.4 s per 1e9 elements read against them (dare_ties of three 0.86B models, 2.5e9 elements: eager 20.6-21 s,
 # compiled 9.6-15.8 s warm and 27-50 s cold, 2026-11-27 and 28 on this drifting VM). A cold compile thus
 # repays itself within the merge from 4e9-17e9 elements read; 8e9 (three 2.7B models) splits the difference, and
-# the point moves up on more cores, where the eager passes gain threads and the compile does not. Once the method
+# the point moves up on more cores, where the eager passes gain threads and the compile does not (and with faster
+# eager forms: eager DARE and RAM have since got 1.3-2x faster, so the break-even is now higher). Once the method
 # has run here (`remember`), the cache is a machine's that persists: `auto` compiles from then on, at
 # AUTO_MIN_ELEMENTS, and the compile is paid once.
 AUTO_COLD_MIN_ELEMENTS = 8_000_000_000
