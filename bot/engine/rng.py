@@ -175,9 +175,10 @@ def keep_flags_np(first: int, lo: int, key: int, hi: int, cut: int, h: np.ndarra
     same bits as `keep32`. numpy runs it on one core at ~1.7 ns per element, twice torch's int32 form per
     core, and lets go of the GIL, so callers split a piece over threads (each a disjoint range)."""
     n = flags.shape[0]
-    if _IDX_NP[0].shape[0] < n:
-        _IDX_NP[0] = np.arange(max(n, 2 * _IDX_NP[0].shape[0]), dtype=np.uint32)
-    np.add(_IDX_NP[0][:n], np.uint32((lo + first) & M32), out=h)
+    idx = _IDX_NP[0]  # one read: threads may grow it side by side
+    if idx.shape[0] < n:
+        idx = _IDX_NP[0] = np.arange(max(n, 2 * idx.shape[0]), dtype=np.uint32)
+    np.add(idx[:n], np.uint32((lo + first) & M32), out=h)
     np.bitwise_xor(h, np.uint32(key & M32), out=h)
     _mix_np(h, t)
     np.bitwise_xor(h, np.uint32(hi & M32), out=h)

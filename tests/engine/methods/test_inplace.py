@@ -184,7 +184,7 @@ def test_dare_in_place_is_the_kernel(monkeypatch, stored, dtype, start, consensu
     if not keep:
         monkeypatch.setattr(_sparsify, "KEEP_BYTES", 0)
     g = torch.Generator().manual_seed(9)
-    n = 2 * dare.PIECE + 4099
+    n = 3 * dare.PIECE + 4099  # three 256K+ ranges at 3 threads
     base = (torch.randn(n, generator=g, dtype=torch.float64) * 0.05).to(stored)
     xs = [(base.double() + torch.randn(n, generator=g, dtype=torch.float64) * 0.01).to(stored) for _ in range(3)]
     per_input = [{}] + [{"density": d} for d in (0.3, 1.0, 0.0)]

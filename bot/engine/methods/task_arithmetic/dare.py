@@ -112,12 +112,15 @@ class _Eager:
         h = scratch("dare_h", self.n, torch.int32, self.dev).numpy().view(np.uint32)
         t = scratch("dare_t", self.n, torch.int32, self.dev).numpy().view(np.uint32)
         flags = into.numpy()
-        cut = st.cut
+        cut, n = st.cut, self.n
+        parts = min(torch.get_num_threads(), max(1, n >> 18))  # ranges of 256K elements or more (see above)
 
-        def part(a: int, z: int) -> None:
-            rng.keep_flags_np(a, st.lo, st.key, st.hi, cut, h[a:z], t[a:z], flags[a:z])
+        def part(r0: int, r1: int) -> None:
+            for r in range(r0, r1):
+                a, z = n * r // parts, n * (r + 1) // parts
+                rng.keep_flags_np(a, st.lo, st.key, st.hi, cut, h[a:z], t[a:z], flags[a:z])
 
-        threaded_rows(part, self.n, self.n // 4)  # a range per thread only from ~256K elements each (see above)
+        threaded_rows(part, parts, parts << 18)
         return into
 
     def _mask(self, j: int, s: int, e: int, like: torch.Tensor, flags: torch.Tensor | None) -> torch.Tensor:
