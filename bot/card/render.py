@@ -395,9 +395,10 @@ _FRONT_MATTER = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---
 
 
 def _check_metadata(text: str, where: Path) -> None:
-    """Parse the card as the Hub client does (`ModelCard(text)`: its front-matter pattern, yaml.safe_load, a dict,
-    ModelCardData); fail with the template's name instead of a Hub 400 later. Its steps, not ModelCard itself:
-    importing huggingface_hub.repocard loads the whole Hub API (~0.2 s of every merge); tests compare the two."""
+    """Parse the card as the Hub client does (`ModelCard(text)`: its front-matter pattern, a YAML mapping, then
+    ModelCardData), the YAML read by mergebot's bounded loader; fail with the template's name instead of a Hub 400
+    later. Its steps, not ModelCard itself: importing huggingface_hub.repocard loads the whole Hub API (~0.2 s of
+    every merge); tests compare the two."""
     from huggingface_hub.repocard_data import ModelCardData
 
     if not text.startswith("---\n"):
