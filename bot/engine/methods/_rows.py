@@ -95,3 +95,19 @@ def threaded_rows(part: Callable[[int, int], object], rows: int, elems: int) -> 
     part(cuts[0], cuts[1])  # the calling thread takes the first range
     for f in futures:
         f.result()
+
+
+RANGE_MIN_ELEMS = 1 << 18
+
+
+def threaded_ranges(part: Callable[[int, int], object], n: int) -> None:
+    """part(a, z) over element ranges covering [0, n), one per torch thread but each of RANGE_MIN_ELEMS or more:
+    every numpy call hands the GIL over, so cache-sized ranges (64-128K) split over two threads ran slower than
+    on one; from ~256K elements each they run twice as fast."""
+    parts = min(torch.get_num_threads(), max(1, n // RANGE_MIN_ELEMS))
+
+    def rows(r0: int, r1: int) -> None:
+        for r in range(r0, r1):
+            part(n * r // parts, n * (r + 1) // parts)
+
+    threaded_rows(rows, parts, parts * RANGE_MIN_ELEMS)

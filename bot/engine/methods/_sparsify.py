@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mergebot.engine.methods._rows import threaded_rows
+from mergebot.engine.methods._rows import threaded_ranges
 
 CHUNK = 1 << 20  # elements per pass step: 4 MB float32 buffers; a TIES chunk's temporaries stay near 60 MB
 
@@ -120,17 +120,15 @@ def _inner_histograms(bits: torch.Tensor, shift: int, prefixes: list[int]) -> li
     comparison into bool and masked select (a first pass over all patterns gains nothing so: np.bincount
     widens them to int64 first)."""
     b = bits.numpy()
-    parts = min(torch.get_num_threads(), max(1, b.size // (1 << 18)))  # ranges of >= 256K: see threaded_rows
-    counts: list[list[np.ndarray]] = [[] for _ in range(parts)]
+    counts: dict[int, list[np.ndarray]] = {}  # range start -> counts per prefix
 
-    def part(r0: int, r1: int) -> None:
-        for r in range(r0, r1):
-            piece = b[b.size * r // parts: b.size * (r + 1) // parts]
-            high = piece >> (shift + 16)
-            counts[r] = [np.bincount((piece[high == p] >> shift) & 0xFFFF, minlength=1 << 16) for p in prefixes]
+    def part(a: int, z: int) -> None:
+        piece = b[a:z]
+        high = piece >> (shift + 16)
+        counts[a] = [np.bincount((piece[high == p] >> shift) & 0xFFFF, minlength=1 << 16) for p in prefixes]
 
-    threaded_rows(part, parts, parts << 18)
-    return [torch.from_numpy(sum(c[i] for c in counts)) for i in range(len(prefixes))]
+    threaded_ranges(part, b.size)
+    return [torch.from_numpy(sum(c[i] for c in counts.values())) for i in range(len(prefixes))]
 
 
 def top_k_cuts(bits_of: BitsOf, n: int, ks: Sequence[int], dtype: torch.dtype = torch.int32,

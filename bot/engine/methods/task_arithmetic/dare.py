@@ -16,7 +16,7 @@ from mergebot.engine import rng
 from mergebot.engine.exact import BLOCK, Sums, partials, partials_of_pairs
 from mergebot.engine.fuse import enabled, fusable, fusable_with, scratch
 from mergebot.engine.methods import _sparsify
-from mergebot.engine.methods._rows import threaded_rows
+from mergebot.engine.methods._rows import threaded_ranges
 from mergebot.engine.methods.base import MergeCall
 from mergebot.engine.methods.task_arithmetic.combine import (
     Mix,
@@ -112,15 +112,12 @@ class _Eager:
         h = scratch("dare_h", self.n, torch.int32, self.dev).numpy().view(np.uint32)
         t = scratch("dare_t", self.n, torch.int32, self.dev).numpy().view(np.uint32)
         flags = into.numpy()
-        cut, n = st.cut, self.n
-        parts = min(torch.get_num_threads(), max(1, n >> 18))  # ranges of 256K elements or more (see above)
+        cut = st.cut
 
-        def part(r0: int, r1: int) -> None:
-            for r in range(r0, r1):
-                a, z = n * r // parts, n * (r + 1) // parts
-                rng.keep_flags_np(a, st.lo, st.key, st.hi, cut, h[a:z], t[a:z], flags[a:z])
+        def part(a: int, z: int) -> None:
+            rng.keep_flags_np(a, st.lo, st.key, st.hi, cut, h[a:z], t[a:z], flags[a:z])
 
-        threaded_rows(part, parts, parts << 18)
+        threaded_ranges(part, self.n)
         return into
 
     def _mask(self, j: int, s: int, e: int, like: torch.Tensor, flags: torch.Tensor | None) -> torch.Tensor:
