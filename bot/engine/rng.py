@@ -168,13 +168,12 @@ def _mix_np(h: np.ndarray, t: np.ndarray) -> None:
             np.multiply(h, mult, out=h)
 
 
-def keep_flags_np(first: int, lo: int, key: int, hi: int, cut: int, h: np.ndarray, t: np.ndarray,
-                  flags: np.ndarray) -> np.ndarray:
-    """keep32 for the int32 offsets first .. first+len(flags)-1 of a stream (a Stream32's int fields, cut not
-    None) as 0/1 bytes in `flags` (bool or uint8), with uint32 work arrays h and t of the same length: the
-    same bits as `keep32`. numpy runs it on one core at ~1.7 ns per element, twice torch's int32 form per
-    core, and lets go of the GIL, so callers split a piece over threads (each a disjoint range)."""
-    n = flags.shape[0]
+def hash_np(first: int, lo: int, key: int, hi: int, h: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """keep32's hash of the int32 offsets first .. first+len(h)-1 of a stream (a Stream32's int fields) as
+    uint32 in `h` (t: uint32 scratch of the same length): the same bits as `hash_u32`. numpy runs it on one core
+    at ~1.7 ns per element, twice torch's int32 form per core, and lets go of the GIL, so callers split a
+    piece over threads (each a disjoint range)."""
+    n = h.shape[0]
     idx = _IDX_NP[0]  # one read: threads may grow it side by side
     if idx.shape[0] < n:
         idx = _IDX_NP[0] = np.arange(max(n, 2 * idx.shape[0]), dtype=np.uint32)
@@ -183,6 +182,15 @@ def keep_flags_np(first: int, lo: int, key: int, hi: int, cut: int, h: np.ndarra
     _mix_np(h, t)
     np.bitwise_xor(h, np.uint32(hi & M32), out=h)
     _mix_np(h, t)
+    return h
+
+
+def keep_flags_np(first: int, lo: int, key: int, hi: int, cut: int, h: np.ndarray, t: np.ndarray,
+                  flags: np.ndarray) -> np.ndarray:
+    """keep32 for the int32 offsets first .. first+len(flags)-1 of a stream (a Stream32's int fields, cut not
+    None) as 0/1 bytes in `flags` (bool or uint8), with uint32 work arrays h and t of the same length: the
+    same bits as `keep32` (`hash_np`, then one comparison)."""
+    hash_np(first, lo, key, hi, h, t)
     return np.less(h, np.uint32(cut - _MIN32), out=flags.view(np.bool_))
 
 

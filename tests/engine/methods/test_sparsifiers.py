@@ -203,10 +203,11 @@ def test_della_epsilon_bounds_error(family, tmp_path, density, epsilon):
     hook("x", {}, [{}, {"density": 0.0, "epsilon": epsilon}])
 
 
-def test_della_radix_order_is_torchs_stable_descending_sort():
-    """DELLA's ranks come from a numpy radix sort of the magnitudes' bits on the CPU (della.descending_order): the
-    same permutation as torch's stable descending sort, ties in element order, at zeros, subnormals, infinities
-    and bf16-rounded values that repeat, whatever the number of threads its rows are split across."""
+def test_della_key_sort_order_is_torchs_stable_descending_sort():
+    """DELLA's ranks come from a numpy sort of 64-bit keys (magnitude bits, then the column) on the CPU
+    (della.descending_order): the same permutation as torch's stable descending sort, ties in element order, at
+    zeros, subnormals, infinities, NaNs, bf16-rounded values that repeat and rows wider than 2**16, whatever the
+    number of threads its rows are split across."""
     import torch
 
     from mergebot.engine.methods.task_arithmetic.della import descending_order
@@ -214,6 +215,7 @@ def test_della_radix_order_is_torchs_stable_descending_sort():
     rows = [
         (torch.randn(64, 1000, generator=g) * 0.01).to(torch.bfloat16).float().abs(),  # many equal magnitudes
         torch.randn(7, 4099, generator=g).abs(),
+        (torch.randn(2, 70000, generator=g) * 0.01).to(torch.bfloat16).float().abs(),  # columns past 16 bits
         torch.tensor([[0.0, 1e-45, 3e-39, float("inf"), 0.0, 1.0, 1e-45, 65504.0, float("inf"), 2.0]]),
         torch.zeros(3, 17),
         torch.tensor([[float("nan"), 0.0, float("nan"), float("inf"), 5.0]] * 3),
@@ -227,6 +229,70 @@ def test_della_radix_order_is_torchs_stable_descending_sort():
                 assert torch.equal(descending_order(mag), ref)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_della_keep_on_the_cpu_is_the_hash_below_the_ranked_threshold():
+    """della_keep's CPU form (numpy over ranges of rows: key sort, thresholds scattered, numpy hash) gives the
+    bits of its definition, hash_u32(start + j) < ⌊p(rank)·2³²⌋ with ranks from torch's stable sort, for float32
+    and float64 deltas, bf16 ties, zeros, −0, NaN and ±inf, a 1-D tensor, rows of one element, rows wider than
+    2**16 and chunk starts past 2**32, at 1-3 threads."""
+    import torch
+
+    from mergebot.engine.methods.task_arithmetic import della
+    g = torch.Generator().manual_seed(5)
+
+    def definition(d, shape, density, eps, key, start):
+        rows = d.reshape(shape) if len(shape) == 2 else d.reshape(1, -1)
+        width = rows.shape[1]
+        thr = della._by_rank(width, density, eps, d.device).mul_(4294967296.0).long()
+        order = torch.sort(rows.abs().float(), dim=-1, descending=True, stable=True).indices
+        cut = torch.empty_like(order).scatter_(-1, order, thr.expand_as(order)).reshape(-1)
+        return rng.hash_u32(torch.arange(d.numel(), dtype=torch.int64) + start, key) < cut
+
+    cases = [((64, 1024), torch.float32), ((7, 4099), torch.float64), ((5000,), torch.float32),
+             ((3, 1), torch.float32), ((3, 70000), torch.float32)]
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            for shape, dtype in cases:
+                d = (torch.randn(shape, generator=g) * 0.01).to(torch.bfloat16).to(dtype).reshape(-1)
+                if d.numel() > 100:
+                    d[:50] = 0
+                    d[60], d[61], d[62], d[63] = float("nan"), -float("inf"), -0.0, float("inf")
+                for start in (0, 123456789, (3 << 32) + 17):
+                    for density, eps in ((0.5, 0.1), (0.2, 0.15)):
+                        got = della.della_keep(d, shape, density, eps, 987, start)
+                        assert torch.equal(got, definition(d, shape, density, eps, 987, start)), (shape, n, start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_della_batched_l1_sums_are_the_term_by_term_integers(monkeypatch):
+    """DELLA's rescale pass sums ‖δᵢ‖₁ and ‖δᵢ⊙keepᵢ‖₁ of all models in one batched call per row block of whole
+    exact-sum blocks (exact.partials_of_pairs): the same factors, bit for bit, as l1_partials term by term
+    (forced by making no block whole), and both within 1e-12 of a float64 sum."""
+    import torch
+
+    from mergebot.engine import exact
+    from mergebot.engine.methods._rows import row_blocks
+    from mergebot.engine.methods.base import MergeCall
+    from mergebot.engine.methods.task_arithmetic import della
+    g = torch.Generator().manual_seed(8)
+    shape = (96, 2048)  # one row block of three whole exact-sum blocks
+    assert [(s, e) for s, e, _ in row_blocks(shape, 96 * 2048, torch.device("cpu"))] == [(0, 3 * exact.BLOCK)]
+    xs = [torch.randn(shape, generator=g) * 0.02 for _ in range(3)]
+    per_input = [{}, {"density": 0.5, "epsilon": 0.1}, {"density": 0.3, "epsilon": 0.2}]
+    call = MergeCall(xs, 0, {"rescale": True}, per_input, shape=shape, keys=[0, 11, 12], name="w")
+    batched = della._l1_scales(call, [1, 2])
+    monkeypatch.setattr(della, "BLOCK", 3 * exact.BLOCK + 1)  # no block is whole: term by term
+    single = della._l1_scales(call, [1, 2])
+    assert batched == single
+    for i in (1, 2):
+        d = (xs[i] - xs[0]).reshape(-1)
+        keep = della.della_keep(d, shape, 0.5 if i == 1 else 0.3, 0.1 if i == 1 else 0.2, call.keys[i])
+        ref = d.double().abs().sum() / (d.double().abs() * keep).sum()
+        assert abs(batched[i] / ref.item() - 1) < 1e-12
 
 
 @pytest.mark.parametrize("ties", [0, 1, 37, 250, 400])
