@@ -168,6 +168,9 @@ def _mix_np(h: np.ndarray, t: np.ndarray) -> None:
             np.multiply(h, mult, out=h)
 
 
+HASH_STEP = 1 << 18  # elements per step of keep_flags_np (2 MB of work arrays; shorter steps cost more in calls)
+
+
 def hash_np(first: int, lo: int, key: int, hi: int, h: np.ndarray, t: np.ndarray) -> np.ndarray:
     """keep32's hash of the int32 offsets first .. first+len(h)-1 of a stream (a Stream32's int fields) as
     uint32 in `h` (t: uint32 scratch of the same length): the same bits as `hash_u32`. numpy runs it on one core
@@ -189,9 +192,14 @@ def keep_flags_np(first: int, lo: int, key: int, hi: int, cut: int, h: np.ndarra
                   flags: np.ndarray) -> np.ndarray:
     """keep32 for the int32 offsets first .. first+len(flags)-1 of a stream (a Stream32's int fields, cut not
     None) as 0/1 bytes in `flags` (bool or uint8), with uint32 work arrays h and t of the same length: the
-    same bits as `keep32` (`hash_np`, then one comparison)."""
-    hash_np(first, lo, key, hi, h, t)
-    return np.less(h, np.uint32(cut - _MIN32), out=flags.view(np.bool_))
+    same bits as `keep32` (`hash_np`, then one comparison), in steps of HASH_STEP elements whose two work arrays
+    stay in a core's L2 cache between the ~20 passes (a 4M-element range: 2.5 -> 2.2 ns per element on 2 threads)."""
+    out = flags.view(np.bool_)
+    thr = np.uint32(cut - _MIN32)
+    for a in range(0, flags.shape[0], HASH_STEP):
+        z = min(flags.shape[0], a + HASH_STEP)
+        np.less(hash_np(first + a, lo, key, hi, h[a:z], t[a:z]), thr, out=out[a:z])
+    return out
 
 
 _offsets: dict[str, torch.Tensor] = {}

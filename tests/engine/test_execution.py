@@ -142,9 +142,11 @@ def test_auto_compile_only_for_large_cpu_merges_of_methods_that_gain(monkeypatch
 
 @pytest.mark.parametrize("start", [0, 5, (1 << 31) - 100, (1 << 32) - 1000, 1 << 32, 3 * (1 << 32) + 12345])
 @pytest.mark.parametrize("p", [0.0, 0.3, 0.9999, 1.0])
-def test_int32_keep_mask_is_the_int64_hash_bit_for_bit(start, p):
+def test_int32_keep_mask_is_the_int64_hash_bit_for_bit(start, p, monkeypatch):
     """mergebot.engine.rng.keep32 (int32 lanes, wrapping products: what the DARE kernels use) draws exactly the bits of
-    the reference int64 hash, across the int32 sign boundary and past 2**32, eager and compiled."""
+    the reference int64 hash, across the int32 sign boundary and past 2**32, eager and compiled; the numpy form
+    too, in its cache-sized steps (made 96 elements here, so ranges take several)."""
+    monkeypatch.setattr(rng, "HASH_STEP", 96)
     n, key = 1000, 987654321
     thr = rng.threshold(p)
     stream = rng.Stream32.of(key, start, n, thr)
