@@ -231,14 +231,18 @@ def test_della_key_sort_order_is_torchs_stable_descending_sort():
         torch.set_num_threads(threads)
 
 
-def test_della_keep_on_the_cpu_is_the_hash_below_the_ranked_threshold():
-    """della_keep's CPU form (numpy over ranges of rows: key sort, thresholds scattered, numpy hash) gives the
-    bits of its definition, hash_u32(start + j) < ⌊p(rank)·2³²⌋ with ranks from torch's stable sort, for float32
-    and float64 deltas, bf16 ties, zeros, −0, NaN and ±inf, a 1-D tensor, rows of one element, rows wider than
-    2**16 and chunk starts past 2**32, at 1-3 threads."""
+@pytest.mark.parametrize("step", [None, 2500])
+def test_della_keep_on_the_cpu_is_the_hash_below_the_ranked_threshold(step, monkeypatch):
+    """della_keep's CPU form (numpy over ranges of rows in cache-sized steps: key sort, thresholds scattered,
+    numpy hash) gives the bits of its definition, hash_u32(start + j) < ⌊p(rank)·2³²⌋ with ranks from torch's
+    stable sort, for float32 and float64 deltas, bf16 ties, zeros, −0, NaN and ±inf, a 1-D tensor, rows of one
+    element, rows wider than 2**16 and chunk starts past 2**32, at 1-3 threads, in its own steps and in steps
+    of a few rows."""
     import torch
 
     from mergebot.engine.methods.task_arithmetic import della
+    if step:
+        monkeypatch.setattr(della, "KEEP_STEP", step)
     g = torch.Generator().manual_seed(5)
 
     def definition(d, shape, density, eps, key, start):

