@@ -3,14 +3,23 @@ where mergebot follows its arithmetic or its tie order (karcher near convergence
 breadcrumbs cuts, SCE's top-k). Not part of the suite: run it with mergekit installed, commit the JSON.
 
 Usage: /path/to/mergekit-venv/bin/python benchmarks/mergekit_goldens.py
+
+Karcher's float32 iteration calls torch.dot, which is MKL's sdot on the CPU: MKL picks its kernel by CPU, and on
+some CPUs (seen on a Sapphire Rapids VM) its summation order differs in the last bit from others'. Both
+mergekit and mergebot call it, so they agree on any one machine, but recorded numbers hold only on MKL's
+path that recorded them: the goldens are made, and checked, with MKL_CBWR=COMPATIBLE (its reproducible path,
+the same on every x86 CPU), set here before torch loads.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-import torch
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")  # before torch loads MKL (see above)
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "data" / "mergekit_goldens.json"

@@ -1,10 +1,12 @@
 """Magnitude pruning (merge-semantics.md §2.7, `magnitude`) in bounded memory.
 
-Keeping the k = max(1, int(density·n)) largest |δ| needs the k-th largest magnitude of the whole tensor. A
-plain top-k over a large embedding allocates gigabytes (values + int64 indices); instead the exact threshold
-is found by radix selection over the bit patterns of non-negative floats (which order like their bits), one
-chunk at a time, 16 bits per pass: a histogram of the high 16 bits, then of the next 16 bits inside the one
-bucket that holds the k-th value, and so on (two passes for float32, four for float64). Ties at the threshold
+Keeping the k = max(1, int(density·n)) largest |δ| needs the k-th largest magnitude of the whole tensor, found
+exactly on the bit patterns of non-negative floats (which order like their bits). Up to SELECT_BYTES of
+patterns on the CPU are gathered into one array and partitioned in place (numpy's SIMD quickselect: no
+values + int64 indices as a top-k or sort allocates). Beyond that (a large embedding), or on a GPU, the
+threshold is found by radix selection one chunk at a time, 16 bits per pass: a histogram of the high 16 bits,
+then of the next 16 bits inside the one bucket that holds the k-th value, and so on (two passes for float32,
+four for float64). Ties at the threshold
 (common with bf16 checkpoints, whose deltas repeat) are broken by element order, so exactly k entries
 survive, as in mergekit, and deterministically.
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mergebot.engine.fuse import scratch
 from mergebot.engine.methods._rows import threaded_ranges
 
 CHUNK = 1 << 20  # elements per pass step: 4 MB float32 buffers; a TIES chunk's temporaries stay near 60 MB
@@ -131,11 +134,49 @@ def _inner_histograms(bits: torch.Tensor, shift: int, prefixes: list[int]) -> li
     return [torch.from_numpy(sum(c[i] for c in counts.values())) for i in range(len(prefixes))]
 
 
+# Bytes of bit patterns a selection may gather to select its cuts in one step (`selected_cuts`) instead of
+# radix passes over chunks, and never more than KEEP_BYTES (MERGEBOT_KEEP_BYTES=0 streams every selection): a
+# 7B model's MLP matrices (58.7M elements, 235 MB as int32) fit; embeddings and larger tensors take the radix
+# passes, in bounded memory.
+SELECT_BYTES = 256 << 20
+
+
+def selects_whole(n: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `top_k_cuts` selects n patterns of `dtype` on `device` in one step (CPU, within SELECT_BYTES)."""
+    return device.type == "cpu" and n * (torch.iinfo(dtype).bits // 8) <= min(SELECT_BYTES, KEEP_BYTES)
+
+
+def selected_cuts(bits_of: BitsOf, n: int, ks: Sequence[int], dtype: torch.dtype,
+                  first: torch.Tensor | None = None) -> list[MagnitudeCut]:
+    """`top_k_cuts` (0 < k < n each) from all n patterns gathered into one array and partitioned at every n − k
+    (numpy's SIMD quickselect, ~0.5 ns per element): the k-th largest pattern v is at n − k, the k − 1 after it
+    are ≥ v and the rest ≤ v, so one pass counts those above v (→ ties = k − above) and those equal to it. The
+    same cuts as the radix passes, which cost two histogram passes over the chunks (~4 ns per element). `first`:
+    the first chunk's patterns, when the caller has them already."""
+    buf = scratch("select_bits", n, dtype, torch.device("cpu")).numpy()
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        buf[s:e] = (first if s == 0 and first is not None else bits_of(s, e)).reshape(-1).numpy()
+    end = n
+    for at in sorted({n - k for k in ks}, reverse=True):  # one position per call: with several, numpy leaves
+        buf[:end].partition(at)                            # its SIMD path (~9 instead of ~0.6 ns per element);
+        end = at                                           # the part left of a position keeps its side
+    cuts = []
+    for k in ks:
+        at = n - k
+        v = buf[at]
+        above = int(np.count_nonzero(buf[at + 1:] > v))
+        equal = int(np.count_nonzero(buf[:at] == v)) + k - above
+        cuts.append(MagnitudeCut(above=int(v), ties=k - above, equal=equal))
+    return cuts
+
+
 def top_k_cuts(bits_of: BitsOf, n: int, ks: Sequence[int], dtype: torch.dtype = torch.int32,
                top: torch.Tensor | None = None) -> list[MagnitudeCut]:
     """Exact cuts keeping the k largest of the n non-negative patterns of `dtype` (int32: float32 values,
     int64: float64), one per k in `ks`; the cuts share their passes over the chunks. `top`: the summed
-    `top_histogram` of every chunk, when the caller already made that pass."""
+    `top_histogram` of every chunk, when the caller already made that pass. Patterns on the CPU within
+    SELECT_BYTES are gathered and selected in one step instead (`selected_cuts`)."""
     width = torch.iinfo(dtype).bits
     cuts: list[MagnitudeCut | None] = [None] * len(ks)
     state: dict[int, list[int]] = {}  # pending cut -> [prefix of its k-th pattern so far, rank inside prefix]
@@ -146,6 +187,12 @@ def top_k_cuts(bits_of: BitsOf, n: int, ks: Sequence[int], dtype: torch.dtype = 
             cuts[j] = MagnitudeCut(above=-1, ties=0)
         else:
             state[j] = [0, k]
+    if state and selects_whole(n, dtype, torch.device("cpu")):
+        first = bits_of(0, min(n, CHUNK))
+        if first.device.type == "cpu":
+            for j, cut in zip(state, selected_cuts(bits_of, n, [ks[j] for j in state], dtype, first)):
+                cuts[j] = cut
+            return cuts  # type: ignore[return-value]
     equal: dict[int, int] = {}
     for shift in range(width - 16, -1, -16) if state else ():
         prefixes = {p for p, _ in state.values()}

@@ -10,9 +10,10 @@ With select_topk ≥ 1 the executor streams the method: `reduce` sums Σ τᵢ²
 over chunks, `apply` is elementwise. With select_topk < 1 the top-k selection is global (ties at the k-th
 variance go to earlier elements, or where mergekit computes in our precision, to those its own topk picks),
 so the method gets the whole tensor as zero-copy views and walks it in chunks itself, in bounded memory: the
-variance (elementwise, so the same bits per chunk as whole) is cut exactly by radix selection over its bit
-patterns (`_sparsify.top_k_cuts`: one pass that also counts the nonzeros, one per further 16 bits),
-then one pass sums Σ τᵢ² of the selected τ, then one writes the output.
+variance (elementwise, so the same bits per chunk as whole) is cut exactly over its bit patterns
+(`_sparsify.top_k_cuts`: one quickselect over the patterns gathered, or for tensors beyond its budget radix
+selection, one pass that also counts the nonzeros and one per further 16 bits), then one pass sums Σ τᵢ² of the
+selected τ, then one writes the output.
 """
 
 from __future__ import annotations
@@ -173,14 +174,16 @@ def _apply_selected(call: MergeCall) -> torch.Tensor:
     if topk <= 0:
         cut = _sparsify.top_k_cuts(var_bits, n, [0], bits_dtype)[0]  # keeps nothing, without a pass
     else:
-        top = torch.zeros(1 << 16, dtype=torch.int64)
+        # the first radix pass rides along with the count, unless the cut is selected in one step (_sparsify)
+        top = None if _sparsify.selects_whole(n, bits_dtype, base.device) else torch.zeros(1 << 16, dtype=torch.int64)
         nonzero = 0
         width = torch.iinfo(bits_dtype).bits // 8
         filling = torch.empty(n, dtype=bits_dtype, device=base.device) if n * width <= _sparsify.KEEP_BYTES else None
         for s in range(0, n, step):
             e = min(n, s + step)
             bits = _variance_bits(deltas(s, e)[1], None if filling is None else filling[s:e])
-            top += _sparsify.top_histogram(bits)
+            if top is not None:
+                top += _sparsify.top_histogram(bits)
             nonzero += int(torch.count_nonzero(bits))
         kept = filling
         # count·topk as mergekit evaluates it (an int64 0-d tensor times a Python float: float32), so k matches

@@ -208,11 +208,14 @@ def test_dare_in_place_is_the_kernel(monkeypatch, stored, dtype, start, consensu
 
 @pytest.mark.parametrize("width", [torch.int32, torch.int64])
 @pytest.mark.parametrize("k", [1, 700, 2047, 4098, 4099])
-def test_integer_keep_mask_is_the_cuts_bool_mask(monkeypatch, width, k):
+@pytest.mark.parametrize("select_bytes", [0, 1 << 20])
+def test_integer_keep_mask_is_the_cuts_bool_mask(monkeypatch, width, k, select_bytes):
     """`MagnitudeCut.tie_end` + `keep_into` (integer masks, no running count) keep exactly the entries the
-    bool form with its running tie count keeps, chunk by chunk, including cuts among many equal patterns."""
+    bool form with its running tie count keeps, chunk by chunk, including cuts among many equal patterns, with
+    cuts from radix passes or from one selection over the gathered patterns."""
     from mergebot.engine.methods import _sparsify
     monkeypatch.setattr(_sparsify, "CHUNK", 512)
+    monkeypatch.setattr(_sparsify, "SELECT_BYTES", select_bytes)
     g = torch.Generator().manual_seed(k)
     bits = torch.randint(0, 40, (N,), generator=g).to(width) * 1000003  # ~100 equal patterns per value
     bits[::7] = 0

@@ -320,19 +320,23 @@ def test_cut_keeps_the_first_ties_in_element_order_across_chunks(ties):
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_radix_cuts_are_the_sorted_kth_pattern(monkeypatch, dtype, threads):
+@pytest.mark.parametrize("whole", [True, False])
+def test_radix_cuts_are_the_sorted_kth_pattern(monkeypatch, dtype, threads, whole):
     """top_k_cuts over chunks of bf16-derived magnitudes (heavy ties, several cuts whose inner passes count
-    different prefixes, on one or more threads): `above` is the k-th largest pattern, `ties` how many of
-    its equals the cut keeps, `equal` how many there are, as a sort of the whole tensor says."""
+    different prefixes, on one or more threads), selected in one step from the gathered patterns (`whole`) or
+    by radix passes over the chunks (a tensor beyond SELECT_BYTES): `above` is the k-th largest pattern, `ties`
+    how many of its equals the cut keeps, `equal` how many there are, as a sort of the whole tensor says."""
     from mergebot.engine.methods import _sparsify
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    if not whole:
+        monkeypatch.setattr(_sparsify, "SELECT_BYTES", 0)
     g = torch.Generator().manual_seed(threads)
     n = 2 * _sparsify.CHUNK + 12345
     base = (torch.randn(n, generator=g) * 0.02).bfloat16()
     x = (base.float() + torch.randn(n, generator=g) * 0.002).bfloat16()
     mag = (x.double() - base.double()).abs() if dtype == torch.int64 else (x.float() - base.float()).abs()
     bits = mag.view(dtype)
-    ks = [1, 1000, n // 2, n - 7, n // 3]
+    ks = [1, 1000, n // 2, n - 7, n // 3, n - 1, 1000]
     cuts = _sparsify.top_k_cuts(lambda s, e: bits[s:e], n, ks, dtype)
     ordered = torch.sort(bits, descending=True).values
     for k, cut in zip(ks, cuts):

@@ -1,7 +1,8 @@
 """TIES' sparsifier (merge-semantics.md §2.7, `magnitude`): keep the k = max(1, int(densityᵢ·n)) largest |δᵢ| of
 the whole tensor, exactly, in bounded memory.
 
-The cut per model is found by radix selection over chunks (`_sparsify.magnitude_cut`: two histogram passes),
+The cut per model is found by one quickselect over the magnitudes' bit patterns gathered, or for tensors beyond
+its budget by radix selection over chunks (`_sparsify.magnitude_cut`: two histogram passes),
 then, with `rescale`, the kept L1 norm (one pass), then the merge chunk by chunk. Where a cut must choose among
 equal magnitudes and mergekit computes in our precision, the choice is mergekit's (its whole-tensor argsort,
 `_sparsify.mergekit_selection`); otherwise ties go to the earliest elements, encoded as the index after the last
