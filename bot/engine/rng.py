@@ -168,7 +168,7 @@ def _mix_np(h: np.ndarray, t: np.ndarray) -> None:
             np.multiply(h, mult, out=h)
 
 
-HASH_STEP = 1 << 18  # elements per step of keep_flags_np (2 MB of work arrays; shorter steps cost more in calls)
+HASH_STEP = 1 << 18  # elements per step of hash_below_np (2 MB of work arrays; shorter steps cost more in calls)
 
 
 def hash_np(first: int, lo: int, key: int, hi: int, h: np.ndarray, t: np.ndarray) -> np.ndarray:

@@ -76,9 +76,10 @@ def _sorted_keys_order(bits: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> No
 
 def _keep_rows_np(d: torch.Tensor, rows: int, width: int, thr: torch.Tensor, s: rng.Stream32) -> torch.Tensor:
     """della_keep for a block of `rows` contiguous rows of `width` on the CPU, as numpy over one range of rows per
-    torch thread: the order of each row (`_sorted_keys_order`, of float32 |δ|), the thresholds `thr` (int64, by
-    descending position, below 2³²) scattered to the elements, `rng.hash_np` of the offsets and one comparison:
-    the same bits as the torch form, with one hand-off to the threads instead of one per operation."""
+    torch thread, in steps of KEEP_STEP elements: the order of each row (`_sorted_keys_order`, of float32 |δ|),
+    the thresholds `thr` (int64, by descending position, below 2³²) scattered to the elements, and the hash of
+    the offsets compared with them (`rng.hash_below_np`): the same bits as the torch form, with one hand-off to
+    the threads instead of one per operation."""
     n = rows * width
     dev = d.device
     mag = d if d.dtype == torch.float32 else scratch("della_m", n, torch.float32, dev).copy_(d)
