@@ -135,13 +135,12 @@ def _inner_histograms(bits: torch.Tensor, shift: int, prefixes: list[int]) -> li
 
 
 # Bytes of bit patterns a selection may gather to select its cuts in one step (`selected_cuts`) instead of
-# radix passes over chunks, and never more than KEEP_BYTES (MERGEBOT_KEEP_BYTES=0 streams every selection): a
-# 7B model's MLP matrices (58.7M elements, 235 MB as int32) fit; embeddings (a 0.86B model's 65.5M elements,
-# 262 MB: gathered, they raised a TIES merge's peak anonymous memory from 0.82 to 1.06-1.17 GB) and larger
-# tensors take the radix passes, in bounded memory. Buffers up to SCRATCH_BYTES are reused between tensors,
-# larger ones freed after their selection.
-SELECT_BYTES = 240 << 20
-SCRATCH_BYTES = 64 << 20
+# radix passes over chunks, and never more than KEEP_BYTES (MERGEBOT_KEEP_BYTES=0 streams every selection). The
+# buffer is reused between tensors. Up to 80 MB it pays: a 0.86B model's MLP matrices (46 MB), a 7B model's
+# attention (67 MB). Larger tensors take the radix passes, in bounded memory: gathered into fresh buffers,
+# a 7B model's MLP matrices (235 MB) ran no faster (page faults) and raised a TIES merge's peak anonymous memory
+# by 0.22 GB (0.72 -> 0.94 GB for one 7B-shaped layer), a 0.86B embedding (262 MB) by 0.24 GB.
+SELECT_BYTES = 80 << 20
 
 
 def selects_whole(n: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -156,9 +155,7 @@ def selected_cuts(bits_of: BitsOf, n: int, ks: Sequence[int], dtype: torch.dtype
     are ≥ v and the rest ≤ v, so one pass counts those above v (→ ties = k − above) and those equal to it. The
     same cuts as the radix passes, which cost two histogram passes over the chunks (~4 ns per element). `first`:
     the first chunk's patterns, when the caller has them already."""
-    width = torch.iinfo(dtype).bits // 8
-    buf = (scratch("select_bits", n, dtype, torch.device("cpu")).numpy() if n * width <= SCRATCH_BYTES
-           else np.empty(n, dtype=np.int32 if width == 4 else np.int64))
+    buf = scratch("select_bits", n, dtype, torch.device("cpu")).numpy()
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
         buf[s:e] = (first if s == 0 and first is not None else bits_of(s, e)).reshape(-1).numpy()

@@ -320,19 +320,16 @@ def test_cut_keeps_the_first_ties_in_element_order_across_chunks(ties):
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("how", ["select", "select-fresh-buffer", "radix"])
+@pytest.mark.parametrize("how", ["select", "radix"])
 def test_radix_cuts_are_the_sorted_kth_pattern(monkeypatch, dtype, threads, how):
     """top_k_cuts over chunks of bf16-derived magnitudes (heavy ties, several cuts whose inner passes count
-    different prefixes, on one or more threads), selected in one step from the gathered patterns (in the reused
-    buffer or, for large tensors, a fresh one) or by radix passes over the chunks (a tensor beyond SELECT_BYTES):
-    `above` is the k-th largest pattern, `ties` how many of its equals the cut keeps, `equal` how many there
-    are, as a sort of the whole tensor says."""
+    different prefixes, on one or more threads), selected in one step from the gathered patterns or by radix
+    passes over the chunks (a tensor beyond SELECT_BYTES): `above` is the k-th largest pattern, `ties` how many
+    of its equals the cut keeps, `equal` how many there are, as a sort of the whole tensor says."""
     from mergebot.engine.methods import _sparsify
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     if how == "radix":
         monkeypatch.setattr(_sparsify, "SELECT_BYTES", 0)
-    if how == "select-fresh-buffer":
-        monkeypatch.setattr(_sparsify, "SCRATCH_BYTES", 0)
     g = torch.Generator().manual_seed(threads)
     n = 2 * _sparsify.CHUNK + 12345
     base = (torch.randn(n, generator=g) * 0.02).bfloat16()
