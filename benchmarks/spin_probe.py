@@ -1,4 +1,4 @@
-"""How OpenMP's idle spin (GOMP_SPINCOUNT) changes DELLA's ranking, whose numpy radix sorts run in threads of
+"""How OpenMP's idle spin (GOMP_SPINCOUNT) changes DELLA's ranking, whose numpy key sorts run in threads of
 their own between torch ops (della.descending_order): each setting in a fresh process, as libgomp reads it once
 when torch loads. Reports ns per ranked element, best and median of several rounds.
 
