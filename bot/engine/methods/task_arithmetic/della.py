@@ -206,17 +206,17 @@ def _l1_scales(call: MergeCall, sampled: list[int],
     for s, e, shape in row_blocks(call.shape, xs[0].numel(), xs[0].device):
         block = [x[s:e] for x in xs]
         base = scratch("della_base", e - s, call.dtype, xs[0].device).copy_(block[call.base_at])
-        rows = scratch("della_l1", k * (e - s), call.dtype, base.device).view(k, e - s)
+        rows = scratch("della_l1", k * (e - s), call.dtype, base.device).view(k, e - s) if (e - s) % BLOCK == 0 else None
         for j, i in enumerate(sampled):
             d, keep = _masked(call, block, base, i, shape, s)
             assert keep is not None  # sampled: 0 < density < 1
             if cache is not None:
                 cache[(s, i)] = keep
-            if (e - s) % BLOCK:
+            if rows is None:
                 sums[i].add(l1_partials(d, keep))
             else:
                 zero_unless(rows[2 * j + 1].copy_(torch.abs(d, out=rows[2 * j])), keep)
-        if (e - s) % BLOCK == 0:
+        if rows is not None:
             part = partials_of_pairs(rows)
             for j, i in enumerate(sampled):
                 sums[i].add(part[2 * j:2 * j + 2])
