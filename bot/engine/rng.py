@@ -188,6 +188,21 @@ def hash_np(first: int, lo: int, key: int, hi: int, h: np.ndarray, t: np.ndarray
     return h
 
 
+def hash_words_np(count: int, key: int, highs: list[int]) -> list[np.ndarray]:
+    """`hash_u32_words` of the low words 0 .. count-1 (count ≤ 2³¹) as uint32 arrays, in numpy's uint32 lanes:
+    the inner mix once, then one outer mix per high word. ~4x faster per core than the torch form eagerly, which
+    was a fifth of an arcee_fusion merge (1M sample indices per tensor)."""
+    inner = np.bitwise_xor(np.arange(count, dtype=np.uint32), np.uint32(key & M32))
+    t = np.empty_like(inner)
+    _mix_np(inner, t)
+    words = []
+    for h in highs:
+        w = np.bitwise_xor(inner, np.uint32((h + GOLDEN) & M32))
+        _mix_np(w, t)
+        words.append(w)
+    return words
+
+
 def keep_flags_np(first: int, lo: int, key: int, hi: int, cut: int, h: np.ndarray, t: np.ndarray,
                   flags: np.ndarray) -> np.ndarray:
     """keep32 for the int32 offsets first .. first+len(flags)-1 of a stream (a Stream32's int fields, cut not

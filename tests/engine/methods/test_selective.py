@@ -236,7 +236,33 @@ def test_arcee_fusion_sampled_quantiles_are_reproducible(family, tmp_path, monke
     assert differs / total < 0.05  # a sampled threshold moves the cut only slightly
 
 
-@pytest.mark.parametrize("n", [1, 2, 5, 12, 1001])
+@pytest.mark.parametrize("shape", [(7, 33), (3, 4, 50), (129,), (5, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_arcee_row_kl_in_place_is_the_formula_bit_for_bit(shape, dtype):
+    """The in-place KL (reused buffers) has the bytes of the formula written with torch's functions."""
+    from mergebot.engine.methods import arcee_fusion
+    g = torch.Generator().manual_seed(len(shape))
+    base = torch.randn(shape, generator=g, dtype=dtype)
+    x = (base + 0.3 * torch.randn(shape, generator=g, dtype=dtype)).to(torch.bfloat16)
+    p = torch.softmax(x.to(dtype), dim=-1) + arcee_fusion.KL_EPS
+    q = torch.softmax(base, dim=-1) + arcee_fusion.KL_EPS
+    want = (p * torch.log(p / q)).sum(dim=-1, keepdim=True).reshape(-1, 1)
+    got = arcee_fusion.row_kl(x.reshape(-1), base.reshape(-1), shape, dtype)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_arcee_sample_indices_are_the_hash_draws_sorted():
+    """The CPU's numpy draw is the 63-bit hash index of the definition (hash_u32 of j and of j + 2⁴⁰), sorted."""
+    from mergebot.engine import rng
+    from mergebot.engine.methods import arcee_fusion
+    j = torch.arange(5000, dtype=torch.int64)
+    for n, key in ((1_000_003, 7), ((1 << 40) + 17, 0xFFFFFFFF), (3, 0)):
+        hi, lo = rng.hash_u32(j, key), rng.hash_u32(j + (1 << 40), key)
+        want = torch.sort(((hi << 31) | (lo >> 1)) % n).values
+        assert torch.equal(arcee_fusion.sample_indices(n, 5000, key, torch.device("cpu")), want), (n, key)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 12, 1001, 200_003])
 def test_arcee_threshold_is_the_sorted_order_statistics(n):
     """The partial sort gives a full sort's lower order statistics, ties and NaN (ordered last) included."""
     from mergebot.engine.methods import arcee_fusion
