@@ -16,6 +16,7 @@ from mergebot.cli.merge import TOKEN_FLAG_WARNING
 from mergebot.hub.client import resolve_endpoint, resolve_token
 from mergebot.hub.parents import parents_from_lock
 from mergebot.hub.publish import LicenseGateError, publish
+from mergebot.io import confine
 from mergebot.io.lockfile import read_lock
 
 _KNOWN_IDS = sorted({s.hub_id for s in LICENSES.values()} | {"other", "unknown"})
@@ -58,6 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     out_dir: Path = args.out_dir
     repo_id: str = args.repo
+    if out_dir.is_dir():  # before the lock, config and card are read or written through a link out of OUT_DIR
+        confine.audit_tree(out_dir, str(out_dir))
     lock = read_lock(out_dir)
     endpoint = resolve_endpoint(args.endpoint)
     if args.token:

@@ -26,6 +26,7 @@ from mergebot.card.licenses import LicenseReport
 from mergebot.errors import MergebotError
 from mergebot.hub.client import client, resolve_endpoint, resolve_token
 from mergebot.hub.errors import is_transport
+from mergebot.io import confine
 from mergebot.io.lockfile import LOCK_FILE, read_lock
 
 T = TypeVar("T")
@@ -296,6 +297,7 @@ def publish(
             f"license check blocks publishing {out_dir} to {repo_id}:\n  "
             + "\n  ".join(r for r in license_report.reasons if r.startswith("block"))
             + "\nfix the parents or the name, or pass --allow-license-risk after a human review")
+    confine.audit_tree(out_dir, str(out_dir))  # nothing a link leads to outside OUT_DIR is uploaded
     lock = read_lock(out_dir)
     files = local_files(out_dir)
     streamed = {u.path: u.operation for u in preuploaded}

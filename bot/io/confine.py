@@ -157,3 +157,22 @@ def audit(directory: Path, label: str) -> None:
             mode = entry.stat(follow_symlinks=False).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise ModelError(f"{label}: refusing {entry.name[:120]!r}: not a regular file")
+
+
+def audit_tree(directory: Path, label: str) -> None:
+    """`audit` for a whole tree (an output directory about to be published, which someone else may have
+    assembled): every entry at any depth that is a link leading out of `directory`, or not a regular file or
+    directory, is one ModelError naming it relative to `directory` (never where it points)."""
+    root = directory.resolve()
+    for current, dirs, files in os.walk(directory, followlinks=False):
+        for name in dirs + files:
+            path = Path(current) / name
+            rel = path.relative_to(directory).as_posix()
+            if path.is_symlink() and not is_inside(path.resolve(), root):
+                raise ModelError(f"{label}: refusing {rel[:200]!r}: a symlink that points outside the directory")
+            try:
+                mode = os.stat(path).st_mode
+            except OSError:
+                continue  # a dangling link inside: nothing to read (publishing skips it)
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                raise ModelError(f"{label}: refusing {rel[:200]!r}: not a regular file")

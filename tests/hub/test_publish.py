@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mergebot.card.licenses import LicenseInput, analyze
+from mergebot.errors import ModelError
 from mergebot.hub.parents import ParentMetadataError, parent_from_hub, parents_from_lock
 from mergebot.hub.publish import (
     LicenseGateError,
@@ -418,3 +419,42 @@ def test_fake_hub_speaks_the_client_protocol(hub: HubFixture, tmp_path: Path) ->
     api.delete_repo(repo)
     assert repo not in hub.server.repos
     assert hub.server.unhandled == []
+
+
+def test_publish_never_follows_a_link_out_of_the_output(hub: HubFixture, tiny_template: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """An output directory someone else assembled (downloaded, unpacked) may hold a link to the user's Hub token
+    or a linked folder: `mergebot publish` must not upload what lies outside the directory."""
+    import os
+
+    out = _cli_output(tiny_template, tmp_path, hub)
+    secret = tmp_path / "home" / "token"
+    (secret.parent / "folder").mkdir(parents=True)
+    secret.write_text("hf_SECRET_outside_the_output\n")
+    (secret.parent / "folder" / "id_rsa").write_text("PRIVATE KEY outside the output\n")
+    os.symlink(secret, out / "tokenizer.model")
+    os.symlink(secret.parent / "folder", out / "extra")
+    repo = f"{hub.org}/Llama-3-tiny-merge"
+    assert cli("publish", str(out), "--repo", repo, "--check", "off") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}: refusing ") and "a symlink that points outside the directory" in err
+    assert len(err.splitlines()) == 1 and str(secret.parent) not in err
+    assert repo not in hub.server.repos
+    os.unlink(out / "tokenizer.model")
+    (out / "mergekit_config.yml").unlink()
+    os.symlink(secret, out / "mergekit_config.yml")  # the card quotes the config verbatim
+    os.unlink(out / "extra")
+    readme = (out / "README.md").read_bytes()
+    with pytest.raises(ModelError, match="'mergekit_config.yml': a symlink that points outside"):
+        publish(out, repo, token=hub.token, endpoint=hub.url, retry=FAST)  # the library call too
+    assert cli("publish", str(out), "--repo", repo, "--check", "off") == 1
+    assert "'mergekit_config.yml': a symlink" in capsys.readouterr().err
+    assert repo not in hub.server.repos and (out / "README.md").read_bytes() == readme
+    assert "hf_SECRET" not in (out / "README.md").read_text() and secret.read_text().startswith("hf_SECRET")
+    (out / "mergekit_config.yml").unlink()
+    os.symlink("config.json", out / "mergekit_config.yml")  # a link inside the directory is fine
+    (out / "notes").mkdir()
+    (out / "notes" / "a.txt").write_text("inside\n")
+    os.symlink(out / "notes", out / "linked")
+    local = publish(out, repo, token=hub.token, endpoint=hub.url, retry=FAST, allow_license_risk=True)
+    assert local.changed and repo in hub.server.repos
