@@ -116,7 +116,9 @@ def run_merge(cfg: MergeConfig, out_dir: Path, options: MergeOptions) -> MergeRe
     entries = [ShardEntry(j.name, j.out_dtype, j.shape, j.nbytes) for j in plan.jobs]
     if options.stream is not None:
         options.stream.plan_reads(plan)  # the read-ahead follows the executor's job order
-    with staged_output(out_dir, options.force) as work:
+    reads = [Path(cfg.file)] + [r.directory for r in plan.resolved.values()] + [
+        m.adapter.directory for m in plan.models.values() if m.adapter is not None]
+    with staged_output(out_dir, options.force, reads) as work:
         with streamed_shards(work, entries, options, plan.total_bytes) as (writer, progress):
             stats = run_plan(plan, writer, load_dtype=torch_dtype(cfg.dtype), seed=seed or 0, device=device,
                              progress=progress, compile=options.compile, rng=options.rng)

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,12 +40,25 @@ def _write_error(out_dir: Path, e: OSError) -> OutputError:
     return OutputError(f"{out_dir}: cannot write the output: {e.strerror or e}")
 
 
+def check_not_read(out_dir: Path, reads: Iterable[Path]) -> None:
+    """Replacing OUT_DIR deletes everything under it: refuse an OUT_DIR that is, or holds, a parent directory
+    or the config the merge reads (`merge m.yml . --force` in the models' folder would delete them)."""
+    target = out_dir.resolve()
+    for path in reads:
+        if confine.is_inside(path.resolve(), target):
+            raise OutputError(f"{out_dir}: --force would delete {path}, which this merge reads; choose another "
+                              "OUT_DIR")
+
+
 @contextmanager
-def staged_output(out_dir: Path, force: bool) -> Iterator[Path]:
+def staged_output(out_dir: Path, force: bool, reads: Iterable[Path] = ()) -> Iterator[Path]:
     """Yield a work directory beside out_dir; on success it atomically becomes out_dir. Any failure, a full
-    disk, Ctrl-C or SIGTERM included, removes the work directory: nothing half-made stays behind."""
+    disk, Ctrl-C or SIGTERM included, removes the work directory: nothing half-made stays behind. `reads`: the
+    parent directories and the config, which an existing out_dir must not hold (`check_not_read`)."""
     out_dir = out_dir.resolve()
     check_target(out_dir, force)
+    if out_dir.exists():
+        check_not_read(out_dir, reads)
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.mergebot-", dir=out_dir.parent))

@@ -151,6 +151,29 @@ def test_read_only_target_is_one_line(tmp_path, read_only_dir):
     assert "cannot write the output" in line and "Read-only" in line
 
 
+def _tree(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["parent", "folder of the parents", "folder of the config"])
+def test_force_never_replaces_what_the_merge_reads(tmp_path, target):
+    """`--force` replaces OUT_DIR: an OUT_DIR that is a parent, or holds the parents or the config (`merge
+    m.yml . --force` in the models' folder), would delete them. Refused in one line, nothing touched."""
+    models = tmp_path / "models"
+    a, b = make_family(models, 2, seed=3)
+    cfg = (models if target == "folder of the config" else tmp_path) / "m.yml"
+    cfg.write_text(_linear(a, b))
+    out = {"parent": a, "folder of the parents": models, "folder of the config": models}[target]
+    before = _tree(tmp_path)
+    line = _one_line_error(run_cli("merge", str(cfg), str(out), "--force", "--quiet"))
+    assert line.startswith(f"error: {out}: ") and "--force would delete" in line, line
+    assert _tree(tmp_path) == before
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] == []
+    inside = a / "merged"  # an OUT_DIR inside a parent replaces nothing the merge reads
+    assert run_cli("merge", str(cfg), str(inside), "--quiet").returncode == 0
+    assert _tree(a / "merged") and {k: v for k, v in _tree(tmp_path).items() if "/merged/" not in k} == before
+
+
 def test_sigterm_mid_merge_leaves_nothing(tmp_path):
     # big enough that the merge is still running when the signal arrives
     a, b, c = make_family(tmp_path / "fam", 3, seed=3, hidden=512, inter=2048, vocab=8192, layers=6)

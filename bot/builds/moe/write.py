@@ -148,7 +148,8 @@ def run_moe(cfg: MoeConfig, out_dir: Path, options: MergeOptions, *, allow_all_s
                           layers=plan.layers, hidden=plan.hidden, seed=seed or 0, device=str(device))
     entries = [ShardEntry(t.name, plan.out_dtype, t.shape, t.numel * torch.empty(0, dtype=plan.out_dtype).element_size())
                for t in plan.tensors]
-    with staged_output(out_dir, options.force) as work:
+    reads = [Path(cfg.file)] + [r.directory for r in plan.resolved.values()]
+    with staged_output(out_dir, options.force, reads) as work:
         with streamed_shards(work, entries, options, plan.total_bytes) as (writer, progress):
             stats = write_tensors(plan, writer, gates, seed or 0, progress)
         write_json(work / "config.json", plan.out_config)
