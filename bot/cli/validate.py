@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mergebot.action.runner_log import safe_line
 from mergebot.cli._output import warn
 from mergebot.config.configfile import load
 from mergebot.errors import MergebotError
@@ -23,10 +24,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             cfg = load(path)
         except MergebotError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(safe_line(f"error: {e}"), file=sys.stderr)  # file names come from the pull request
             bad += 1
             continue
         warn(cfg.warnings)
         note = f" (merge will refuse for now: {', '.join(cfg.pending)} not supported yet)" if cfg.pending else ""
-        print(f"ok: {path}: {cfg.label()}, {cfg.model_count()} model(s){note}")
+        print(safe_line(f"ok: {path}: {cfg.label()}, {cfg.model_count()} model(s){note}"))
     return 1 if bad else 0

@@ -185,6 +185,22 @@ def test_hostile_config_is_one_line(hostile, i):
         assert not [p for p in hostile["tmp"].iterdir() if p.name.startswith(f".{out.name}")]
 
 
+def test_validate_never_echoes_a_file_name_raw(tmp_path):
+    """`mergebot validate merges/*.yml` is a pull-request check: a file name a contributor chose (git allows
+    newlines and escape characters in them) must not start a workflow command or an ANSI sequence in the log."""
+    good = tmp_path / "ok\n::error::pwned\x1b[2J.yml"
+    good.write_text(LINEAR.format(a=1, b=1))
+    bad = tmp_path / "bad\r\n::warning::pwned2.yml"
+    bad.write_text("merge_method: bogus\n")
+    res = run_cli("validate", str(good), str(bad))
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    out, err = res.stdout.splitlines(), res.stderr.splitlines()
+    assert out == [f"ok: {tmp_path}/ok\\n::error::pwned\\x1b[2J.yml: linear, 2 model(s)"]
+    assert err == [f"error: {tmp_path}/bad\\r\\n::warning::pwned2.yml: merge_method (line 1): unknown merge method "
+                   + err[0].split("unknown merge method ", 1)[1]]
+    assert "\x1b" not in res.stdout + res.stderr and "\r" not in res.stdout + res.stderr
+
+
 def test_valid_corpus_still_loads():
     files = sorted(CORPUS.glob("*.yml")) + sorted(SEED_CONFIGS.glob("*.yml"))
     assert len(files) >= 15
