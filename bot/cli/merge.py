@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mergebot.action.runner_log import safe_line
 from mergebot.cli._output import warn
 from mergebot.cli.check import add_gate_arguments, gate_options
 from mergebot.config.configfile import load
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
 
         plan = build_for(cfg).prepare(opts, headers_only=True)
         warn(plan.warnings)
-        print("\n".join(plan.describe()))
+        # tensor names come from the parents' headers: printable, but one may start with `::` (a workflow command)
+        print("\n".join(safe_line(line, 10 * len(line) + 1) for line in plan.describe()))
         return 0
     from mergebot import pipeline
     from mergebot.hub.stream import stream_mode_default

@@ -116,6 +116,25 @@ def test_dry_run_prints_resolved_gradients_and_writes_nothing(family, tmp_path, 
     assert not (tmp_path / "out").exists()
 
 
+def test_dry_run_lines_cannot_start_a_workflow_command(tmp_path, capsys):
+    """The plan quotes tensor names from the parents' headers (a stranger's Hub model): printable, but one named
+    `::error::pwned` began a line the runner would obey."""
+    from safetensors.torch import load_file, save_file
+
+    a, b = make_family(tmp_path / "fam", 2, seed=5)
+    for d in (a, b):
+        tensors = load_file(d / "model.safetensors")
+        tensors["::error::pwned"] = torch.zeros(2)
+        save_file(tensors, d / "model.safetensors")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"models:\n  - model: {a}\n  - model: {b}\nmerge_method: linear\nparameters: {{weight: 0.5}}\n")
+    assert main(["merge", str(cfg), str(tmp_path / "out"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not [line for line in lines if line.lstrip().startswith("::")]
+    assert [line for line in lines if line.startswith("> ::error::pwned ")]
+    assert any(line.startswith("model.layers.0.self_attn.q_proj.weight ") for line in lines)
+
+
 def test_merge_push_to_publishes_one_commit_and_it_loads(hub, family, tmp_path):
     """The whole pipeline: merge -> license check -> card -> one Hub commit, read back with the real client."""
     transformers = pytest.importorskip("transformers")
