@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 
 def human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
@@ -12,9 +14,13 @@ def human_bytes(n: float) -> str:
 
 
 def parse_size(text: str) -> int:
-    """'5B', '500M', '1.5G', '1000' -> bytes (decimal suffixes K/M/B|G/T, as mergekit's --out-shard-size)."""
+    """'5B', '500M', '1.5G', '1000' -> bytes (decimal suffixes K/M/B|G/T, as mergekit's --out-shard-size).
+    ValueError (argparse's usage error) for anything but a finite size of at least one byte: `inf` would be an
+    OverflowError traceback, and 0 or a negative size one shard per tensor."""
     t = text.strip().upper()
     mult = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9, "T": 10**12}
-    if t and t[-1] in mult:
-        return int(float(t[:-1]) * mult[t[-1]])
-    return int(float(t))
+    number, scale = (t[:-1], mult[t[-1]]) if t and t[-1] in mult else (t, 1)
+    value = float(number) * scale
+    if not (1 <= value < math.inf):
+        raise ValueError(f"{text!r} is not a size of at least one byte")
+    return int(value)

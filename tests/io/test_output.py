@@ -46,6 +46,18 @@ def test_sharded_output_with_index_loads_in_transformers(family_bf16, tmp_path):
     assert model.dtype == torch.float16
 
 
+@pytest.mark.parametrize("size", ["inf", "1e400B", "nan", "0", "-5M", "abc"])
+def test_absurd_out_shard_size_is_a_usage_error(family, tmp_path, size):
+    """`inf` was an OverflowError traceback; 0 or a negative size silently wrote one shard per tensor."""
+    base, a, _, _ = family
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"models:\n  - model: {base}\n  - model: {a}\nmerge_method: linear\nparameters: {{weight: 0.5}}\n")
+    r = run_cli("merge", str(cfg), str(tmp_path / "out"), f"--out-shard-size={size}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("mergebot merge: error: argument --out-shard-size: ")
+    assert not (tmp_path / "out").exists()
+
+
 def test_frankenmerge_slices_update_layer_count(family, tmp_path):
     base, a, _, _ = family
     cfg = tmp_path / "c.yml"
