@@ -55,14 +55,22 @@ class ParentInfo:
         return split_ref(self.ref)[0]
 
 
+MAX_METADATA_TEXT = 300  # one value quoted from a parent's card (a license name, a link, a language)
+
+
+def _plain(value: Any) -> str | None:
+    """A parent's metadata value as our card and NOTICE may quote it: a string (or number), one line, no control
+    characters, cut. A stranger's card could otherwise write headings, links or escape sequences into ours; a
+    mapping or list where a string belongs is no value."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return None
+    text = " ".join("".join(c if c.isprintable() else " " for c in str(value)).split())
+    return text[:MAX_METADATA_TEXT] or None
+
+
 def _as_list(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value if v is not None]
-    return [str(value)]
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [t for t in (_plain(v) for v in items) if t is not None]
 
 
 def _license_value(value: Any) -> str | None:
@@ -109,10 +117,10 @@ def _from_metadata(ref: str, meta: dict[str, Any], **extra: Any) -> ParentInfo:
     return ParentInfo(
         ref=ref,
         license=_license_value(meta.get("license")),
-        license_name=meta.get("license_name"),
-        license_link=meta.get("license_link"),
+        license_name=_plain(meta.get("license_name")),
+        license_link=_plain(meta.get("license_link")),
         languages=_as_list(meta.get("language")),
-        pipeline_tag=meta.get("pipeline_tag"),
+        pipeline_tag=_plain(meta.get("pipeline_tag")),
         tags=tags,
         base_models=_as_list(meta.get("base_model")),
         **extra,

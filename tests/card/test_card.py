@@ -419,3 +419,31 @@ def test_metadata_check_agrees_with_the_hub_clients_model_card(tmp_path: Path, f
     if ours is not None:
         assert ours.startswith(f"{tmp_path / 't.md.j2'}: ") and "\n" not in ours
         assert ("no `license`" in ours) == (hub_error == "no `license`"), (ours, hub_error)
+
+
+def test_a_parents_hostile_metadata_is_one_plain_line_in_the_card(tmp_path: Path) -> None:
+    """A parent's card is a stranger's file: its license, license_name and license_link are quoted in our card and
+    NOTICE. Line breaks there wrote headings and links of the stranger's choosing into our card, an ESC byte went
+    through raw, and a mapping as `pipeline_tag` became our card's pipeline_tag."""
+    from mergebot.hub.parents import parent_from_local
+
+    hostile = tmp_path / "models" / "hostile"
+    hostile.mkdir(parents=True)
+    (hostile / "README.md").write_text(
+        '---\nlicense: "mit\\n\\n# Injected heading\\n[click](https://evil.example)"\n'
+        'license_name: "x\\u001b[2Jy"\nlicense_link: {href: "javascript:alert(1)"}\n'
+        "pipeline_tag: {x: 1}\nlanguage: [\"en\\n# lang\"]\n---\n")
+    (tmp_path / "models" / "fine").mkdir()
+    parents = [parent_from_local(hostile, ref="./models/hostile", role="base"),
+               parent_from_local(tmp_path / "models" / "fine", ref="./models/fine", role="input")]
+    assert parents[0].license_link is None and parents[0].pipeline_tag is None
+    out = make_output(tmp_path, "merge_method: linear\n", parents, method="linear", base="./models/hostile")
+    report = analyze(parents, policy=LicensePolicy(allow_unknown=True))
+    ctx = card_context_from_output(out, parents, report, "o/x", env=NO_GITHUB)
+    write_card(out, ctx)
+    for name in ("README.md", "NOTICE"):
+        text = (out / name).read_text()
+        assert "\x1b" not in text, name
+        assert not [line for line in text.splitlines() if line.startswith(("# Injected", "[click]", "# lang"))], name
+    data = ModelCard((out / "README.md").read_text()).data.to_dict()
+    assert data["pipeline_tag"] == "text-generation" and "javascript" not in (out / "README.md").read_text()
