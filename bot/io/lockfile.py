@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from mergebot import __version__
 from mergebot.errors import MergebotError
 
 LOCK_FILE = "mergebot.lock.json"
+MAX_LOCK_BYTES = 64 << 20  # far above any real lock (a few KB)
 
 
 class LockFileError(MergebotError):
@@ -106,17 +108,28 @@ def write_lock(directory: Path, lock: dict[str, Any]) -> None:
 def read_lock(out_dir: Path) -> dict[str, Any]:
     """The engine's `mergebot.lock.json`, checked for the keys the card and the commit message need."""
     path = Path(out_dir) / LOCK_FILE
-    try:
-        lock = json.loads(path.read_text(encoding="utf-8"))
+    try:  # a regular file only (a FIFO would block the read forever), bounded, strict UTF-8
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise LockFileError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_LOCK_BYTES + 1)
+        if len(data) > MAX_LOCK_BYTES:
+            raise LockFileError(f"{path}: larger than {MAX_LOCK_BYTES >> 20} MiB")
+        lock = json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise LockFileError(f"{path}: missing; is {out_dir} a mergebot output directory?") from None
-    except json.JSONDecodeError as e:
-        raise LockFileError(f"{path}: not valid JSON: {e}") from e
+    except UnicodeDecodeError:
+        raise LockFileError(f"{path}: not UTF-8 text") from None
+    except (ValueError, RecursionError) as e:
+        raise LockFileError(f"{path}: not valid JSON: {str(e)[:200] or type(e).__name__}") from None
+    except OSError as e:
+        raise LockFileError(f"{path}: cannot read: {e.strerror or e}") from None
     if not isinstance(lock, dict):
         raise LockFileError(f"{path}: must be a JSON object")
     for key in ("config_sha256", "merge_method", "parents"):
         if key not in lock:
             raise LockFileError(f"{path}: key {key!r} is missing")
-    if not isinstance(lock["parents"], list) or not all(isinstance(p, dict) and "ref" in p for p in lock["parents"]):
-        raise LockFileError(f"{path}: key 'parents' must be a list of objects with a 'ref'")
+    if not isinstance(lock["parents"], list) or not all(
+            isinstance(p, dict) and isinstance(p.get("ref"), str) and p["ref"] for p in lock["parents"]):
+        raise LockFileError(f"{path}: key 'parents' must be a list of objects with a 'ref' (a non-empty string)")
     return lock

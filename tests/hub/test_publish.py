@@ -19,7 +19,7 @@ from mergebot.hub.publish import (
     RetryPolicy,
     publish,
 )
-from mergebot.io.lockfile import LockFileError
+from mergebot.io.lockfile import LockFileError, read_lock
 from tests.hubserver import Token
 from tests.hubserver.client import HubFixture
 
@@ -258,6 +258,38 @@ def test_bad_arguments(hub: HubFixture, out_dir: Path, tmp_path: Path) -> None:
     (out_dir / "mergebot.lock.json").unlink()
     with pytest.raises(LockFileError, match="mergebot.lock.json: missing"):
         publish(out_dir, repo_of(hub), endpoint=hub.url)
+
+
+@pytest.mark.parametrize(("lock", "reason"), [
+    (b"\xff\xfe{}", "not UTF-8"),
+    (b'{"config_sha256": "x", "merge_method": "linear", "parents": [{"ref": 5}]}', "'ref'"),
+    (b'{"config_sha256": "x", "merge_method": "linear", "parents": [{"ref": ""}]}', "'ref'"),
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+    (None, "not a regular file"),  # a directory
+    ("fifo", "not a regular file"),  # reading it would block forever
+], ids=["latin-1", "int ref", "empty ref", "deep", "directory", "fifo"])
+def test_a_broken_lock_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], lock: bytes | str | None,
+                                   reason: str) -> None:
+    """`mergebot publish DIR` reads DIR's lock first: a lock that is not UTF-8, holds a parent whose ref is not
+    a string, is a directory or a FIFO was a traceback (or a hang), not one line naming the file."""
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    path = out / "mergebot.lock.json"
+    if lock is None:
+        path.mkdir()
+    elif lock == "fifo":
+        os.mkfifo(path)
+    else:
+        assert isinstance(lock, bytes)
+        path.write_bytes(lock)
+    assert cli("publish", str(out), "--repo", "org/x", "--check", "off") == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out}") and "mergebot.lock.json" in err and reason in err, err[-2000:]
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    with pytest.raises(LockFileError, match=reason):  # the card and the gate read it too
+        read_lock(out)
 
 
 # ------------------------------------------------------------------------------------------------ parents + CLI
