@@ -60,6 +60,7 @@ def kind_of(e: BaseException) -> Kind:
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -67,7 +68,7 @@ def kind_of(e: BaseException) -> Kind:
 
     if isinstance(e, GatedRepoError):  # a RepositoryNotFoundError too: asked first
         return "gated"
-    if isinstance(e, RepositoryNotFoundError):
+    if isinstance(e, (RepositoryNotFoundError, HFValidationError)):  # an id the Hub cannot hold names no repo
         return "repo"
     if isinstance(e, RevisionNotFoundError):
         return "revision"

@@ -54,6 +54,20 @@ def test_missing_hub_model_is_a_clear_error(hub, family, tmp_path):
                          "  - model: no-such-org/nothing\n    parameters: {weight: 1}\nmerge_method: linear\n")
 
 
+@pytest.mark.parametrize("ref", ["org/my model", "org/-bad-", "org/" + "x" * 200])
+def test_a_reference_the_hub_cannot_name_is_one_line(hub, family, tmp_path, capsys, ref):
+    """A typo that is neither a directory nor a valid repo id (a space, a leading '-', too long) was a
+    HFValidationError traceback from the Hub client, for the dry run, the merge and the card alike."""
+    _, a, _, _ = family
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"models:\n  - model: {a}\n  - model: {ref}\nmerge_method: linear\nparameters: {{weight: 0.5}}\n")
+    for dry in (["--dry-run"], []):
+        assert main(["merge", str(cfg), str(tmp_path / "out"), *dry]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {ref}: ") and "no such model on the Hub" in err, err[-2000:]
+        assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
 def test_bin_checkpoint_is_read_with_weights_only(family, tmp_path):
     base, a, _, _ = family
     binary = tmp_path / "bin_model"
