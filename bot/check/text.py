@@ -4,12 +4,12 @@ The built-in text (data/eval.txt, data/chat.json) was written for mergebot: pros
 programs and a chat exchange. The chat exchange is rendered with the merge's own chat template when it has one,
 so an instruct merge is measured on the format it will be used with; every model of a check (merge and
 parents) is scored on the same rendered string, so their numbers compare. Templates are strangers' Jinja:
-they run in jinja2's immutable sandbox, and a template that fails falls back to a plain rendering.
+they run in jinja2's immutable sandbox, in a child process with a deadline and a memory cap (`chat_render`), and
+a template that fails falls back to a plain rendering.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 from collections import Counter
@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from mergebot.check import chat_render
 from mergebot.errors import ModelError
 from mergebot.io import confine
 from mergebot.tokenizer.chat_templates import read_template
@@ -83,48 +84,11 @@ def render_chat(directory: Path, messages: list[dict[str, str]]) -> tuple[str, s
         return plain, "plain (the model has no chat template)"
     tok_cfg = confine.json_object(directory, "tokenizer_config.json", f"model {directory.name}") or {}
     try:
-        text = _sandboxed(template).render(messages=messages, add_generation_prompt=False,
-                                           bos_token=_token_text(tok_cfg.get("bos_token")),
-                                           eos_token=_token_text(tok_cfg.get("eos_token")))
-    except Exception as e:  # noqa: BLE001 - a stranger's template may fail any way; the check goes on
-        return plain, f"plain (the chat template failed: {type(e).__name__})"
+        text = chat_render.render(template, messages, _token_text(tok_cfg.get("bos_token")),
+                                  _token_text(tok_cfg.get("eos_token")))
+    except chat_render.RenderError as e:  # a stranger's template may fail any way; the check goes on
+        return plain, f"plain (the chat template failed: {e.reason})"
     return text, "the model's chat template"
-
-
-def _sandboxed(template: str):
-    """The template compiled as transformers compiles chat templates (trim/lstrip blocks, loop controls,
-    tojson without HTML escaping, {% generation %} blocks), in jinja2's immutable sandbox."""
-    import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        """`{% generation %}...{% endgeneration %}` (training-mask markers): rendered as their body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    def raise_exception(message: str):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    # a fixed date: the rendered text (and so the perplexity) must not change from one day to the next
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime(2025, 1, 1).strftime(fmt)
-    return env.from_string(template)
 
 
 def load_eval_text(eval_file: Path | None, merge_dir: Path) -> EvalText:

@@ -319,6 +319,27 @@ def test_chat_rendered_with_the_models_template_in_a_sandbox(tmp_path):
     assert text.chat.startswith("plain (the chat template failed")
 
 
+@pytest.mark.parametrize("template,reason", [
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}x", "did not finish in 2 s"),
+    ('{{ "x" * 100000 * 100000 }}', "ran out of memory"),
+    ('{% for i in range(100000) %}{{ "abcdefghij" * 20 }}{% endfor %}', "more than 1,048,576"),
+])
+def test_a_chat_template_that_would_hang_or_exhaust_memory_falls_back_in_bounded_time(tmp_path, monkeypatch,
+                                                                                      template, reason):
+    """A parent's template runs in a child with a deadline, a memory cap and an output cap: the gate goes on."""
+    from mergebot.check import chat_render
+    monkeypatch.setattr(chat_render, "RENDER_SECONDS", 2.0)
+    d = tmp_path / "m"
+    d.mkdir()
+    write_tokenizer(d, 64)
+    (d / "chat_template.jinja").write_text(template)
+    t0 = time.monotonic()
+    text = load_eval_text(None, d)
+    assert time.monotonic() - t0 < 15
+    assert dict(text.sections)["chat"].startswith("User: I have a small balcony")
+    assert text.chat.startswith("plain (the chat template failed: ") and reason in text.chat, text.chat
+
+
 def test_degenerate_generations():
     assert degenerate([], "") == "empty continuation"
     assert degenerate([5, 6], "  \n") == "empty continuation"
