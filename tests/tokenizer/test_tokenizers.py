@@ -360,7 +360,34 @@ def test_chat_template_literal_without_tokenizer_section(tmp_path):
     out = tmp_path / "out"
     assert _chat(out) == "[user] hi|"
     assert (out / "chat_template.jinja").read_text() == literal
-    assert (out / "generation_config.json").exists()  # the copy path keeps the donor's files (§5.6)
+    assert (out / "generation_config.json").exists()  # kept, unlike mergekit, which re-saves the tokenizer without it
+
+
+# README "Where mergebot deliberately differs": the built-in names are mergebot's own templates, not mergekit's
+# .jinja files (which put a newline after each llama3 turn, indent exaone, and so on)
+BUILTIN_PROMPTS = {
+    "llama3": "<s><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>"
+              "\n\nyo<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nagain<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "mistral": "<s>[INST] hi [/INST] yo</s>[INST] again [/INST]",
+    "exaone": "[|system|][|endofturn|]\n[|user|]hi\n[|assistant|]yo[|endofturn|]\n[|user|]again\n[|assistant|]",
+    "alpaca": "<s>### Instruction:\nhi\n\n### Response:\nyo</s>\n\n### Instruction:\nagain\n\n### Response:\n",
+    "chatml": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nyo<|im_end|>\n<|im_start|>user\nagain<|im_end|>\n"
+              "<|im_start|>assistant\n",
+}
+
+
+def test_chat_template_builtins_render_mergebots_prompts(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from mergebot.tinymodels import make_family
+
+    base, ft = make_family(tmp_path / "fam", 2, seed=4, layers=2)
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "again"}]
+    for name, want in BUILTIN_PROMPTS.items():
+        merge(tmp_path, f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 1}}\n"
+                        f"  - model: {ft}\n    parameters: {{weight: 1}}\nchat_template: {name}\n", name=name)
+        tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / name))
+        assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == want, name
 
 
 def test_chat_template_auto_picks_the_most_common(abc, tmp_path):
