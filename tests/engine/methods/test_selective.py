@@ -255,11 +255,16 @@ def test_arcee_sample_indices_are_the_hash_draws_sorted():
     """The CPU's numpy draw is the 63-bit hash index of the definition (hash_u32 of j and of j + 2⁴⁰), sorted."""
     from mergebot.engine import rng
     from mergebot.engine.methods import arcee_fusion
-    j = torch.arange(5000, dtype=torch.int64)
-    for n, key in ((1_000_003, 7), ((1 << 40) + 17, 0xFFFFFFFF), (3, 0)):
-        hi, lo = rng.hash_u32(j, key), rng.hash_u32(j + (1 << 40), key)
-        want = torch.sort(((hi << 31) | (lo >> 1)) % n).values
-        assert torch.equal(arcee_fusion.sample_indices(n, 5000, key, torch.device("cpu")), want), (n, key)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # 600,000 draws: two ranges hashed side by side
+    try:
+        for n, key, count in ((1_000_003, 7, 600_000), ((1 << 40) + 17, 0xFFFFFFFF, 5000), (3, 0, 5000)):
+            j = torch.arange(count, dtype=torch.int64)
+            hi, lo = rng.hash_u32(j, key), rng.hash_u32(j + (1 << 40), key)
+            want = torch.sort(((hi << 31) | (lo >> 1)) % n).values
+            assert torch.equal(arcee_fusion.sample_indices(n, count, key, torch.device("cpu")), want), (n, key)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 12, 1001, 200_003])
