@@ -21,10 +21,12 @@ import torch
 from mergebot.engine.exact import BLOCK, Sums, partials, partials_of_rows
 from mergebot.engine.fuse import scratch
 
-# Elements per slice when accumulating a Gram matrix: its few buffers stay in cache between their passes.
-# Three 16M-element bf16 tensors (two task vectors), best of 4 on this 2-core VM: 47-54 ms per Gram matrix
-# with 256K, 60-76 ms with 1M, ~160 ms with 64K (per-operation overhead); 122 ms before (1M, term by term).
-GRAM_BLOCK = 1 << 18
+# Elements per slice when accumulating a Gram matrix: few enough slices that the ~20 small per-slice operations
+# (block exponents, scales) stay cheap, small enough that the buffers stay near the cache. Three 16M-element bf16
+# tensors (two task vectors), best of 7 on this 2-core VM (Sapphire Rapids): 62-71 ms per Gram matrix with 512K,
+# 70-82 ms with 256K, 70-76 with 1M, 100-119 with 2M-4M, 119-142 with 64K; whole 0.86B merges, alternated:
+# slerp 8.3-10.6 s against 9.4-10.9, model_stock 10.2-11.2 against 11.4-11.8 (the same bytes).
+GRAM_BLOCK = 1 << 19
 CUDA_GRAM_BLOCK = 1 << 24  # on a GPU: few kernel launches and host syncs per chunk (the sums are the same)
 
 
