@@ -21,6 +21,7 @@ from mergebot.hub.digests import record_digests
 from mergebot.hub.parents import ParentInfo, parent_from_hub, parent_from_local
 from mergebot.hub.publish import LicenseGateError, PublishResult, publish
 from mergebot.hub.stream import StreamStats, open_session
+from mergebot.io.output import finishing
 
 
 @dataclass
@@ -129,13 +130,15 @@ def run(cfg: Config, out_dir: Path, options: MergeOptions, *, push_to: str | Non
         if session is not None:
             session.close()
     # the digests of what the merge read from each Hub parent: scheduled runs compare content, not commits
-    record_digests(out_dir, endpoint=endpoint, token=token, template=template)
+    with finishing(out_dir):
+        record_digests(out_dir, endpoint=endpoint, token=token, template=template)
     repo_id = push_to or cfg.hub_repo
     parents, report = license_check(result, repo_id, endpoint=endpoint, token=token, license_id=license_id)
     published = None
     if push_to and report.verdict == "block" and not allow_license_risk:
         # before the quality check: a merge that cannot be published is not worth a perplexity run
-        write_output_card(result, parents, report, repo_id, template)
+        with finishing(out_dir):
+            write_output_card(result, parents, report, repo_id, template)
         raise LicenseGateError(f"license check blocks publishing {out_dir} to {push_to}: "
                                + "; ".join(report.reasons) + " (pass --allow-license-risk after a human review)")
     outcome = None
@@ -143,7 +146,8 @@ def run(cfg: Config, out_dir: Path, options: MergeOptions, *, push_to: str | Non
         if session is not None and check.mode != "off":
             check = replace(check, mode="streamed")
         outcome = run_gate(out_dir, lambda: check_parents(result), check)
-    write_output_card(result, parents, report, repo_id, template)
+    with finishing(out_dir):
+        write_output_card(result, parents, report, repo_id, template)
     if outcome is not None:
         raise_if_rejected(outcome, push_to)
     if push_to:

@@ -89,6 +89,20 @@ def staged_output(out_dir: Path, force: bool, reads: Iterable[Path] = ()) -> Ite
     _fsync_dir(out_dir.parent)
 
 
+@contextmanager
+def finishing(out_dir: Path) -> Iterator[None]:
+    """Files written into OUT_DIR once it is in place (the lock's digests, the card): a full disk there would
+    leave a model without its card or NOTICE that looks finished, so OUT_DIR is removed and the error is one
+    line, as when the disk fills during the merge."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise _write_error(out_dir, e) from None
+
+
 def _fsync_dir(d: Path) -> None:
     try:
         fd = os.open(d, os.O_RDONLY)

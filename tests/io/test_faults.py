@@ -135,6 +135,25 @@ def test_full_disk_is_one_line_before_any_data_and_leaves_nothing(tmp_path, smal
     assert list(small_disk.iterdir()) == []  # no staging directory filling the disk
 
 
+@pytest.mark.parametrize("spare_pages", [0, 1])
+def test_full_disk_after_the_merge_is_one_line_and_leaves_nothing(tmp_path, spare_pages):
+    """The merge fits, but the lock's digests or the card (written once OUT_DIR is in place) do not: that was a
+    traceback leaving an OUT_DIR with an empty NOTICE or a stray lock temp file, a model that looks finished."""
+    a, b = make_family(tmp_path / "fam", 2, seed=3, hidden=64, inter=128, vocab=512)
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(_linear(a, b))
+    assert run_cli("merge", str(cfg), str(tmp_path / "ref"), "--quiet").returncode == 0
+    pages = sum(-(-p.stat().st_size // 4096) for p in (tmp_path / "ref").iterdir() if p.name not in ("README.md", "NOTICE"))
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, f"{(pages + spare_pages) * 4}k")  # room for the merge, not for the lock rewrite / the card
+    try:
+        line = _one_line_error(run_cli("merge", str(cfg), str(disk / "out"), "--quiet"))
+        assert "cannot write the output" in line and "No space left" in line, line
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
     mnt = tmp_path / "ro"
