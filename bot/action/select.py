@@ -215,8 +215,10 @@ def discover(workspace: Path, patterns: list[str]) -> tuple[list[str], list[Conf
     return sorted(found), missing, notes
 
 
-# shell and expression metacharacters ($ ` ' " ; | & < > ( ) { } * ? ! \ #) never reach the outputs
-UNSAFE_NAME = re.compile(r"[^\w./+@=, -]")
+# shell and expression metacharacters ($ ` ' " ; | & < > ( ) { } * ? ! \ #) never reach the outputs; nor blanks,
+# commas or a leading `-`, which the `configs` input splits on or strips: `mergebot plan`'s matrix hands each
+# config back through that input, where `merges/q,merges/b.yml` would name another config
+UNSAFE_NAME = re.compile(r"[^\w./+@=-]|^-")
 
 
 def check_file(workspace: Path, path: str) -> str | None:
@@ -231,8 +233,8 @@ def check_file(workspace: Path, path: str) -> str | None:
         return (f"{shown}: refusing this file name: it holds control characters or bytes that are not UTF-8; "
                 "rename the file")
     if UNSAFE_NAME.search(path):
-        return (f"{shown}: refusing this file name: use letters, digits and . _ - + @ = , / only (names reach "
-                "the `results` output, which workflows may paste into shell scripts)")
+        return (f"{shown}: refusing this file name: use letters, digits and . _ - + @ = / only (names reach "
+                "the `results` output, which workflows may paste into shell scripts, and the `configs` input)")
     if Path(path).is_absolute() or ".." in Path(path).parts:
         return f"{shown}: refusing it: configs are read only from inside the workspace"
     root = workspace.resolve()

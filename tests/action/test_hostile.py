@@ -360,3 +360,20 @@ def test_config_names_with_shell_metacharacters_are_refused(tmp_path):
         assert "refusing this file name" in check_file(tmp_path, f"merges/{name}"), name
     (tmp_path / "merges" / "ok_name-1.0+v2.yml").write_text("merge_method: linear\n")
     assert check_file(tmp_path, "merges/ok_name-1.0+v2.yml") is None
+
+
+@pytest.mark.parametrize("name", ["merges/my model.yml", "merges/q,merges/b.yml", "merges/tab\u3000x.yml"])
+def test_a_config_the_configs_input_cannot_name_is_refused(tmp_path, name):
+    """examples/workflows/matrix-gpu.yml hands each planned `config` back as the `configs` input, which splits on
+    commas and blanks: `merges/my model.yml` was planned, then its job found no such file, and
+    `merges/q,merges/b.yml` ran merges/b.yml (another repo's config, outside its concurrency group)."""
+    from mergebot.action.inputs import split_patterns
+    from mergebot.action.select import check_file, discover
+
+    for path in (name, "merges/b.yml"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("merge_method: linear\n")
+    assert discover(tmp_path, split_patterns("merges/b.yml"))[0] == ["merges/b.yml"]
+    refused = check_file(tmp_path, name)
+    assert refused is not None and "refusing this file name" in refused, (refused, discover(tmp_path, split_patterns(name)))
+    assert "\n" not in refused
