@@ -419,10 +419,19 @@ def _check_metadata(text: str, where: Path) -> None:
 
 
 def write_card(out_dir: Path, ctx: CardContext, template_path: Path | None = None) -> Path:
-    """Write README.md (and the NOTICE file the license section links to) into the output directory."""
+    """Write README.md (and the NOTICE file the license section links to) into the output directory. Both are
+    written beside their targets first and renamed over them only once both are whole: a full disk (OSError)
+    leaves the previous card and NOTICE as they were, never a truncated one (`mergebot publish` rewrites the
+    card of an output that already holds a merge)."""
     out_dir = Path(out_dir)
-    text = render_card(ctx, template_path)
-    readme = out_dir / "README.md"
-    readme.write_text(text, encoding="utf-8")
-    (out_dir / "NOTICE").write_text(render_notice(ctx.license, model_name=ctx.name), encoding="utf-8")
-    return readme
+    texts = {"README.md": render_card(ctx, template_path), "NOTICE": render_notice(ctx.license, model_name=ctx.name)}
+    temps = {name: out_dir / f".{name}.mergebot-tmp" for name in texts}
+    try:
+        for name, text in texts.items():
+            temps[name].write_text(text, encoding="utf-8")
+        for name, tmp in temps.items():
+            os.replace(tmp, out_dir / name)
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    return out_dir / "README.md"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -39,6 +40,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def matrix_name(path: str) -> str:
+    """An invalid config's name as the matrix job's `configs` input can carry it. That input splits on blanks and
+    commas and strips a leading `-`: `merges/q,merges/b.yml` would run merges/b.yml in that job (another config,
+    outside its concurrency group). Such a name becomes one starting with `#`, which names no config (file
+    names with `#` are refused), so the job fails on it with the plan's reason beside it."""
+    if not re.search(r"[\s,]|^-", path):
+        return path
+    return "#refused:" + re.sub(r"[\s,]+", "_", path).lstrip("-")
+
+
 def plan_items(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """The configs to merge as {config, repo, reason}, and the selection's notes."""
     inputs, event = inputs_and_event(args)
@@ -49,7 +60,7 @@ def plan_items(args: argparse.Namespace) -> tuple[list[dict], list[str]]:
     for entry in selection.entries:
         d = decide(entry, selection, checker)
         if d.error is not None:
-            items.append({"config": entry.path, "repo": entry.repo, "reason": f"invalid: {d.error}"})
+            items.append({"config": matrix_name(entry.path), "repo": entry.repo, "reason": f"invalid: {d.error}"})
         elif d.run:
             why = entry.reason if not d.staleness else f"{entry.reason}; parents changed: {d.note}"
             items.append({"config": entry.path, "repo": entry.repo, "reason": why})

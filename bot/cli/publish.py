@@ -13,6 +13,7 @@ from mergebot.card.render import card_context_from_output, write_card
 from mergebot.cli._output import warn
 from mergebot.cli.check import add_gate_arguments, gate_options
 from mergebot.cli.merge import TOKEN_FLAG_WARNING
+from mergebot.errors import OutputError
 from mergebot.hub.client import resolve_endpoint, resolve_token
 from mergebot.hub.parents import parents_from_lock
 from mergebot.hub.publish import LicenseGateError, publish
@@ -84,10 +85,14 @@ def run(args: argparse.Namespace) -> int:
 
     gate = gate_options(args, True, args.device)
     assert gate is not None  # publishing: only --check off turns the check off
-    outcome = run_gate(out_dir, lambda: lock_check_parents(lock, args.models_dir, token or None), gate)
-    print(safe_line(outcome.line()), file=sys.stderr)
-    ctx = card_context_from_output(out_dir, parents, report, repo_id)  # after the gate: the card shows it
-    write_card(out_dir, ctx, args.card_template)
+    try:  # the gate's record in the lock, then the card: both renamed over complete files only
+        outcome = run_gate(out_dir, lambda: lock_check_parents(lock, args.models_dir, token or None), gate)
+        print(safe_line(outcome.line()), file=sys.stderr)
+        ctx = card_context_from_output(out_dir, parents, report, repo_id)  # after the gate: the card shows it
+        write_card(out_dir, ctx, args.card_template)
+    except OSError as e:  # a full disk: the previous lock and card stay whole
+        raise OutputError(f"{out_dir}: cannot write the lock or the model card: {e.strerror or e}; nothing was "
+                          "published") from None
     raise_if_rejected(outcome, repo_id)
 
     result = publish(out_dir, repo_id, token=token, private=args.private, create_pr=args.create_pr,

@@ -99,10 +99,14 @@ class Lock:
 
 
 def write_lock(directory: Path, lock: dict[str, Any]) -> None:
-    """The lock file of an output directory, replaced atomically."""
+    """The lock file of an output directory, replaced atomically (a failed write leaves the old lock and no
+    temporary file)."""
     tmp = directory / f".{LOCK_FILE}.tmp"
-    tmp.write_text(json.dumps(lock, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / LOCK_FILE)
+    try:
+        tmp.write_text(json.dumps(lock, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, directory / LOCK_FILE)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_lock(out_dir: Path) -> dict[str, Any]:

@@ -377,3 +377,21 @@ def test_a_config_the_configs_input_cannot_name_is_refused(tmp_path, name):
     refused = check_file(tmp_path, name)
     assert refused is not None and "refusing this file name" in refused, (refused, discover(tmp_path, split_patterns(name)))
     assert "\n" not in refused
+
+
+@pytest.mark.parametrize("name", ["merges/q,merges/b.yml", "merges/my model.yml", "-merges/b.yml", "merges/a\nmerges/b.yml"])
+def test_plan_hands_the_matrix_no_name_that_splits_into_another_config(tmp_path, name):
+    """`mergebot plan` lists an invalid config so its matrix job fails visibly; a name the `configs` input would
+    split is handed over as a `#` name that matches nothing, never as pieces that name merges/b.yml."""
+    from mergebot.action.inputs import split_patterns
+    from mergebot.action.select import check_file, discover
+    from mergebot.cli.plan import matrix_name
+
+    (tmp_path / "merges").mkdir()
+    (tmp_path / "merges" / "b.yml").write_text("merge_method: linear\n")
+    assert discover(tmp_path, split_patterns(name))[0] == ["merges/b.yml"] or name.startswith("merges/my")
+    handed = matrix_name(name)
+    assert split_patterns(handed) == [handed] and handed.startswith("#refused:")
+    found, missing, _ = discover(tmp_path, split_patterns(handed))
+    assert found == [] and len(missing) == 1 and missing[0].error
+    assert matrix_name("merges/b.yml") == "merges/b.yml" and check_file(tmp_path, "merges/b.yml") is None

@@ -154,6 +154,31 @@ def test_full_disk_after_the_merge_is_one_line_and_leaves_nothing(tmp_path, spar
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+def test_publish_on_a_full_disk_keeps_the_previous_card_and_publishes_nothing(tmp_path):
+    """`mergebot publish` rewrites the card of an output that holds a merge: on a full disk that was a traceback
+    leaving a truncated README; now one line, the card and NOTICE as they were, nothing sent."""
+    a, b = make_family(tmp_path / "fam", 2, seed=3, hidden=64, inter=128, vocab=512)
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(_linear(a, b))
+    assert run_cli("merge", str(cfg), str(tmp_path / "ref"), "--quiet").returncode == 0
+    pages = sum(-(-p.stat().st_size // 4096) for p in (tmp_path / "ref").iterdir())
+    disk = tmp_path / "disk"
+    _mount_tmpfs(disk, f"{pages * 4}k")  # the output fits exactly, a new card does not
+    try:
+        shutil.copytree(tmp_path / "ref", disk / "out")
+        before = {p.name: p.read_bytes() for p in (disk / "out").iterdir()}
+        env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_test_not_used"}
+        res = run_cli("publish", str(disk / "out"), "--repo", "org/renamed-merge", "--check", "off",
+                      "--allow-license-risk", env=env)
+        errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]  # after the license warnings
+        assert res.returncode == 1 and len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        line = errors[0]
+        assert "cannot write the lock or the model card" in line and "No space left" in line and "nothing was published" in line
+        assert {p.name: p.read_bytes() for p in (disk / "out").iterdir()} == before
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 @pytest.fixture
 def read_only_dir(tmp_path):
     mnt = tmp_path / "ro"
