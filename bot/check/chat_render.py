@@ -3,9 +3,10 @@
 A parent on the Hub (or a config's `chat_template:`) supplies Jinja that the quality gate renders before every
 publish. jinja2's sandbox stops it from reaching Python objects, but not from running 10¹⁰ loop iterations
 (`range` is capped at 100,000 items, nesting is not) or building a 10 GB string (`"x" * 10**5 * 10**5`): either
-would stall or kill the job in-process. Here it runs in `python -I` on this file, which imports only jinja2 (no
-mergebot, no torch, ~60 ms to start) and gets a minimal environment (no token); the parent kills it at the
-deadline, and the child caps its own address space, CPU time and rendered length.
+would stall or kill the job in-process. Here it runs in `python -E -P` on this file (no PYTHON* variables, no
+script directory on the path; a `pip install --user` jinja2 still found), which imports only jinja2 (no mergebot,
+no torch, ~60 ms to start) and gets a minimal environment (no token); the parent kills it at the deadline, and the
+child caps its own address space, CPU time and rendered length.
 
 The protocol: one JSON object on stdin ({template, messages, bos_token, eos_token}), one on stdout: {"text": ...}
 or {"error": "<exception type>"}.
@@ -39,7 +40,7 @@ def render(template: str, messages: list[dict[str, str]], bos_token: str, eos_to
                           "eos_token": eos_token})
     env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "SYSTEMROOT") if k in os.environ}
     try:
-        done = subprocess.run([sys.executable, "-I", os.path.abspath(__file__)], input=payload.encode(),
+        done = subprocess.run([sys.executable, "-E", "-P", os.path.abspath(__file__)], input=payload.encode(),
                               capture_output=True, timeout=RENDER_SECONDS, env=env, check=False)
     except subprocess.TimeoutExpired:
         raise RenderError(f"did not finish in {RENDER_SECONDS:g} s") from None
