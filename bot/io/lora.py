@@ -71,12 +71,30 @@ def adapter_tensors(adapter: ResolvedModel) -> ModelWeights:
     return w
 
 
-def _pattern(patterns: dict | None, module: str) -> Any:
+def _pattern(patterns: dict | None, module: str, where: str, key: str) -> Any:
     """PEFT's `get_pattern_key`: the first key k with `(.*\\.)?k$` matching the module name."""
     for k, v in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({k})$", module):
+        try:
+            hit = re.match(rf"(.*\.)?({k})$", module)
+        except re.error as e:
+            raise ModelError(f"{where}: adapter_config.json {key} key {k!r} is not a valid pattern: {e}") from None
+        if hit:
             return v
     return None
+
+
+def _rank(value: Any, where: str, key: str) -> int:
+    """A LoRA rank: a positive integer (a zero or negative r would divide by zero or take a root of it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise ModelError(f"{where}: adapter_config.json {key} must be a positive integer, not {value!r}")
+    return int(value)
+
+
+def _alpha(value: Any, where: str, key: str) -> float:
+    """A LoRA alpha: a finite number (NaN or inf would fold into every adapted tensor silently)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ModelError(f"{where}: adapter_config.json {key} must be a finite number, not {value!r}")
+    return float(value)
 
 
 class LoraWeights:
@@ -148,8 +166,11 @@ class LoraWeights:
                           ("alora_invocation_tokens", "activated LoRA"), ("use_qalora", "QALoRA")):
             if cfg.get(key):
                 raise ModelError(f"{where}: {what} ({key} in adapter_config.json) is not supported yet")
-        r0 = cfg.get("r", 8)
-        alpha0 = cfg.get("lora_alpha", 8)
+        r0 = _rank(cfg.get("r", 8), where, "r")
+        alpha0 = _alpha(cfg.get("lora_alpha", 8), where, "lora_alpha")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if cfg.get(key) is not None and not isinstance(cfg[key], dict):
+                raise ModelError(f"{where}: adapter_config.json {key} must be an object, not {type(cfg[key]).__name__}")
         rslora = bool(cfg.get("use_rslora", False))
         fifo = bool(cfg.get("fan_in_fan_out", False))
         conv1d_model = model_config.get("model_type") in CONV1D_MODEL_TYPES
@@ -171,8 +192,10 @@ class LoraWeights:
             self.folds.setdefault(self._known(rel), []).insert(0, _Fold("replace", a=key))
 
         for module, parts in lora_parts.items():
-            r = _pattern(cfg.get("rank_pattern"), module) or r0
-            alpha = _pattern(cfg.get("alpha_pattern"), module) or alpha0
+            r = _pattern(cfg.get("rank_pattern"), module, where, "rank_pattern")
+            r = r0 if r is None else _rank(r, where, f"rank_pattern.{module}")
+            alpha = _pattern(cfg.get("alpha_pattern"), module, where, "alpha_pattern")
+            alpha = alpha0 if alpha is None else _alpha(alpha, where, f"alpha_pattern.{module}")
             scale = alpha / math.sqrt(r) if rslora else alpha / r
             emb = "lora_embedding_A.weight" in parts or "lora_embedding_B.weight" in parts
             ka, kb = ("lora_embedding_A.weight", "lora_embedding_B.weight") if emb else ("lora_A.weight", "lora_B.weight")

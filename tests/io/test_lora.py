@@ -281,3 +281,37 @@ def test_matches_peft_merge_and_unload_gpt2_conv1d(tmp_path, monkeypatch):
     assert "h.0.attn.c_attn.weight" in out
     for k, v in out.items():
         assert torch.allclose(v, merged["transformer." + k], atol=1e-6, rtol=0), k
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"r": 0}, r"adapter_config.json r must be a positive integer, not 0"),
+    ({"r": -4, "use_rslora": True}, r"adapter_config.json r must be a positive integer, not -4"),
+    ({"r": "4"}, r"adapter_config.json r must be a positive integer, not '4'"),
+    ({"lora_alpha": float("nan")}, r"adapter_config.json lora_alpha must be a finite number, not nan"),
+    ({"lora_alpha": float("inf")}, r"adapter_config.json lora_alpha must be a finite number, not inf"),
+    ({"lora_alpha": "8"}, r"adapter_config.json lora_alpha must be a finite number, not '8'"),
+    ({"rank_pattern": ["v_proj"]}, r"adapter_config.json rank_pattern must be an object, not list"),
+    ({"rank_pattern": {"(": 2}}, r"adapter_config.json rank_pattern key '\(' is not a valid pattern"),
+    ({"alpha_pattern": {"v_proj": float("nan")}},
+     r"adapter_config.json alpha_pattern.model.layers.0.self_attn.v_proj must be a finite number, not nan"),
+])
+def test_hostile_rank_and_alpha_are_one_line_errors(family, tmp_path, config, message):
+    """r 0 / negative / a string used to raise ZeroDivisionError, ValueError or TypeError (a traceback), and a NaN
+    or inf lora_alpha was folded into every adapted tensor: a merge of NaNs that succeeded."""
+    base = family[0]
+    ad = write_adapter(tmp_path / "ad", lora_tensors(base), **config)
+    with pytest.raises(ModelError, match=rf"LoRA {ad} .*{message}"):
+        _run(tmp_path, _one(f"{base}+{ad}"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_zero_alpha_in_alpha_pattern_is_kept(family, tmp_path):
+    """PEFT takes a pattern's value as is: alpha 0 for v_proj leaves v_proj unchanged (it was replaced by lora_alpha)."""
+    base = family[0]
+    ad = write_adapter(tmp_path / "ad", lora_tensors(base), alpha_pattern={"v_proj": 0})
+    _run(tmp_path, _one(f"{base}+{ad}"))
+    out, w = f64(tmp_path / "out"), f64(base)
+    for i in range(4):
+        assert torch.equal(out[f"model.layers.{i}.self_attn.v_proj.weight"], w[f"model.layers.{i}.self_attn.v_proj.weight"])
+        assert not torch.equal(out[f"model.layers.{i}.self_attn.q_proj.weight"],
+                               w[f"model.layers.{i}.self_attn.q_proj.weight"])
