@@ -96,6 +96,20 @@ def _from_json(data: dict, label: str):
         raise ModelError(f"{label}: tokenizer.json cannot be read by the tokenizers library: {e}") from None
 
 
+def check_added_ids(tok: Any, data: dict, label: str) -> None:
+    """Refuse a tokenizer.json whose `added_tokens` ids are not the ids the tokenizers library gives them.
+
+    The library ignores those ids and numbers added tokens after `model.vocab` (whose size counts distinct ids), so
+    a vocab with duplicate ids or gaps moves them: the rows of the model would then be aligned to other tokens."""
+    for a in data.get("added_tokens") or []:
+        if not isinstance(a, dict) or not isinstance(a.get("content"), str):
+            continue
+        got = tok.token_to_id(a["content"])
+        if got is not None and a.get("id") != got:
+            raise ModelError(f"{label}: tokenizer.json added_tokens: {a['content']!r} has id {a.get('id')!r}, but the "
+                             f"tokenizers library reads it as id {got} (duplicate ids or gaps in model.vocab?)")
+
+
 def strip_tokenizer_json(data: dict, limit: int) -> tuple[dict, int]:
     """Remove tokens with id >= limit (§4.1 step 1), their BPE merges too. Returns (data, removed count).
 
@@ -196,6 +210,7 @@ def build_output_vocab(cfg: MergeConfig, resolved: dict[str, ResolvedModel], *, 
         raise ModelError(f"{base_key}: the tokenizer path (tokenizer_source / tokenizer:) needs the base model's "
                          f"tokenizer.json, and {rb.directory} has none (mergebot reads tokenizers without "
                          "transformers; save the tokenizer as a fast tokenizer to get one)")
+    check_added_ids(_from_json(data, base_key), data, base_key)  # also: malformed before it is stripped
     base_limit = arch.vocab_size(rb.config)
     if base_limit is not None:
         data, n = strip_tokenizer_json(data, base_limit)
@@ -217,10 +232,13 @@ def build_output_vocab(cfg: MergeConfig, resolved: dict[str, ResolvedModel], *, 
             mv = _model_vocab(key, base_tok, r.config, from_base=True)
         else:
             try:
-                mv = _model_vocab(key, _from_json(d, key), r.config)
+                tok = _from_json(d, key)
             except ModelError as e:
                 warnings.append(f"{e}; assuming it has the base model's vocabulary ({base_key})")
                 mv = _model_vocab(key, base_tok, r.config, from_base=True)
+            else:
+                check_added_ids(tok, d, key)
+                mv = _model_vocab(key, tok, r.config)
         models[key] = mv
 
     # §4.1 step 3
@@ -244,6 +262,7 @@ def build_output_vocab(cfg: MergeConfig, resolved: dict[str, ResolvedModel], *, 
         if md is None:
             raise ModelError(f"{cfg.file}: tokenizer source {model_text!r} has no tokenizer.json in {mdir}")
         out = _from_json(md, model_text)
+        check_added_ids(out, md, model_text)
         donor_dir = mdir
 
     # §4.1 step 4: tokens named under tokenizer.tokens that the vocabulary lacks

@@ -398,3 +398,39 @@ def test_chat_template_auto_picks_the_most_common(abc, tmp_path):
             "tokenizer_source: union\nchat_template: auto\n")
     merge(tmp_path, text)
     assert _chat(tmp_path / "out") == "X user: hi\n"
+
+
+# ------------------------------------------------------------------------------------------ hostile files
+
+def _edited(src: Path, dst: Path, edit) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    data = json.loads((dst / "tokenizer.json").read_text())
+    edit(data)
+    (dst / "tokenizer.json").write_text(json.dumps(data))
+    return dst
+
+
+def _pair(a: Path, b: Path) -> str:
+    return (f"merge_method: linear\nbase_model: {a}\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n"
+            f"  - model: {b}\n    parameters: {{weight: 0.5}}\ntokenizer_source: union\n")
+
+
+def test_base_tokenizer_with_a_string_id_is_a_one_line_error(abc, tmp_path):
+    """The base's tokenizer.json was stripped before the tokenizers library read it: a string id was a TypeError."""
+    bad = _edited(abc["A"], tmp_path / "A_bad", lambda d: d["model"]["vocab"].update({"zz": "5"}))
+    with pytest.raises(ModelError, match=rf"^{bad}: tokenizer.json cannot be read by the tokenizers library: "
+                                         r"invalid type: string \"5\", expected u32"):
+        merge(tmp_path, _pair(bad, abc["B"]))
+    assert not (tmp_path / "out").exists()
+
+
+def test_added_token_ids_the_library_moves_are_refused(abc, tmp_path):
+    """A duplicate id in B's model.vocab makes the tokenizers library number <|im_start|> 66, not the 65 of the file
+    (and of B's embedding rows): <|im_start|> took the row of <|im_end|>, and <|im_end|> was dropped, silently."""
+    bad = _edited(abc["B"], tmp_path / "B_dup", lambda d: d["model"]["vocab"].update({"dupe": 5}))
+    with pytest.raises(ModelError, match=rf"^{bad}: tokenizer.json added_tokens: '<\|im_start\|>' has id 65, but the "
+                                         r"tokenizers library reads it as id 66"):
+        merge(tmp_path, _pair(abc["A"], bad))
+    assert not (tmp_path / "out").exists()
