@@ -111,6 +111,8 @@ def tokenizer_keys(doc: YamlDoc, data: dict[str, Any], pending: list[str],
                 raise doc.error(("tokenizer", "tokens"), "expected a mapping of token strings to {source, force}")
             for name, spec in tokens.items():
                 p = ("tokenizer", "tokens", name)
+                if not isinstance(name, str) or not name:  # `~:` would add a token "None", `'':` nothing at all
+                    raise doc.error(p, f"expected a token string as the key, got {short(name)}")
                 if not isinstance(spec, dict):
                     raise doc.error(p, "expected {source: ..., force: bool}")
                 if "force" in spec and not isinstance(spec["force"], bool):

@@ -91,6 +91,10 @@ CASES: list[tuple[str, bytes | Callable[[], bytes], list[str], bool]] = [
      ["tokenizer.pad_to_multiple_of (line 8)", "positive integer"], True),
     ("pad_to_multiple_of 10^12", (LINEAR.format(a=1, b=1) + "tokenizer:\n  pad_to_multiple_of: 1000000000000\n")
      .encode(), ["tokenizer.pad_to_multiple_of (line 8)", "too large"], False),
+    ("tokenizer.tokens null key", (LINEAR.format(a=1, b=1) + "tokenizer:\n  tokens:\n    ~: {}\n").encode(),
+     ["tokenizer.tokens.None (line 9)", "expected a token string as the key, got None"], False),
+    ("tokenizer.tokens empty key", (LINEAR.format(a=1, b=1) + "tokenizer:\n  tokens:\n    '': {}\n").encode(),
+     ["tokenizer.tokens.'' (line 9)", "expected a token string as the key, got ''"], False),
     ("huge layer_range", b"merge_method: passthrough\nslices:\n  - sources:\n      - model: org/a\n"
      b"        layer_range: [0, 1000000000000000000000000000000]\n", ["layer_range[1] (line 5)", "too large"], True),
     ("layer_range beyond any model", b"merge_method: passthrough\nslices:\n  - sources:\n      - model: org/a\n"
