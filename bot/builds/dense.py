@@ -20,7 +20,7 @@ from mergebot.hub import fetch
 from mergebot.hub.fetch import resolve
 from mergebot.io.local import ResolvedModel
 from mergebot.io.lockfile import Lock, ParentPin, write_lock
-from mergebot.io.output import check_target, copy_parent_licenses, staged_output, write_json
+from mergebot.io.output import check_target, copy_parent_licenses, drop_remote_code, staged_output, write_json
 from mergebot.io.reader import TensorReader
 from mergebot.io.writer import ShardEntry
 from mergebot.tokenizer.files import write_tokenizer_files
@@ -126,6 +126,7 @@ def run_merge(cfg: MergeConfig, out_dir: Path, options: MergeOptions) -> MergeRe
         plan.warnings.extend(write_tokenizer_files(  # §4.5 / §5.6, then chat_template
             cfg, plan.vocab, plan.resolved[plan.donor].directory, [r.directory for r in plan.resolved.values()],
             work, copy_tokenizer=options.copy_tokenizer))
+        plan.warnings.extend(drop_remote_code(work))
         copy_parent_licenses({k: r.directory for k, r in plan.resolved.items()}, work)
         (work / "mergekit_config.yml").write_text(cfg.text, encoding="utf-8")
         lock = make_lock(cfg, plan, seed, device, options.rng).as_dict()

@@ -151,3 +151,25 @@ def copy_parent_licenses(parents: dict[str, Path], work: Path) -> list[str]:
 
 def write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def drop_remote_code(work: Path) -> list[str]:
+    """Remove `auto_map` from the output's config.json and tokenizer_config.json; returns warnings.
+
+    No parent's Python files are copied, so an inherited auto_map can only name code elsewhere: its
+    `repo--module.Class` form makes transformers download and run another Hub repo's code under
+    trust_remote_code, in a model published under the merger's name."""
+    warnings = []
+    for name in ("config.json", "tokenizer_config.json"):
+        f = work / name
+        if not f.is_file():
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except ValueError:
+            continue
+        if isinstance(data, dict) and "auto_map" in data:
+            del data["auto_map"]
+            write_json(f, data)
+            warnings.append(f"{name}: auto_map (remote code) dropped; merges never carry a parent's custom code")
+    return warnings

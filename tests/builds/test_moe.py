@@ -480,3 +480,14 @@ def test_dense_defaults_table_matches_transformers():
         for k, v in defaults.items():
             got = c.rope_parameters["rope_theta"] if k == "rope_theta" else getattr(c, k)
             assert got == v, (mt, k, got, v)
+
+
+def test_moe_tokenizer_config_never_inherits_auto_map(tmp_path):
+    """config.json already dropped auto_map; the donor's tokenizer_config.json was copied with it."""
+    models = make_family(tmp_path / "fam", 2, seed=13, noise=0.05, **DIMS)
+    tc = models[0] / "tokenizer_config.json"
+    tc.write_text(json.dumps({**json.loads(tc.read_text()), "auto_map": {"AutoTokenizer": ["evil/code--t.T", None]}}))
+    res = build(tmp_path, f"base_model: {models[0]}\ngate_mode: random\n" + expert_yaml(models), random_seed=1)
+    assert "auto_map" not in json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert "tokenizer_config.json: auto_map (remote code) dropped; merges never carry a parent's custom code" \
+        in res.warnings

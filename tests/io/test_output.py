@@ -141,3 +141,27 @@ def test_memory_stays_flat_when_shards_are_much_larger_than_tensors(tmp_path):
     growth = after - before
     assert size > 90e6
     assert growth < size * 0.5, (growth, size)
+
+
+def _with_auto_map(models: list[Path]) -> None:
+    for d in models:
+        for name, value in (("config.json", {"AutoModelForCausalLM": "evil/code--modeling_evil.Evil"}),
+                            ("tokenizer_config.json", {"AutoTokenizer": ["evil/code--tok.EvilTokenizer", None]})):
+            data = json.loads((d / name).read_text())
+            data["auto_map"] = value
+            (d / name).write_text(json.dumps(data))
+
+
+def test_output_never_inherits_auto_map(tmp_path):
+    """A parent's `auto_map` was copied into the output's config.json and tokenizer_config.json: with
+    trust_remote_code, transformers then runs code from the repo it names, under the merger's name."""
+    base, a = make_family(tmp_path / "fam", 2, seed=5)
+    _with_auto_map([base, a])
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(f"models:\n  - model: {base}\n  - model: {a}\nmerge_method: linear\nparameters: {{weight: 0.5}}\n")
+    r = run_cli("merge", str(cfg), str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    for name in ("config.json", "tokenizer_config.json"):
+        assert "auto_map" not in json.loads((tmp_path / "out" / name).read_text()), name
+        assert f"{name}: auto_map (remote code) dropped" in r.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

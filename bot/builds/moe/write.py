@@ -23,7 +23,7 @@ from mergebot.engine.dtypes import dtype_name
 from mergebot.engine.executor import RunStats
 from mergebot.errors import ModelError
 from mergebot.io.lockfile import Lock, ParentPin, write_lock
-from mergebot.io.output import check_target, staged_output, write_json
+from mergebot.io.output import check_target, drop_remote_code, staged_output, write_json
 from mergebot.io.writer import ShardedWriter, ShardEntry
 from mergebot.tokenizer.files import write_moe_tokenizer
 
@@ -155,6 +155,7 @@ def run_moe(cfg: MoeConfig, out_dir: Path, options: MergeOptions, *, allow_all_s
         write_json(work / "config.json", plan.out_config)
         write_moe_tokenizer(base.directory, plan.resolved[plan.tokenizer_donor].directory, work,
                             options.copy_tokenizer)
+        plan.warnings.extend(drop_remote_code(work))
         (work / "mergekit_moe_config.yml").write_text(cfg.text, encoding="utf-8")
         lock = make_moe_lock(plan, seed, device, gates).as_dict()
         write_lock(work, lock)
