@@ -150,6 +150,8 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
                          vocab=vocab))
 
     out_config = dict(resolved[donor].config)
+    if out_config.pop("auto_map", None) is not None:  # no parent code is copied: it could only name another repo's
+        warnings.append("config.json: auto_map (remote code) dropped; merges never carry a parent's custom code")
     out_dtype = torch_dtype(cfg.out_dtype or cfg.dtype) or (jobs[0].out_dtype if jobs else torch.float32)
     out_config["torch_dtype"] = dtype_name(out_dtype)
     if "dtype" in out_config:

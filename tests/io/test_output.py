@@ -159,6 +159,8 @@ def test_output_never_inherits_auto_map(tmp_path):
     _with_auto_map([base, a])
     cfg = tmp_path / "c.yml"
     cfg.write_text(f"models:\n  - model: {base}\n  - model: {a}\nmerge_method: linear\nparameters: {{weight: 0.5}}\n")
+    dry = run_cli("merge", str(cfg), str(tmp_path / "out"), "--dry-run")
+    assert dry.returncode == 0 and "config.json: auto_map (remote code) dropped" in dry.stderr, dry.stderr
     r = run_cli("merge", str(cfg), str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
     for name in ("config.json", "tokenizer_config.json"):
