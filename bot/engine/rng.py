@@ -188,15 +188,15 @@ def hash_np(first: int, lo: int, key: int, hi: int, h: np.ndarray, t: np.ndarray
     return h
 
 
-def hash_words_np(first: int, key: int, highs: list[int], outs: list[np.ndarray], t: np.ndarray) -> None:
-    """`hash_u32_words` of the low words first .. first+len(t)-1 (below 2³¹) into the uint32 arrays `outs`, one
-    per high word, in numpy's uint32 lanes (t: uint32 scratch like them): the inner mix once, then one outer mix
-    per high word. ~4x faster per core than the torch form eagerly, which was a fifth of an arcee_fusion merge
-    (1M sample indices per tensor); it lets go of the GIL, so callers split a range over threads."""
-    inner = outs[0] if len(outs) == 1 else t
-    work = np.empty_like(t) if len(outs) > 1 else t
-    np.add(np.arange(t.shape[0], dtype=np.uint32), np.uint32(first & M32), out=inner)
+def hash_words_np(first: int, key: int, highs: list[int], outs: list[np.ndarray]) -> None:
+    """`hash_u32_words` of the low words first .. first+len(outs[0])-1 (below 2³¹) into the uint32 arrays `outs`,
+    one per high word, in numpy's uint32 lanes: the inner mix once, then one outer mix per high word. Several
+    times faster per core than the torch form eagerly, which was a fifth of an arcee_fusion merge (1M sample
+    indices per tensor); it lets go of the GIL, so callers split a range over threads."""
+    inner = np.arange(outs[0].shape[0], dtype=np.uint32)
+    np.add(inner, np.uint32(first & M32), out=inner)
     np.bitwise_xor(inner, np.uint32(key & M32), out=inner)
+    work = np.empty_like(inner)
     _mix_np(inner, work)
     for h, out in zip(highs, outs):
         np.bitwise_xor(inner, np.uint32((h + GOLDEN) & M32), out=out)

@@ -154,22 +154,21 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def drop_remote_code(work: Path) -> list[str]:
-    """Remove `auto_map` from the output's config.json and tokenizer_config.json; returns warnings.
+    """Remove `auto_map` from the output's tokenizer_config.json (copied from the donor); returns warnings. The
+    plans already leave it out of config.json (bot/engine/plan.py, bot/builds/moe/layout.py).
 
     No parent's Python files are copied, so an inherited auto_map can only name code elsewhere: its
     `repo--module.Class` form makes transformers download and run another Hub repo's code under
     trust_remote_code, in a model published under the merger's name."""
-    warnings = []
-    for name in ("config.json", "tokenizer_config.json"):
-        f = work / name
-        if not f.is_file():
-            continue
-        try:
-            data = json.loads(f.read_text(encoding="utf-8"))
-        except ValueError:
-            continue
-        if isinstance(data, dict) and "auto_map" in data:
-            del data["auto_map"]
-            write_json(f, data)
-            warnings.append(f"{name}: auto_map (remote code) dropped; merges never carry a parent's custom code")
-    return warnings
+    f = work / "tokenizer_config.json"
+    if not f.is_file():
+        return []
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError:
+        return []
+    if not isinstance(data, dict) or "auto_map" not in data:
+        return []
+    del data["auto_map"]
+    write_json(f, data)
+    return [f"{f.name}: auto_map (remote code) dropped; merges never carry a parent's custom code"]

@@ -66,8 +66,8 @@ def sample_indices(n: int, count: int, key: int, device: torch.device) -> torch.
         drawn = np.empty(count, dtype=np.uint64)
 
         def part(a: int, z: int) -> None:  # numpy lets go of the GIL: one range per torch thread
-            hi, lo, t = (np.empty(z - a, dtype=np.uint32) for _ in range(3))
-            rng.hash_words_np(a, key, [0, _SECOND_STREAM >> 32], [hi, lo], t)
+            hi, lo = np.empty(z - a, dtype=np.uint32), np.empty(z - a, dtype=np.uint32)
+            rng.hash_words_np(a, key, [0, _SECOND_STREAM >> 32], [hi, lo])
             np.left_shift(hi, np.uint64(31), out=drawn[a:z], dtype=np.uint64)
             np.bitwise_or(drawn[a:z], np.right_shift(lo, np.uint32(1)), out=drawn[a:z], dtype=np.uint64)
             np.remainder(drawn[a:z], np.uint64(max(n, 1)), out=drawn[a:z])
