@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     collecting = startup.hold()
     if argv is None:
         startup.threads()
+        startup.memory()
+        startup.files()
     try:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, _terminate)

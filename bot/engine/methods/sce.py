@@ -178,7 +178,7 @@ def _apply_selected(call: MergeCall) -> torch.Tensor:
         top = None if _sparsify.selects_whole(n, bits_dtype, base.device) else torch.zeros(1 << 16, dtype=torch.int64)
         nonzero = 0
         width = torch.iinfo(bits_dtype).bits // 8
-        filling = torch.empty(n, dtype=bits_dtype, device=base.device) if n * width <= _sparsify.KEEP_BYTES else None
+        filling = scratch("sce_kept", n, bits_dtype, base.device) if n * width <= _sparsify.KEEP_BYTES else None
         for s in range(0, n, step):
             e = min(n, s + step)
             bits = _variance_bits(deltas(s, e)[1], None if filling is None else filling[s:e])

@@ -234,8 +234,9 @@ class FlatDeltas:
         width = torch.empty(0, dtype=call.dtype).element_size()
         if not keep or base.numel() * width * len(xs) > _sparsify.KEEP_BYTES:
             return cls(call, base, xs)
-        return cls(call, base, xs, [torch.empty(base.numel(), dtype=call.dtype, device=base.device) for _ in xs],
-                   [0] * len(xs))
+        # reused between tensors (`scratch`): fresh buffers this size cost a page fault per 4 KB every tensor
+        return cls(call, base, xs, [scratch(f"flat_kept{j}", base.numel(), call.dtype, base.device)
+                                    for j in range(len(xs))], [0] * len(xs))
 
     @property
     def n(self) -> int:
