@@ -7,12 +7,12 @@ for an adapted tensor, returns
     W + scale · (B @ A)            (transposed for fan_in_fan_out / GPT-2 Conv1D layers)
 
 with scale = lora_alpha / r, or lora_alpha / √r with `use_rslora` (`rank_pattern`/`alpha_pattern` override r and
-alpha per module, matched as PEFT does). The fold runs in float32 (float64 for float64 weights) and is cast back
-to W's dtype once, one tensor at a time; nothing is cached. Also folded, as `merge_and_unload` does:
-embedding LoRAs (`lora_embedding_A/B`), LoRA biases (`lora_B.bias`: bias + scale · b) and full tensors saved with
-the adapter (`modules_to_save`, trained biases), which replace the base tensor. DoRA and non-LoRA PEFT types are
-refused with a clear error. Every check (missing files, targets the model lacks, shapes) runs when the model is
-loaded, i.e. before anything is written.
+alpha per module, matched as PEFT does, within a deadline: mergebot.io.patterns). The fold runs in float32 (float64
+for float64 weights) and is cast back to W's dtype once, one tensor at a time; nothing is cached. Also folded, as
+`merge_and_unload` does: embedding LoRAs (`lora_embedding_A/B`), LoRA biases (`lora_B.bias`: bias + scale · b) and
+full tensors saved with the adapter (`modules_to_save`, trained biases), which replace the base tensor. DoRA and
+non-LoRA PEFT types are refused with a clear error. Every check (missing files, targets the model lacks, shapes)
+runs when the model is loaded, i.e. before anything is written.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from mergebot.config.refs import ModelRef
 from mergebot.errors import ModelError
 from mergebot.io.filenames import ADAPTER_BIN, ADAPTER_CONFIG, ADAPTER_SAFETENSORS
 from mergebot.io.local import ResolvedModel, read_json_object
+from mergebot.io.patterns import PatternError, first_matches
 from mergebot.io.reader import TensorReader
 from mergebot.io.weights import ModelWeights, TensorInfo
 
@@ -71,16 +72,18 @@ def adapter_tensors(adapter: ResolvedModel) -> ModelWeights:
     return w
 
 
-def _pattern(patterns: dict | None, module: str, where: str, key: str) -> Any:
-    """PEFT's `get_pattern_key`: the first key k with `(.*\\.)?k$` matching the module name."""
-    for k, v in (patterns or {}).items():
-        try:
-            hit = re.match(rf"(.*\.)?({k})$", module)
-        except re.error as e:
-            raise ModelError(f"{where}: adapter_config.json {key} key {k!r} is not a valid pattern: {e}") from None
-        if hit:
-            return v
-    return None
+def _patterns(patterns: dict | None, modules: list[str], where: str, key: str) -> dict[str, Any]:
+    """PEFT's `get_pattern_key` for every module at once: the value of the first key k with `(.*\\.)?k$` matching
+    the module name, for the modules some key matches; bounded in time (mergebot.io.patterns)."""
+    keys = list(patterns or {})
+    try:
+        hits = first_matches(keys, modules)
+    except PatternError as e:
+        if e.index is None:
+            raise ModelError(f"{where}: adapter_config.json {key}: {e.reason}") from None
+        raise ModelError(f"{where}: adapter_config.json {key} key {keys[e.index][:80]!r} is not a valid pattern: "
+                         f"{e.reason}") from None
+    return {m: (patterns or {})[keys[h]] for m, h in zip(modules, hits) if h is not None}
 
 
 def _rank(value: Any, where: str, key: str) -> int:
@@ -191,10 +194,12 @@ class LoraWeights:
             self._target(rel, key, where, self.lora.header(key).shape)
             self.folds.setdefault(self._known(rel), []).insert(0, _Fold("replace", a=key))
 
+        ranks = _patterns(cfg.get("rank_pattern"), list(lora_parts), where, "rank_pattern")
+        alphas = _patterns(cfg.get("alpha_pattern"), list(lora_parts), where, "alpha_pattern")
         for module, parts in lora_parts.items():
-            r = _pattern(cfg.get("rank_pattern"), module, where, "rank_pattern")
+            r = ranks.get(module)
             r = r0 if r is None else _rank(r, where, f"rank_pattern.{module}")
-            alpha = _pattern(cfg.get("alpha_pattern"), module, where, "alpha_pattern")
+            alpha = alphas.get(module)
             alpha = alpha0 if alpha is None else _alpha(alpha, where, f"alpha_pattern.{module}")
             scale = alpha / math.sqrt(r) if rslora else alpha / r
             emb = "lora_embedding_A.weight" in parts or "lora_embedding_B.weight" in parts

@@ -315,3 +315,34 @@ def test_zero_alpha_in_alpha_pattern_is_kept(family, tmp_path):
         assert torch.equal(out[f"model.layers.{i}.self_attn.v_proj.weight"], w[f"model.layers.{i}.self_attn.v_proj.weight"])
         assert not torch.equal(out[f"model.layers.{i}.self_attn.q_proj.weight"],
                                w[f"model.layers.{i}.self_attn.q_proj.weight"])
+
+
+def test_catastrophic_rank_pattern_is_cut_off(family, tmp_path, monkeypatch):
+    """A rank_pattern key is a regex matched as PEFT does; `([\\w.]+)+!` backtracks exponentially on a module name
+    (minutes for `model.layers.0.self_attn.q_proj`). It used to stall the merge with no bound; now matching runs
+    in a child process killed at a deadline, and the merge fails with one line naming the file and key."""
+    import time
+
+    from mergebot.io import patterns
+    monkeypatch.setattr(patterns, "MATCH_SECONDS", 3.0)
+    base = family[0]
+    ad = write_adapter(tmp_path / "ad", lora_tensors(base), rank_pattern={"v_proj": 4, r"([\w.]+)+!": 2})
+    start = time.monotonic()
+    with pytest.raises(ModelError, match=rf"LoRA {ad} .*adapter_config.json rank_pattern: matching its keys .* took "
+                                         r"over 3 s"):
+        _run(tmp_path, _one(f"{base}+{ad}"))
+    assert time.monotonic() - start < 30
+    assert not (tmp_path / "out").exists()
+
+
+def test_regex_rank_pattern_keys_still_match_as_peft(family, tmp_path):
+    """Keys with regex syntax (matched in the child process) give PEFT's answer: the first key that matches."""
+    base = family[0]
+    t = lora_tensors(base, seed=5, ranks={"layers.1.self_attn.v_proj": 2, "layers.2.self_attn.v_proj": 2})
+    ad = write_adapter(tmp_path / "ad", t, rank_pattern={r"layers\.[12]\.self_attn\.v_proj": 2, "v_proj": 4})
+    _run(tmp_path, _one(f"{base}+{ad}"))  # a wrong rank would be refused: the tensors have rank 2 there
+    out, w = f64(tmp_path / "out"), f64(base)
+    for i, r in ((0, 4), (1, 2), (2, 2), (3, 4)):
+        m = f"model.layers.{i}.self_attn.v_proj"
+        a, b = t[f"{PFX}{m}.lora_A.weight"].double(), t[f"{PFX}{m}.lora_B.weight"].double()
+        assert torch.allclose(out[m + ".weight"], w[m + ".weight"] + 8 / r * (b @ a), atol=1e-6, rtol=0), m
