@@ -165,7 +165,7 @@ def drop_remote_code(work: Path) -> list[str]:
         return []
     try:
         data = json.loads(f.read_text(encoding="utf-8"))
-    except ValueError:
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deep for json: no reader loads it
         return []
     if not isinstance(data, dict) or "auto_map" not in data:
         return []

@@ -116,7 +116,7 @@ def apply_template(work: Path, template: str) -> None:
             try:
                 loaded = json.loads(f.read_text(encoding="utf-8"))
                 data = loaded if isinstance(loaded, dict) else {}
-            except (OSError, ValueError):
+            except (OSError, ValueError, RecursionError):  # a donor's file nested too deep for json
                 data = {}
         data["chat_template"] = template
         f.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -120,7 +120,7 @@ def write_moe_tokenizer(base: Path, donor: Path, work: Path, copy: bool) -> list
         if pad and f.is_file():
             try:
                 data = json.loads(f.read_text(encoding="utf-8"))
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
             if isinstance(data, dict):
                 data["pad_token"] = pad

@@ -434,3 +434,21 @@ def test_added_token_ids_the_library_moves_are_refused(abc, tmp_path):
                                          r"tokenizers library reads it as id 66"):
         merge(tmp_path, _pair(abc["A"], bad))
     assert not (tmp_path / "out").exists()
+
+
+def _copy_with(src: Path, dst: Path, name: str, text: str) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / name).write_text(text)
+    return dst
+
+
+@pytest.mark.parametrize("extra", ["", "chat_template: chatml\n"])
+def test_donor_tokenizer_config_nested_too_deep_is_no_traceback(abc, tmp_path, extra):
+    """A donor tokenizer_config.json of 100,000 nested `[` is copied as is; reading the copy back (auto_map removal,
+    then the chat template) raised RecursionError: a traceback after the merge, and no output."""
+    deep = _copy_with(abc["A"], tmp_path / "A_deep", "tokenizer_config.json", "[" * 100_000 + "]" * 100_000)
+    merge(tmp_path, f"merge_method: linear\nmodels:\n  - model: {deep}\n    parameters: {{weight: 1}}\n" + extra)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
