@@ -81,7 +81,7 @@ def read_template(directory: Path) -> str | None:
         data = confine.json_object(directory, name, label)
         t = data.get("chat_template") if data is not None else None
         if isinstance(t, list):
-            named = {e.get("name"): e.get("template") for e in t if isinstance(e, dict)}
+            named = {e.get("name"): e.get("template") for e in t if isinstance(e, dict) and isinstance(e.get("name"), str)}
             t = named.get("default")
         if isinstance(t, str) and t.strip():
             return t

@@ -452,3 +452,14 @@ def test_donor_tokenizer_config_nested_too_deep_is_no_traceback(abc, tmp_path, e
     merge(tmp_path, f"merge_method: linear\nmodels:\n  - model: {deep}\n    parameters: {{weight: 1}}\n" + extra)
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
+
+def test_chat_template_list_with_unhashable_names_is_skipped(abc, tmp_path):
+    """`chat_template: auto` reads each parent's list of named templates; a `name` that is a list or an object
+    (not hashable) raised TypeError, a traceback. Such entries are now skipped like any malformed entry."""
+    cfg = json.loads((abc["A"] / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = [{"name": ["default"], "template": TEMPLATE_Y}, {"name": {"a": 1}, "template": "x"},
+                            {"name": "default", "template": TEMPLATE_X}]
+    odd = _copy_with(abc["A"], tmp_path / "A_odd", "tokenizer_config.json", json.dumps(cfg))
+    merge(tmp_path, f"merge_method: linear\nmodels:\n  - model: {odd}\n    parameters: {{weight: 1}}\n"
+                    "chat_template: auto\n")
+    assert _chat(tmp_path / "out") == "X user: hi\n"
