@@ -23,7 +23,6 @@ import torch
 
 from mergebot.config.dense import MergeConfig
 from mergebot.config.refs import ModelRef, RefSyntaxError, parse_ref_text
-from mergebot.engine import architecture as arch
 from mergebot.errors import ModelError
 from mergebot.hub.fetch import resolve
 from mergebot.io import confine
@@ -143,9 +142,23 @@ def _added_key(t: Any) -> tuple:
     return (t.content, t.single_word, t.lstrip, t.rstrip, t.normalized, t.special)
 
 
+def config_vocab_size(config: dict, key: str) -> int | None:
+    """config.json's vocab_size (or its text_config's), None when absent. On the tokenizer path it cuts the base
+    tokenizer and sizes every permutation, so anything but a positive integer is refused (a vocab_size of -5
+    stripped every token: an output with an empty tokenizer and vocab_size 0)."""
+    v = config.get("vocab_size")
+    if v is None and isinstance(config.get("text_config"), dict):
+        v = config["text_config"].get("vocab_size")
+    if v is None:
+        return None
+    if type(v) is not int or v < 1:
+        raise ModelError(f"{key}: config.json: vocab_size {str(v)[:40]!r} is not a positive integer")
+    return v
+
+
 def _model_vocab(key: str, tok: Any, config: dict, from_base: bool = False) -> ModelVocab:
     vocab = tok.get_vocab(with_added_tokens=True)
-    cfg_size = arch.vocab_size(config)
+    cfg_size = config_vocab_size(config, key)
     return ModelVocab(key, vocab, cfg_size if cfg_size is not None else len(vocab),
                       cfg_size if cfg_size is not None else tok.get_vocab_size(with_added_tokens=False),
                       dict(tok.get_added_tokens_decoder()), from_base)
@@ -211,7 +224,7 @@ def build_output_vocab(cfg: MergeConfig, resolved: dict[str, ResolvedModel], *, 
                          f"tokenizer.json, and {rb.directory} has none (mergebot reads tokenizers without "
                          "transformers; save the tokenizer as a fast tokenizer to get one)")
     check_added_ids(_from_json(data, base_key), data, base_key)  # also: malformed before it is stripped
-    base_limit = arch.vocab_size(rb.config)
+    base_limit = config_vocab_size(rb.config, base_key)
     if base_limit is not None:
         data, n = strip_tokenizer_json(data, base_limit)
         if n:

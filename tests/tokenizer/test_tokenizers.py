@@ -170,6 +170,45 @@ def test_differing_vocabularies_without_a_tokenizer_section_are_an_error(abc, tm
         merge(tmp_path, linear3(abc, ""))
 
 
+
+def _with_config(src: Path, dst: Path, **changes) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("extra", ["", "tokenizer_source: union\n", "tokenizer_source: base\n"])
+def test_vocab_size_that_is_not_the_embedding_rows_is_named(abc, tmp_path, extra):
+    """B's config says vocab_size 100 for its 67 embedding rows. The error was "tensor size mismatch ... set
+    tokenizer_source", also when tokenizer_source was set: the wrong direction. It now names B's config.json."""
+    bad = _with_config(abc["B"], tmp_path / "B_cfg", vocab_size=100)
+    with pytest.raises(ModelError, match=rf"^{bad}: config.json: vocab_size is 100, but its model.embed_tokens.weight "
+                                         r"has 67 rows"):
+        merge(tmp_path, _pair(abc["A"], bad).replace("tokenizer_source: union\n", extra))
+    assert not (tmp_path / "out").exists()
+
+
+def test_vocab_size_smaller_than_the_rows_is_not_merged_silently(abc, tmp_path):
+    """A's config says vocab_size 32 for its 64 rows: with tokenizer_source: base the tokenizer was cut to 32 tokens
+    and config.json said 32, while the 64-row embeddings were merged unaligned (an output that cannot load)."""
+    bad = _with_config(abc["A"], tmp_path / "A_cfg", vocab_size=32)
+    other = _with_config(abc["A"], tmp_path / "A2")
+    with pytest.raises(ModelError, match=rf"^{bad}: config.json: vocab_size is 32, but its model.embed_tokens.weight"):
+        merge(tmp_path, _pair(bad, other).replace("union", "base"))
+
+
+@pytest.mark.parametrize("value", [-5, 0, True, "64", 64.0])
+def test_vocab_size_that_is_not_a_positive_integer_on_the_tokenizer_path(abc, tmp_path, value):
+    """vocab_size -5 stripped every token of the base tokenizer: an output with an empty tokenizer and vocab_size 0."""
+    bad = _with_config(abc["A"], tmp_path / "A_cfg", vocab_size=value)
+    with pytest.raises(ModelError, match=rf"^{bad}: config.json: vocab_size '{value}' is not a positive integer"):
+        merge(tmp_path, _pair(bad, abc["B"]))
+    assert not (tmp_path / "out").exists()
+
 def test_legacy_union_with_the_same_vocabulary_changes_nothing(tmp_path):
     """Parents sharing one vocabulary: the union is that vocabulary and no row moves."""
     from mergebot.tinymodels import make_family
