@@ -8,6 +8,7 @@ Headers are validated first (mergebot.io.safetensors). `ModelWeights` is a `Tens
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 from collections.abc import KeysView
@@ -58,6 +59,10 @@ class _Mapped:
             if os.fstat(fd).st_size != size:  # the header was validated against `size` bytes
                 raise ModelError(f"{where}: the file changed after its header was read")
             self.mm = mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else None
+        except OSError as e:  # a map keeps its own descriptor: thousands of shards can exhaust `ulimit -n`
+            hint = (" (each shard of each parent stays open while the merge runs: raise the limit with ulimit -n)"
+                    if e.errno in (errno.EMFILE, errno.ENFILE) else "")
+            raise ModelError(f"{where}: cannot map it: {e.strerror or e}{hint}") from None
         finally:
             os.close(fd)
 

@@ -251,3 +251,24 @@ def test_non_finite_output_from_finite_inputs_is_never_written(tmp_path):
     line = _one_line_error(run_cli("merge", str(cfg), str(tmp_path / "out"), "--quiet"))
     assert "inf or NaN from finite inputs" in line
     assert _leftovers(tmp_path, "out") == []
+
+
+def test_more_shards_than_open_files_is_one_line_and_leaves_nothing(tmp_path):
+    """Every shard of every parent stays mapped, and a map keeps a descriptor: a parent of thousands of shards under
+    `ulimit -n` raised OSError EMFILE from mmap, a traceback. Now one line naming the shard and the limit."""
+    import resource
+
+    base, ft = make_family(tmp_path / "fam", 2, seed=4, layers=2, shards=21)
+    cfg = tmp_path / "m.yml"
+    cfg.write_text(f"models:\n  - model: {base}\n  - model: {ft}\nmerge_method: linear\nparameters: {{weight: 0.5}}\n")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    open_now = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 24, hard))  # room for some shards, not all 42
+    try:
+        with pytest.raises(ModelError, match=r"\.safetensors: cannot map it: Too many open files \(each shard of "
+                                             r"each parent stays open .* ulimit -n\)"):
+            run_merge(load_config(cfg), tmp_path / "out", MergeOptions(progress=False))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.mergebot-*"))
