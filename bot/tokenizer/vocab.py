@@ -84,8 +84,23 @@ def _read_json(path: Path) -> dict | None:
     return confine.json_object(path.parent, path.name, f"model {path.parent.name}")
 
 
-def load_tokenizer_json(directory: Path) -> dict | None:
-    return confine.json_object(directory, "tokenizer.json", f"model {directory.name}")
+class BrokenTokenizerJson(ModelError):
+    """A tokenizer.json that is there but is not a JSON object (a refused link or FIFO stays a plain ModelError)."""
+
+
+def load_tokenizer_json(directory: Path, label: str) -> dict | None:
+    """A model's tokenizer.json: None when absent; a ModelError naming it when it is there but not a JSON object
+    (read as absent, a tokenizer.json of 100,000 nested `[` was reported as "has none")."""
+    text = confine.read_text(directory, "tokenizer.json", label)
+    if text is None:
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise BrokenTokenizerJson(f"{label}: tokenizer.json is not valid JSON: {str(e)[:120]}") from None
+    if not isinstance(data, dict):
+        raise BrokenTokenizerJson(f"{label}: tokenizer.json is a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _from_json(data: dict, label: str):
@@ -218,7 +233,7 @@ def build_output_vocab(cfg: MergeConfig, resolved: dict[str, ResolvedModel], *, 
 
     # §4.1 step 1: the stripped base
     rb = resolved[base_key]
-    data = load_tokenizer_json(rb.directory)
+    data = load_tokenizer_json(rb.directory, base_key)
     if data is None:
         raise ModelError(f"{base_key}: the tokenizer path (tokenizer_source / tokenizer:) needs the base model's "
                          f"tokenizer.json, and {rb.directory} has none (mergebot reads tokenizers without "
@@ -236,7 +251,12 @@ def build_output_vocab(cfg: MergeConfig, resolved: dict[str, ResolvedModel], *, 
     # §4.1 step 2: the other models' tokenizers
     for key in order[1:]:
         r = resolved[key]
-        d = load_tokenizer_json(r.directory)
+        try:
+            d = load_tokenizer_json(r.directory, key)
+        except BrokenTokenizerJson as e:
+            warnings.append(f"{e}; assuming it has the base model's vocabulary ({base_key})")
+            models[key] = _model_vocab(key, base_tok, r.config, from_base=True)
+            continue
         if d is None:
             if (r.directory / "tokenizer.model").is_file():
                 raise ModelError(f"{key}: has tokenizer.model but no tokenizer.json; mergebot builds merged "
@@ -271,7 +291,7 @@ def build_output_vocab(cfg: MergeConfig, resolved: dict[str, ResolvedModel], *, 
             except RefSyntaxError as e:
                 raise ModelError(f"{cfg.file}: tokenizer source {model_text!r}: {e}") from None
             mdir = resolve(ref, search, token=token, download=download).directory
-        md = load_tokenizer_json(mdir)
+        md = load_tokenizer_json(mdir, model_text)
         if md is None:
             raise ModelError(f"{cfg.file}: tokenizer source {model_text!r} has no tokenizer.json in {mdir}")
         out = _from_json(md, model_text)

@@ -502,3 +502,17 @@ def test_chat_template_list_with_unhashable_names_is_skipped(abc, tmp_path):
     merge(tmp_path, f"merge_method: linear\nmodels:\n  - model: {odd}\n    parameters: {{weight: 1}}\n"
                     "chat_template: auto\n")
     assert _chat(tmp_path / "out") == "X user: hi\n"
+
+
+@pytest.mark.parametrize("text, reason", [("[" * 100_000 + "]" * 100_000, "is not valid JSON: maximum recursion depth"),
+                                          ("[1]", "is a JSON list, not an object")])
+def test_base_tokenizer_json_that_is_not_an_object_is_named(abc, tmp_path, text, reason):
+    """A base tokenizer.json nested 100,000 deep (or a list) was read as absent: "needs the base model's
+    tokenizer.json, and ... has none", about a file that is there. Another parent's falls back with a warning."""
+    bad = _copy_with(abc["A"], tmp_path / "A_bad", "tokenizer.json", text)
+    with pytest.raises(ModelError, match=rf"^{bad}: tokenizer.json {re.escape(reason)}"):
+        merge(tmp_path, _pair(bad, abc["B"]))
+    other = _copy_with(abc["A"], tmp_path / "A_other", "tokenizer.json", text)
+    _, result = merge(tmp_path, _pair(abc["A"], other), name="out2")
+    assert any(w.startswith(f"{other}: tokenizer.json {reason}") and "assuming it has the base model's vocabulary" in w
+               for w in result.plan.warnings), result.plan.warnings
