@@ -128,9 +128,10 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
     jobs: list[TensorJob] = []
     first, last = slices[0], slices[-1]
     configs = {key: r.config for key, r in resolved.items()}
+    checked = (configs, donor)
     for name in layout.pre:
         jobs.extend(_job(cfg, method, weights, first, name, lambda r, n=name: n, 0.0, name, warnings,
-                         vocab=vocab, configs=configs))
+                         vocab=vocab, checked=checked))
     out_index = 0
     layer_sources: list[tuple[dict, int]] = []  # per output layer: (config of its first source, source index)
     for s, sources, base, ranges in slices:
@@ -148,7 +149,7 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
             out_index += 1
     for name in layout.post:
         jobs.extend(_job(cfg, method, weights, last, name, lambda r, n=name: n, 0.0, name, warnings,
-                         vocab=vocab, configs=configs))
+                         vocab=vocab, checked=checked))
 
     out_config = dict(resolved[donor].config)
     if out_config.pop("auto_map", None) is not None:  # no parent code is copied: it could only name another repo's
@@ -176,10 +177,13 @@ def _lookup(w: TensorReader, name: str) -> str | None:
     return None
 
 
-def _vocab_rows(inputs: list[Input], shapes: list[tuple[int, ...]], vocab: Any, configs: dict[str, dict]) -> None:
-    """Refuse an embedding or output head whose rows are some inputs' vocab_size but not another's: that model's
-    config.json does not describe its weights. Unchecked, it was merged as if not vocabulary-indexed (its rows under
-    a vocab_size that does not count them), or failed as a size mismatch whose hint was to set tokenizer_source."""
+def _vocab_rows(inputs: list[Input], shapes: list[tuple[int, ...]], vocab: Any, configs: dict[str, dict], donor: str,
+                warnings: list[str]) -> None:
+    """An embedding or output head whose rows are some inputs' vocab_size but not another's: that model's
+    config.json does not describe its weights. Refused where it matters: the shapes differ (it was "tensor size
+    mismatch ... set tokenizer_source", the wrong hint), the tokenizer path sizes its alignment by that vocab_size,
+    or the model is the donor of the output's config.json; a warning otherwise (a non-donor's shapes agree and its
+    config is not used: mergekit merges it too)."""
     sizes = [vocab.models[i.model].size if vocab is not None else arch.vocab_size(configs[i.model]) for i in inputs]
     fits = [n is not None and arch.is_vocab_tensor(i.tensor, s, {"vocab_size": n})
             for i, s, n in zip(inputs, shapes, sizes)]
@@ -190,16 +194,20 @@ def _vocab_rows(inputs: list[Input], shapes: list[tuple[int, ...]], vocab: Any, 
             continue
         rows = s[0] if s else 0
         if arch.vocab_size(configs[i.model]) is None:
-            raise ModelError(f"{i.model}: config.json has no vocab_size, and its {i.tensor} has {rows} rows, not the "
-                             f"{n} tokens of its tokenizer: add vocab_size: {rows} to its config.json")
-        raise ModelError(f"{i.model}: config.json: vocab_size is {n}, but its {i.tensor} has {rows} rows (a model's "
-                         "vocab_size must be the row count of its embeddings; its config.json does not describe its "
-                         "weights)")
+            msg = (f"{i.model}: config.json has no vocab_size, and its {i.tensor} has {rows} rows, not the {n} tokens "
+                   f"of its tokenizer: add vocab_size: {rows} to its config.json")
+        else:
+            msg = (f"{i.model}: config.json: vocab_size is {n}, but its {i.tensor} has {rows} rows (a model's "
+                   "vocab_size must be the row count of its embeddings; its config.json does not describe its weights)")
+        if vocab is not None or i.model == donor or len(set(shapes)) > 1:
+            raise ModelError(msg)
+        if not any(w.startswith(f"{i.model}: config.json") and "vocab_size" in w for w in warnings):
+            warnings.append(f"{msg}; merged by its rows, which match the other models'")  # once, not per head
 
 
 def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, TensorReader], sl, out_name: str,
          source_name, t: float, fixed: str | None, warnings: list[str], vocab: Any = None,
-         configs: dict[str, dict] | None = None) -> list[TensorJob]:
+         checked: tuple[dict[str, dict], str] | None = None) -> list[TensorJob]:
     s, sources, base, ranges = sl
     order = list(range(len(sources)))
     if method.base != "ignored":
@@ -223,8 +231,8 @@ def _job(cfg: MergeConfig, method: MergeMethod, weights: dict[str, TensorReader]
         return []
     infos = [weights[i.model].header(i.tensor) for i in inputs]
     shapes = {inf.shape for inf in infos}
-    if fixed is not None and configs is not None:  # embeddings and heads: every model's vocab_size fits its rows
-        _vocab_rows(inputs, [inf.shape for inf in infos], vocab, configs)
+    if fixed is not None and checked is not None:  # embeddings and heads: every model's vocab_size fits its rows
+        _vocab_rows(inputs, [inf.shape for inf in infos], vocab, *checked, warnings)
     is_vocab, align = False, None
     if vocab is not None:  # vocabulary-indexed: only the non-vocab dims must match (§2.0, §4.3)
         is_vocab, align = plan_alignment(vocab, out_name, [i.model for i in inputs], [i.tensor for i in inputs],

@@ -201,6 +201,22 @@ def test_vocab_size_smaller_than_the_rows_is_not_merged_silently(abc, tmp_path):
         merge(tmp_path, _pair(bad, other).replace("union", "base"))
 
 
+def test_a_non_donor_vocab_size_off_its_equal_rows_is_a_warning(abc, tmp_path):
+    """Without the tokenizer path a non-donor's config.json is not used, and its rows match the donor's: mergekit
+    merges it, and so does mergebot, with one warning naming that config.json (the donor's, A's, is right)."""
+    sloppy = _with_config(abc["A"], tmp_path / "A_sloppy", vocab_size=32)
+    text = _pair(abc["A"], sloppy).replace("tokenizer_source: union\n", "")
+    out, result = merge(tmp_path, text)
+    assert [w for w in result.warnings if "vocab_size" in w] == [
+        f"{sloppy}: config.json: vocab_size is 32, but its model.embed_tokens.weight has 64 rows (a model's vocab_size "
+        "must be the row count of its embeddings; its config.json does not describe its weights); merged by its "
+        "rows, which match the other models'"]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 64
+    assert out["model.embed_tokens.weight"].shape[0] == 64
+    with pytest.raises(ModelError, match=rf"^{sloppy}: config.json: vocab_size is 32"):  # as the donor: refused
+        merge(tmp_path, _pair(sloppy, abc["A"]).replace("tokenizer_source: union\n", ""), name="out2")
+
+
 @pytest.mark.parametrize("value", [-5, 0, True, "64", 64.0])
 def test_vocab_size_that_is_not_a_positive_integer_on_the_tokenizer_path(abc, tmp_path, value):
     """vocab_size -5 stripped every token of the base tokenizer: an output with an empty tokenizer and vocab_size 0."""
