@@ -116,14 +116,36 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def copy_donor_files(donor_dir: Path, work: Path, only: tuple[str, ...] | None = None) -> list[str]:
+def copy_donor_files(donor_dir: Path, work: Path, only: tuple[str, ...] | None = None,
+                     warnings: list[str] | None = None) -> list[str]:
     """Tokenizer and generation files copied verbatim from the donor (§5.6), regular files inside its
-    directory only (mergebot.io.confine)."""
+    directory only (mergebot.io.confine). A `.json` file that is not a JSON object (not UTF-8, not JSON, nested
+    too deep, a list) is left out with a warning: copied, it was published as part of a model nothing can load."""
     copied = []
+    label = f"tokenizer donor {donor_dir.name}"
     for name in only or DONOR_FILES:
-        if confine.copy_file(donor_dir, name, work / name, f"tokenizer donor {donor_dir.name}"):
-            copied.append(name)
+        data = confine.read_bytes(donor_dir, name, label)
+        if data is None:
+            continue
+        reason = _not_json_object(data) if name.endswith(".json") else None
+        if reason is not None:
+            if warnings is not None:
+                warnings.append(f"{label}: {name} {reason}; not copied to the output")
+            continue
+        (work / name).write_bytes(data)
+        copied.append(name)
     return copied
+
+
+def _not_json_object(data: bytes) -> str | None:
+    """Why `data` is not a JSON object (None: it is one)."""
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        return "is not UTF-8 text"
+    except (ValueError, RecursionError):
+        return "is not valid JSON"
+    return None if isinstance(value, dict) else f"is a JSON {type(value).__name__}, not an object"
 
 
 LICENSE_PATTERNS = ("LICENSE*", "LICENCE*", "USE_POLICY*", "NOTICE*")

@@ -53,11 +53,11 @@ def write_tokenizer_files(cfg: MergeConfig, vocab: OutputVocab | None, donor_dir
     warnings: list[str] = []
     if vocab is not None:
         write_built_tokenizer(vocab, work)
-        copy_donor_files(donor_dir, work, only=("generation_config.json",))
+        copy_donor_files(donor_dir, work, only=("generation_config.json",), warnings=warnings)
     elif copy_tokenizer:
-        copy_donor_files(donor_dir, work)
+        copy_donor_files(donor_dir, work, warnings=warnings)
     else:
-        copy_donor_files(donor_dir, work, only=("generation_config.json",))
+        copy_donor_files(donor_dir, work, only=("generation_config.json",), warnings=warnings)
         if cfg.chat_template is not None:
             warnings.append("chat_template: dropped, because --no-copy-tokenizer writes no tokenizer (§5.6)")
         return warnings

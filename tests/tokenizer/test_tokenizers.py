@@ -217,6 +217,30 @@ def test_a_non_donor_vocab_size_off_its_equal_rows_is_a_warning(abc, tmp_path):
         merge(tmp_path, _pair(sloppy, abc["A"]).replace("tokenizer_source: union\n", ""), name="out2")
 
 
+def test_donor_json_files_that_are_not_json_objects_are_left_out_with_a_warning(abc, tmp_path):
+    """A donor's generation_config.json that is a list, a tokenizer_config.json that is not UTF-8 or nested past
+    json's limit were copied verbatim and published: an output transformers cannot load. Now each is left out
+    with one warning naming it; the donor's good files are still copied byte for byte."""
+    import shutil
+
+    bad = tmp_path / "A_bad"
+    shutil.copytree(abc["A"], bad)
+    (bad / "generation_config.json").write_text("[1, 2]")
+    (bad / "tokenizer_config.json").write_bytes(b'{"model_max_length": "\xff"}')
+    (bad / "special_tokens_map.json").write_text("[" * 100_000)
+    text = _pair(bad, _with_config(abc["A"], tmp_path / "A2")).replace("tokenizer_source: union\n", "")
+    _, result = merge(tmp_path, text)
+    label = f"tokenizer donor {bad.name}"
+    assert [w for w in result.warnings if w.startswith(label)] == [
+        f"{label}: tokenizer_config.json is not UTF-8 text; not copied to the output",
+        f"{label}: special_tokens_map.json is not valid JSON; not copied to the output",
+        f"{label}: generation_config.json is a JSON list, not an object; not copied to the output"]
+    out = tmp_path / "out"
+    assert not any((out / n).exists() for n in ("generation_config.json", "tokenizer_config.json",
+                                                "special_tokens_map.json"))
+    assert (out / "tokenizer.json").read_bytes() == (bad / "tokenizer.json").read_bytes()
+
+
 @pytest.mark.parametrize("value", [-5, 0, True, "64", 64.0])
 def test_vocab_size_that_is_not_a_positive_integer_on_the_tokenizer_path(abc, tmp_path, value):
     """vocab_size -5 stripped every token of the base tokenizer: an output with an empty tokenizer and vocab_size 0."""
