@@ -200,6 +200,25 @@ def test_della_mask_cache_changes_no_bit(family, tmp_path, monkeypatch):
     assert all(torch.equal(cached[k], drawn[k]) for k in cached)
 
 
+def test_della_mask_cache_holds_cpu_masks_as_bits():
+    """On the CPU the cache holds a mask as bits (8 elements per byte of the budget: a 0.86B model's embedding and
+    head fit, which as bytes were ranked twice); taken back it is the same mask, whatever n mod 8."""
+    from mergebot.engine.methods.task_arithmetic import della
+    g = torch.Generator().manual_seed(0)
+    cache = della._mask_cache(1 << 20, 2, torch.device("cpu"))
+    assert cache is not None
+    for n in (1, 7, 8, 13, 4099):
+        keep = torch.rand(n, generator=g) < 0.3
+        cache.put((n, 0), keep)
+        assert cache[(n, 0)][0].nbytes == (n + 7) // 8
+        back = cache.take((n, 0))
+        assert back.dtype == torch.bool and torch.equal(back, keep) and (n, 0) not in cache
+    limit = della.MASK_CACHE_BYTES
+    assert della._mask_cache(limit * 4, 2, torch.device("cpu")) is not None
+    assert della._mask_cache(limit * 4 + 1, 2, torch.device("cpu")) is None
+    assert della._mask_cache(limit // 2 + 1, 2, torch.device("meta")) is None  # a device's masks stay bytes
+
+
 def test_arcee_fusion_streamed_equals_whole_tensor(family, tmp_path, monkeypatch):
     """arcee_fusion above QUANTILE_SAMPLE_SIZE streams row blocks (per-row KL, sampled importances gathered at
     their indices): the same bytes as computing the whole importance tensor and sampling it."""

@@ -173,13 +173,36 @@ def della_keep(delta: torch.Tensor, shape: tuple[int, ...], density: float, epsi
                            work)
 
 
-# Keep masks of the first pass, held for the second while they fit (bool, one byte per element): the per-row
-# ranking is most of DELLA's time, so this halves it for every tensor below the budget (a 7B model's layers).
+# Keep masks of the first pass, held for the second while they fit: the per-row ranking and the hash are most
+# of DELLA's time, so this halves it for every tensor within the budget. On the CPU a mask is held as bits
+# (np.packbits, ~0.2 ns per element each way), so the budget covers 8 elements per byte: a 0.86B model's 262M-
+# element embedding and head for two models (65 MB), which as bytes (524 MB) were ranked twice, ~a fifth of its
+# time; a 70B model's layers. Elsewhere (a GPU) one byte per element.
 MASK_CACHE_BYTES = 256 << 20
 
 
+class _Masks(dict):
+    """(block start, model position) -> the first pass's keep mask of that block, packed to bits on the CPU."""
+
+    def put(self, at: tuple[int, int], keep: torch.Tensor) -> None:
+        self[at] = (np.packbits(keep.numpy()), keep.numel()) if keep.device.type == "cpu" else keep
+
+    def take(self, at: tuple[int, int]) -> torch.Tensor:
+        held = self.pop(at)
+        if isinstance(held, torch.Tensor):
+            return held
+        bits, n = held
+        return torch.from_numpy(np.unpackbits(bits, count=n).view(np.bool_))
+
+
+def _mask_cache(n: int, sampled: int, device: torch.device) -> _Masks | None:
+    """An empty mask cache when the masks of `sampled` models over n elements fit MASK_CACHE_BYTES."""
+    per_byte = 8 if device.type == "cpu" else 1
+    return _Masks() if n * sampled <= MASK_CACHE_BYTES * per_byte else None
+
+
 def _masked(call: MergeCall, xs: list[torch.Tensor], base: torch.Tensor, i: int, shape: tuple[int, ...],
-            s: int, cache: dict[tuple[int, int], torch.Tensor] | None = None,
+            s: int, cache: _Masks | None = None,
             tag: str = "della_d") -> tuple[torch.Tensor, torch.Tensor | None]:
     """(δᵢ, keepᵢ) of one row block starting at flat offset s, δᵢ in the reused buffer `tag`; keep None: no
     sampling (density ≥ 1 or ≤ 0)."""
@@ -191,12 +214,11 @@ def _masked(call: MergeCall, xs: list[torch.Tensor], base: torch.Tensor, i: int,
     if density >= 1:
         return d, None
     if cache is not None and (s, i) in cache:
-        return d, cache.pop((s, i))
+        return d, cache.take((s, i))
     return d, della_keep(d, shape, density, epsilon, call.keys[i], call.start + s)
 
 
-def _l1_scales(call: MergeCall, sampled: list[int],
-               cache: dict[tuple[int, int], torch.Tensor] | None = None) -> dict[int, float]:
+def _l1_scales(call: MergeCall, sampled: list[int], cache: _Masks | None = None) -> dict[int, float]:
     """‖δᵢ‖₁/‖δᵢ⊙keepᵢ‖₁ over the whole tensor (§2.7), 1 where either norm is below 1e-7: the first pass. The
     sums of all models come from one batched call per block (`exact.partials_of_pairs`: rows |δᵢ| and
     |δᵢ⊙keepᵢ|, the same integers as `l1_partials` term by term) where the block is whole exact-sum blocks."""
@@ -211,7 +233,7 @@ def _l1_scales(call: MergeCall, sampled: list[int],
             d, keep = _masked(call, block, base, i, shape, s)
             assert keep is not None  # sampled: 0 < density < 1
             if cache is not None:
-                cache[(s, i)] = keep
+                cache.put((s, i), keep)
             if rows is None:
                 sums[i].add(l1_partials(d, keep))
             else:
@@ -231,8 +253,7 @@ def apply(call: MergeCall, totals: torch.Tensor | None, mix: Mix) -> torch.Tenso
         if 0 < density < 1:
             check_epsilon(density, epsilon, f"{tensor_label(call)} (input #{i}, the base being #0)")
             sampled.append(i)
-    cache: dict[tuple[int, int], torch.Tensor] | None = (
-        {} if call.xs[call.base_at].numel() * len(sampled) <= MASK_CACHE_BYTES else None)
+    cache = _mask_cache(call.xs[call.base_at].numel(), len(sampled), call.xs[call.base_at].device)
     scales = _l1_scales(call, sampled, cache) if sampled and call.shared["rescale"] else {}
 
     def block(xs: list[torch.Tensor], shape: tuple[int, ...], s: int, dest: torch.Tensor) -> None:
