@@ -39,8 +39,8 @@ def threads() -> None:
 # that, so whether a merge's chunk-sized temporaries (1M elements: 4 MB) come back from the heap or from fresh
 # pages, one page fault and one zeroed 4 KB page each, depends on which big buffer was freed last. Measured on the
 # 0.86B SCE benchmark at one thread: 2.1M page faults and 8.3 s of system time by default, 0.35M and 4.9 s
-# with blocks up to 32 MB served from the heap and freed memory kept. Larger buffers are reused by name
-# (mergebot.engine.fuse.scratch), never freed, so they fault once per merge.
+# with blocks up to 32 MB served from the heap and freed memory kept. The multi-pass methods' larger buffers are
+# reused by name (mergebot.engine.fuse.scratch), so they fault once per merge, not once per tensor.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD = 32 << 20  # the most glibc's own dynamic threshold reaches on 64-bit
 TRIM_THRESHOLD = 1 << 30
@@ -49,9 +49,11 @@ TRIM_THRESHOLD = 1 << 30
 def memory() -> bool:
     """Fix glibc's mmap and trim thresholds for this process (MMAP_THRESHOLD, TRIM_THRESHOLD); False where the C
     library is not glibc (musl's mallopt does nothing) or a user set GLIBC_TUNABLES for malloc."""
-    import platform
-
-    if platform.libc_ver()[0] != "glibc" or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION") or ""
+    except (ValueError, OSError, AttributeError):  # not glibc, or no confstr
+        libc = ""
+    if not libc.startswith("glibc") or "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     import ctypes
 

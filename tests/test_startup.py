@@ -95,7 +95,7 @@ def test_the_console_script_fixes_glibc_mallocs_thresholds():
     import os
     import platform
 
-    glibc = platform.libc_ver()[0] == "glibc"
+    glibc = platform.libc_ver()[0] == "glibc"  # an independent check of the C library
     assert _console_probe("print(calls)")[-1] == f"[{glibc}]"
     env = {**os.environ, "GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"}
     assert _console_probe("print(calls)", env=env)[-1] == "[False]"

@@ -185,7 +185,7 @@ class _Masks(dict):
     """(block start, model position) -> the first pass's keep mask of that block, packed to bits on the CPU."""
 
     def put(self, at: tuple[int, int], keep: torch.Tensor) -> None:
-        self[at] = (np.packbits(keep.numpy()), keep.numel()) if keep.device.type == "cpu" else keep
+        self[at] = (np.packbits(keep.contiguous().numpy()), keep.numel()) if keep.device.type == "cpu" else keep
 
     def take(self, at: tuple[int, int]) -> torch.Tensor:
         held = self.pop(at)
