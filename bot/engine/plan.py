@@ -122,7 +122,8 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
         if len(lengths) > 1:
             detail = ", ".join(f"{src.model}: {b - a}" for src, (a, b) in zip(sources, ranges))
             raise ModelError(f"{cfg.file}: the models of a merge must have the same number of layers ({detail}); "
-                             "use slices: with layer_range to pick matching ranges")
+                             "use slices: with layer_range to pick matching ranges"
+                             + _layer_count_mismatch(sources, layouts, resolved))
         slices.append((s, sources, base, ranges))
 
     jobs: list[TensorJob] = []
@@ -166,6 +167,21 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
         set_vocab_size(out_config, vocab.padded)
         warnings = vocab.warnings + warnings
     return Plan(method, jobs, weights, resolved, donor, out_config, warnings, vocab=vocab)
+
+
+def _layer_count_mismatch(sources: list[Source], layouts: dict[str, arch.Layout],
+                          resolved: dict[str, ResolvedModel]) -> str:
+    """Where a model's config.json counts other layers than its tensors hold (its count is the larger of the two),
+    say so: the "different number of layers" is then that config.json's, not the weights'."""
+    notes = []
+    for src in sources:
+        key = str(src.model)
+        lay, said = layouts[key], arch.layer_count(resolved[key].config)
+        held = max(lay.layers_by_index) + 1 if lay.layers_by_index else 0
+        if said is not None and said != held:
+            notes.append(f"; {key}: config.json says {arch.layer_count_key(resolved[key].config)} {said}, but its "
+                         f"tensors hold {held} layers")
+    return "".join(dict.fromkeys(notes))
 
 
 def _lookup(w: TensorReader, name: str) -> str | None:

@@ -183,3 +183,19 @@ slices:
     for k, v in expect.items():
         assert torch.allclose(out[k].double(), v, atol=2e-6), k
     load_and_generate(tmp_path / "ta", n_layers=4)
+
+
+def test_a_config_layer_count_off_its_tensors_is_named_in_the_layer_error(tmp_path):
+    """A parent whose config.json says 8 layers over tensors of 4 was reported as "must have the same number of
+    layers (base: 4, ft: 8)": the weights agree, its config.json does not. The error now says which count is off."""
+    from mergebot.errors import ModelError
+    from mergebot.tinymodels import make_family
+
+    base, ft = make_family(tmp_path / "fam", 2, seed=1, layers=4)
+    cfg = json.loads((ft / "config.json").read_text())
+    cfg["num_hidden_layers"] = 8
+    (ft / "config.json").write_text(json.dumps(cfg))
+    text = f"models:\n  - model: {base}\n  - model: {ft}\nmerge_method: linear\nparameters: {{weight: 0.5}}\n"
+    with pytest.raises(ModelError, match=rf"same number of layers \({base}: 4, {ft}: 8\); use slices: .*; {ft}: "
+                                         r"config.json says num_hidden_layers 8, but its tensors hold 4 layers$"):
+        merge_yaml(tmp_path, text)
