@@ -27,7 +27,7 @@ from mergebot.errors import ConfigError, ModelError
 from mergebot.io.local import ResolvedModel
 from mergebot.io.reader import TensorReader
 from mergebot.tokenizer.align import plan_alignment
-from mergebot.tokenizer.vocab import set_vocab_size
+from mergebot.tokenizer.vocab import config_vocab_size, set_vocab_size
 
 
 @dataclass
@@ -102,6 +102,8 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
     donor = str(donor_ref)
     layouts = {key: arch.infer_layout(list(w.keys()), resolved[key].config) for key, w in weights.items()}
     layout = layouts[donor]
+    if vocab is None:  # the donor's config.json becomes the output's: a vocab_size of "64" or true cannot load
+        config_vocab_size(resolved[donor].config, donor)
     warnings: list[str] = []
 
     slices: list[tuple[Slice, list[Source], ModelRef | None, list[tuple[int, int]]]] = []

@@ -241,6 +241,19 @@ def test_donor_json_files_that_are_not_json_objects_are_left_out_with_a_warning(
     assert (out / "tokenizer.json").read_bytes() == (bad / "tokenizer.json").read_bytes()
 
 
+@pytest.mark.parametrize("value", [-5, True, "64", 64.0])
+def test_a_donor_vocab_size_that_is_not_a_positive_integer_without_the_tokenizer_path(abc, tmp_path, value):
+    """Without the tokenizer path the donor's config.json is the output's: a vocab_size of "64" or true was copied
+    into a model that cannot load. A non-donor's is not used, and merges."""
+    bad = _with_config(abc["A"], tmp_path / "A_cfg", vocab_size=value)
+    good = _with_config(abc["A"], tmp_path / "A2")
+    plain = _pair(bad, good).replace("tokenizer_source: union\n", "")
+    with pytest.raises(ModelError, match=rf"^{bad}: config.json: vocab_size '{value}' is not a positive integer"):
+        merge(tmp_path, plain)
+    assert not (tmp_path / "out").exists()
+    merge(tmp_path, _pair(good, bad).replace("tokenizer_source: union\n", ""), name="out2")
+
+
 @pytest.mark.parametrize("value", [-5, 0, True, "64", 64.0])
 def test_vocab_size_that_is_not_a_positive_integer_on_the_tokenizer_path(abc, tmp_path, value):
     """vocab_size -5 stripped every token of the base tokenizer: an output with an empty tokenizer and vocab_size 0."""
