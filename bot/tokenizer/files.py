@@ -36,13 +36,13 @@ def added_tokens_decoder(tok) -> dict[str, dict]:
 def write_built_tokenizer(ov: OutputVocab, work: Path) -> list[str]:
     ov.tokenizer.save(str(work / "tokenizer.json"))
     written = ["tokenizer.json"]
-    cfg: dict = confine.json_object(ov.donor_dir, "tokenizer_config.json", "tokenizer donor") or {}
+    cfg: dict = confine.json_object(ov.donor_dir, "tokenizer_config.json", f"tokenizer donor {ov.donor_dir.name}") or {}
     cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
     cfg["added_tokens_decoder"] = added_tokens_decoder(ov.tokenizer)
     write_json(work / "tokenizer_config.json", cfg)
     written.append("tokenizer_config.json")
     for name in KEEP_FROM_DONOR:
-        if confine.copy_file(ov.donor_dir, name, work / name, "tokenizer donor"):
+        if confine.copy_file(ov.donor_dir, name, work / name, f"tokenizer donor {ov.donor_dir.name}"):
             written.append(name)
     return written
 

@@ -241,6 +241,18 @@ def test_donor_json_files_that_are_not_json_objects_are_left_out_with_a_warning(
     assert (out / "tokenizer.json").read_bytes() == (bad / "tokenizer.json").read_bytes()
 
 
+def test_the_tokenizer_paths_donor_is_named_in_its_file_errors(abc, tmp_path):
+    """On the tokenizer path a broken donor tokenizer_config.json said "tokenizer donor: ... is not UTF-8 text",
+    naming no model."""
+    import shutil
+
+    bad = tmp_path / "A_bad"
+    shutil.copytree(abc["A"], bad)
+    (bad / "tokenizer_config.json").write_bytes(b'{"x": "\xff"}')
+    with pytest.raises(ModelError, match=r"^tokenizer donor A_bad: tokenizer_config.json is not UTF-8 text$"):
+        merge(tmp_path, _pair(bad, abc["B"]))
+
+
 @pytest.mark.parametrize("value", [-5, True, "64", 64.0])
 def test_a_donor_vocab_size_that_is_not_a_positive_integer_without_the_tokenizer_path(abc, tmp_path, value):
     """Without the tokenizer path the donor's config.json is the output's: a vocab_size of "64" or true was copied
