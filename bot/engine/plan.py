@@ -165,6 +165,13 @@ def build_plan(cfg: MergeConfig, resolved: dict[str, ResolvedModel], weights: di
         if not arch.set_layer_count(out_config, out_index):
             warnings.append("config.json has no layer-count key; left unchanged")
         arch.remap_layer_lists(out_config, layer_sources)  # e.g. layer_types must follow their layers
+    else:
+        said = arch.layer_count(out_config)
+        if said is not None and out_index > said:  # models: keeps the donor's count, which misses some layers
+            warnings.append(f"{donor}: config.json says {arch.layer_count_key(out_config)} {said}, but the merge "
+                            f"writes {out_index} layers; the output's config.json keeps {said}, so transformers "
+                            f"loads only the first {said} (more layers in the tensors than counted: extra "
+                            "prediction layers, or a config.json that does not describe its weights)")
     if vocab is not None:  # §4.5: the vocabulary size is the output tokenizer's, padded
         set_vocab_size(out_config, vocab.padded)
         warnings = vocab.warnings + warnings

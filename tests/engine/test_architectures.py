@@ -199,3 +199,25 @@ def test_a_config_layer_count_off_its_tensors_is_named_in_the_layer_error(tmp_pa
     with pytest.raises(ModelError, match=rf"same number of layers \({base}: 4, {ft}: 8\); use slices: .*; {ft}: "
                                          r"config.json says num_hidden_layers 8, but its tensors hold 4 layers$"):
         merge_yaml(tmp_path, text)
+
+
+def test_a_donor_counting_fewer_layers_than_its_tensors_hold_is_warned(tmp_path):
+    """A `models:` merge keeps the donor's config.json: counting 2 layers over tensors of 4, the output loads only
+    the first 2 (transformers drops the rest as unused weights). Merged as mergekit does, with one warning."""
+    from mergebot.builds.base import MergeOptions
+    from mergebot.builds.dense import run_merge
+    from mergebot.config.dense import parse_config
+    from mergebot.tinymodels import make_family
+
+    base, ft = make_family(tmp_path / "fam", 2, seed=1, layers=4)
+    for d in (base, ft):
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["num_hidden_layers"] = 2
+        (d / "config.json").write_text(json.dumps(cfg))
+    text = f"models:\n  - model: {base}\n  - model: {ft}\nmerge_method: linear\nparameters: {{weight: 0.5}}\n"
+    result = run_merge(parse_config(text, str(tmp_path / "m.yml")), tmp_path / "out", MergeOptions(progress=False))
+    assert [w for w in result.warnings if "layers" in w] == [
+        f"{base}: config.json says num_hidden_layers 2, but the merge writes 4 layers; the output's config.json keeps "
+        "2, so transformers loads only the first 2 (more layers in the tensors than counted: extra prediction layers, "
+        "or a config.json that does not describe its weights)"]
+    assert "model.layers.3.mlp.down_proj.weight" in load_tensors(tmp_path / "out")
