@@ -65,6 +65,9 @@ def memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
+FILES_CAP = 1 << 20  # the soft open-file limit `files` asks for at most (Linux's default nr_open)
+
+
 def files() -> int:
     """Raise this process's soft limit on open files to its hard limit (at most FILES_CAP); returns the soft
     limit now. Every shard of every parent stays mapped while a merge runs and each map keeps a descriptor, so a
@@ -84,8 +87,6 @@ def files() -> int:
             pass
     return soft
 
-
-FILES_CAP = 1 << 20
 
 
 def hold() -> bool:

@@ -122,6 +122,27 @@ def local_reference(path: str, label: str) -> None:
         raise ModelError(f"{label}: {path[:200]!r} leads outside the workspace")
 
 
+class NotJsonObject(ValueError):
+    """`parse_object`'s refusal; its message says why, to follow a file name ("is not valid JSON: ...")."""
+
+    def __init__(self, reason: str, parsed: bool):
+        super().__init__(reason)
+        self.parsed = parsed  # valid JSON, but not an object
+
+
+def parse_object(text: str, detail: int = 0) -> dict:
+    """`text` as a JSON object, or NotJsonObject: "is not valid JSON" (with up to `detail` characters of the
+    parser's reason; nesting too deep for json counts as invalid) or "is a JSON list, not an object"."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        reason = "is not valid JSON" + (f": {str(e)[:detail]}" if detail else "")
+        raise NotJsonObject(reason, parsed=False) from None
+    if not isinstance(data, dict):
+        raise NotJsonObject(f"is a JSON {type(data).__name__}, not an object", parsed=True)
+    return data
+
+
 def json_object(directory: Path, name: str, label: str) -> dict | None:
     """A model's optional JSON object file (tokenizer_config.json, ...): None when absent or not a JSON object
     (a broken optional file is treated as missing); confined as `inside` says."""
@@ -129,10 +150,9 @@ def json_object(directory: Path, name: str, label: str) -> dict | None:
     if text is None:
         return None
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
+        return parse_object(text)
+    except NotJsonObject:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def audit(directory: Path, label: str) -> None:

@@ -6,7 +6,6 @@ the others, pinned to a commit sha for the card and the lock file, merge-semanti
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -75,12 +74,9 @@ def read_json_object(directory: Path, name: str, label: str, missing_hint: str =
     if text is None:
         raise ModelError(f"{label}: no {name} in {directory}{missing_hint}")
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise ModelError(f"{label}: {name} is not valid JSON: {str(e)[:200]}") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"{label}: {name} is not a JSON object")
-    return data
+        return confine.parse_object(text, detail=200)
+    except confine.NotJsonObject as e:
+        raise ModelError(f"{label}: {name} " + ("is not a JSON object" if e.parsed else str(e))) from None
 
 
 def local_model(ref: ModelRef, directory: Path) -> ResolvedModel:

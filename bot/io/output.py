@@ -140,12 +140,12 @@ def copy_donor_files(donor_dir: Path, work: Path, only: tuple[str, ...] | None =
 def _not_json_object(data: bytes) -> str | None:
     """Why `data` is not a JSON object (None: it is one)."""
     try:
-        value = json.loads(data.decode("utf-8"))
+        confine.parse_object(data.decode("utf-8"))
     except UnicodeDecodeError:
         return "is not UTF-8 text"
-    except (ValueError, RecursionError):
-        return "is not valid JSON"
-    return None if isinstance(value, dict) else f"is a JSON {type(value).__name__}, not an object"
+    except confine.NotJsonObject as e:
+        return str(e)
+    return None
 
 
 LICENSE_PATTERNS = ("LICENSE*", "LICENCE*", "USE_POLICY*", "NOTICE*")

@@ -95,12 +95,9 @@ def load_tokenizer_json(directory: Path, label: str) -> dict | None:
     if text is None:
         return None
     try:
-        data = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise BrokenTokenizerJson(f"{label}: tokenizer.json is not valid JSON: {str(e)[:120]}") from None
-    if not isinstance(data, dict):
-        raise BrokenTokenizerJson(f"{label}: tokenizer.json is a JSON {type(data).__name__}, not an object")
-    return data
+        return confine.parse_object(text, detail=120)
+    except confine.NotJsonObject as e:
+        raise BrokenTokenizerJson(f"{label}: tokenizer.json {e}") from None
 
 
 def _from_json(data: dict, label: str):
